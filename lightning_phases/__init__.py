@@ -1,0 +1,21 @@
+"""lightning-phases: Lightning callbacks that verify the properties a stage is assumed to have."""
+
+from lightning_phases.callbacks import PhaseCallback
+from lightning_phases.events import EVENT_KINDS, PhaseEvent, read_events
+from lightning_phases.phases import STAGES, PhaseTable, StageProperties, current_stage
+from lightning_phases.report import Observation
+from lightning_phases.reporting import PhaseWarning
+
+__all__ = [
+    "EVENT_KINDS",
+    "STAGES",
+    "Observation",
+    "PhaseCallback",
+    "PhaseEvent",
+    "PhaseTable",
+    "PhaseWarning",
+    "StageProperties",
+    "current_stage",
+    "read_events",
+]
+__version__ = "0.1.0"

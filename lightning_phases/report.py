@@ -1,0 +1,113 @@
+"""The end-of-run phase report: one row per stage that ran, its declared properties and what was observed.
+
+Callbacks contribute :class:`Observation` objects; :func:`build_report` assembles them with the declared
+table into plain data (what ``phase_report.json`` holds) and :func:`format_report` renders it as text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lightning_phases.events import PhaseEvent, utc_now
+from lightning_phases.phases import STAGES, PhaseTable, Stage
+
+REPORT_NAME = "phase_report.json"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one callback observed about one declared property in one stage.
+
+    Args:
+        stage: The stage observed.
+        check: The property checked, in words, e.g. ``"parameters fixed"``.
+        verdict: A short outcome, e.g. ``"verified"``, ``"violated"``, ``"not checked"``.
+        detail: Counts and specifics, e.g. ``"212 checks, 0 changes"``.
+        callback: The callback's class name; filled in by the reporter.
+    """
+
+    stage: Stage
+    check: str
+    verdict: str
+    detail: str = ""
+    callback: str = ""
+
+    def text(self) -> str:
+        """The observation as one phrase: ``"parameters fixed: verified, 212 checks, 0 changes"``."""
+        return f"{self.check}: {self.verdict}" + (f", {self.detail}" if self.detail else "")
+
+
+def build_report(
+    table: PhaseTable,
+    stages_run: Iterable[Stage],
+    observations: Iterable[Observation],
+    events: Sequence[PhaseEvent],
+) -> dict[str, Any]:
+    """Assemble the phase report as plain data.
+
+    Args:
+        table: The declared properties of every stage.
+        stages_run: The stages that ran (any order, repeats allowed).
+        observations: Every callback's observations; those of stages that did not run are kept too.
+        events: Every event emitted, counted per stage and kind.
+    """
+    observations = list(observations)
+    ran = set(stages_run) | {obs.stage for obs in observations}
+    counts: dict[str | None, Counter[str]] = {}
+    for event in events:
+        counts.setdefault(event.stage, Counter())[event.kind] += 1
+    rows = []
+    for stage in STAGES:
+        if stage not in ran:
+            continue
+        rows.append(
+            {
+                "stage": stage,
+                "declared": table.as_dict()[stage],
+                "observations": [asdict(obs) for obs in observations if obs.stage == stage],
+                "events": dict(sorted(counts.get(stage, Counter()).items())),
+            }
+        )
+    return {"time": utc_now(), "stages": rows, "events": dict(sorted(Counter(e.kind for e in events).items()))}
+
+
+def _declared_text(declared: dict[str, Any]) -> list[str]:
+    return [
+        f"params {declared['parameters']}",
+        "sandboxed" if declared["sandboxed"] else "not sandboxed",
+        f"{declared['failure_cost']} cost",
+        f"data {declared['data']}",
+    ]
+
+
+def report_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The report as table rows: stage, declared properties, observations, events (one string each).
+
+    Args:
+        report: The output of :func:`build_report`.
+    """
+    rows = []
+    for row in report["stages"]:
+        seen = "; ".join(f"{obs['callback']}: {Observation(**obs).text()}" for obs in row["observations"])
+        events = ", ".join(f"{kind} x{count}" for kind, count in row["events"].items())
+        rows.append([row["stage"], ", ".join(_declared_text(row["declared"])), seen or "-", events or "none"])
+    return rows
+
+
+REPORT_COLUMNS = ["stage", "declared", "observed", "events"]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Render the report as a plain-text table for the console and CI logs.
+
+    Args:
+        report: The output of :func:`build_report`.
+    """
+    rows = [REPORT_COLUMNS, *report_rows(report)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(REPORT_COLUMNS))]
+    rule = "-+-".join("-" * width for width in widths)
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(["Phase report", lines[0], rule, *lines[1:]])
