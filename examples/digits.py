@@ -1,0 +1,119 @@
+"""A small, real example: scikit-learn's handwritten digits (ships with scikit-learn, no download).
+
+``DigitsDataModule`` splits the 1,797 8x8 images into train/val/test with a fixed seed; predict uses the
+test images. ``DigitsClassifier`` is an MLP with a ``backbone`` (Linear, BatchNorm, ReLU, Dropout) and a
+``head``, so that stages where BatchNorm statistics and dropout behave differently are exercised, and the
+backbone can be frozen.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, random_split
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """The digits data set as float tensors in [0, 1] of shape (64,), with integer labels 0-9.
+
+    Args:
+        batch_size: Samples per batch.
+        val_size: Images held out for validation.
+        test_size: Images held out for test and predict.
+        seed: Seed of the split.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self, batch_size: int = 32, val_size: int = 300, test_size: int = 297, seed: int = 0, num_workers: int = 0
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def setup(self, stage: str) -> None:
+        images, labels = load_digits(return_X_y=True)
+        data = TensorDataset(torch.tensor(images, dtype=torch.float32) / 16.0, torch.tensor(labels))
+        n_train = len(data) - self.val_size - self.test_size
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train_set, self.val_set, self.test_set = random_split(
+            data, [n_train, self.val_size, self.test_size], generator=generator
+        )
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+
+class DigitsClassifier(pl.LightningModule):
+    """MLP classifier for 8x8 digits with a BatchNorm/Dropout ``backbone`` and a linear ``head``.
+
+    Args:
+        hidden: Width of the hidden layer.
+        dropout: Dropout probability after the hidden layer.
+        lr: Learning rate of AdamW.
+        weight_decay: Weight decay of AdamW.
+        freeze_backbone: Freeze the backbone (``requires_grad=False``, kept out of the optimizer, eval mode).
+    """
+
+    def __init__(
+        self,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(hidden, 10)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.freeze_backbone:
+            self.backbone.eval()  # frozen BatchNorm keeps its running statistics
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True)
+        self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).softmax(-1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,29 @@
+"""LightningCLI entry point of the digits example.
+
+    python examples/train.py fit --config examples/config.yaml
+    python examples/train.py test --config examples/config.yaml --ckpt_path <checkpoint>
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (used by the tests).
+
+    Args:
+        args: Command-line arguments, e.g. ``["fit", "--config", "examples/config.yaml"]``.
+    """
+    return LightningCLI(DigitsClassifier, DigitsDataModule, args=args)
+
+
+if __name__ == "__main__":
+    main()

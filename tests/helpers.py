@@ -1,0 +1,81 @@
+"""Shared test helpers: a tiny emitting callback, Trainer factories, and readers for what users see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_phases import Observation, PhaseCallback
+from lightning_phases.phases import Severity, Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EmitAtSteps(PhaseCallback):
+    """Emits one event of ``kind`` after each training batch whose global step is in ``steps``.
+
+    Args:
+        steps: Global steps (after the optimizer step) at which to emit.
+        kind: The event kind.
+        severity: The severity; ``None`` uses the stage's violation severity.
+        stages: Stages, as for every phase callback.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[int] = (3,),
+        kind: str = "loss_drop",
+        severity: Severity | None = "warning",
+        stages: Sequence[Stage] = ("train",),
+    ) -> None:
+        super().__init__(stages)
+        self.steps = set(steps)
+        self.kind = kind
+        self.severity = severity
+        self.seen: dict[str, int] = {}
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        self.seen[stage] = self.seen.get(stage, 0) + 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.steps:
+            self.emit(trainer, self.kind, f"test event at step {trainer.global_step}", {"value": 1.5},
+                      severity=self.severity)
+
+    def phase_observations(self) -> list[Observation]:
+        return [Observation(stage, "test check", "verified", f"{n} starts") for stage, n in self.seen.items()]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def wandb_run_dir(root: Path) -> Path:
+    runs = sorted(Path(root).rglob("offline-run-*"))
+    assert runs, f"no offline W&B run under {root}"
+    return runs[-1]
+
+
+def leet_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records exactly as ``wandb leet inspect --json`` shows them to a user."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                         text=True, check=True, timeout=120)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<script>`` in a fresh interpreter; fail with its output if it fails."""
+    # W&B hands its service address to child processes in WANDB_SERVICE; a script must start its own.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / script), *args],
+                            capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result

@@ -1,0 +1,57 @@
+"""Fit with a WandbLogger whose W&B service is killed mid-run; the run must finish and the JSONL keep all events.
+
+The model logs nothing itself, so the only W&B calls after the crash are lightning-phases' own.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "examples")]
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from helpers import EmitAtSteps  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+
+class QuietClassifier(DigitsClassifier):
+    def _step(self, batch, stage):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+
+class KillWandbService(pl.Callback):
+    """Kills this process's W&B service (``wandb-core``) after the given global step."""
+
+    def __init__(self, step):
+        self.step = step
+        self.killed = []
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not self.killed:
+            children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+            for pid in children:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"wandb" in cmdline:
+                    os.kill(int(pid), signal.SIGKILL)
+                    self.killed.append(int(pid))
+            assert self.killed, f"no W&B service process among children {children} of {os.getpid()}"
+
+
+out = Path(sys.argv[1])
+logger = WandbLogger(save_dir=str(out), offline=True, project="crash")
+emitter = EmitAtSteps(steps=(3, 4), severity="critical")
+killer = KillWandbService(step=2)
+trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=logger, log_every_n_steps=1000,
+                     callbacks=[killer, emitter], enable_progress_bar=False, enable_checkpointing=False)
+run_dir = logger.experiment.dir
+trainer.fit(QuietClassifier(), DigitsDataModule())
+print(json.dumps({"finished": trainer.state.finished, "killed": killer.killed, "run_dir": run_dir,
+                  "events": len(emitter.events)}))
+sys.stdout.flush()
+os._exit(0)  # the W&B service is gone; skip wandb's exit hooks, which would only report that again

@@ -1,0 +1,82 @@
+import json
+import math
+import multiprocessing
+import os
+import threading
+
+import pytest
+import torch
+from helpers import read_jsonl
+
+from lightning_phases import PhaseEvent, read_events
+from lightning_phases.events import FIELDS, EventLog, to_jsonable
+
+
+def make_event(i=0, severity="warning", **data):
+    return PhaseEvent(callback="LossDropSentinel", kind="loss_drop", severity=severity, stage="train",
+                      global_step=1234 + i, epoch=3, rank=0, message=f"loss dropped {i}", data=data)
+
+
+def test_line_has_exactly_the_schema_fields_in_order(tmp_path):
+    log = EventLog.open(tmp_path / "phase_events.jsonl")
+    log.write(make_event(value=torch.tensor(0.25), forecast=float("nan"), window=(1, 2), path=tmp_path))
+    line = (tmp_path / "phase_events.jsonl").read_text()
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert list(record) == list(FIELDS)
+    assert record["time"].endswith("Z") and "T" in record["time"]
+    assert record["data"] == {"value": 0.25, "forecast": "nan", "window": [1, 2], "path": str(tmp_path)}
+    assert {k: record[k] for k in FIELDS[1:9]} == {
+        "callback": "LossDropSentinel", "kind": "loss_drop", "severity": "warning", "stage": "train",
+        "global_step": 1234, "epoch": 3, "rank": 0, "message": "loss dropped 0"}
+    assert read_events(tmp_path) == [PhaseEvent.from_dict(record)]
+
+
+def test_non_finite_values_stay_strict_json():
+    assert to_jsonable({"a": [math.inf, -math.inf, math.nan, 1.0]}) == {"a": ["inf", "-inf", "nan", 1.0]}
+    json.loads(make_event(x=float("inf")).to_json(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+
+
+def test_bad_severity_and_stage_are_refused():
+    with pytest.raises(ValueError, match="severity='fatal' is not allowed"):
+        make_event(severity="fatal")
+    with pytest.raises(ValueError, match="stage='training' is not allowed"):
+        PhaseEvent("X", "k", "info", "training", 0, 0, 0, "m")
+
+
+def test_writers_of_one_path_share_one_descriptor(tmp_path):
+    assert EventLog.open(tmp_path / "a.jsonl") is EventLog.open(tmp_path / "." / "a.jsonl")
+
+
+def test_warning_and_critical_are_fsynced_before_write_returns(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = EventLog.open(tmp_path / "e.jsonl")
+    log.write(make_event(severity="info"))
+    assert synced == []
+    log.write(make_event(severity="warning"))
+    log.write(make_event(severity="critical"))
+    assert len(synced) == 2
+
+
+def _write_many(path, worker, count):
+    log = EventLog.open(path)
+    for i in range(count):
+        log.write(make_event(i, severity="info", worker=worker, payload="x" * 3000))
+
+
+def test_threads_and_processes_never_tear_or_interleave_lines(tmp_path):
+    path = tmp_path / "phase_events.jsonl"
+    threads = [threading.Thread(target=_write_many, args=(path, f"t{n}", 200)) for n in range(4)]
+    procs = [multiprocessing.get_context("spawn").Process(target=_write_many, args=(path, f"p{n}", 200)) for n in range(2)]
+    for worker in threads + procs:
+        worker.start()
+    for worker in threads + procs:
+        worker.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    records = read_jsonl(path)  # every line parses
+    assert len(records) == 6 * 200
+    for name in ["t0", "t1", "t2", "t3", "p0", "p1"]:
+        steps = [r["global_step"] for r in records if r["data"]["worker"] == name]
+        assert steps == sorted(steps) and len(steps) == 200

@@ -1,0 +1,153 @@
+import json
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import wandb
+from digits import DigitsClassifier, DigitsDataModule
+from helpers import EmitAtSteps, leet_records, read_jsonl, run_script
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_phases.events import FIELDS
+from lightning_phases.reporting import AlertLimiter, PhaseWarning, metric_key, snake_case
+
+
+def fit(callbacks, logger, **kwargs):
+    options = dict(max_epochs=1, limit_train_batches=6, limit_val_batches=2, log_every_n_steps=1,
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    options.update(kwargs)
+    trainer = pl.Trainer(logger=logger, callbacks=callbacks, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(DigitsClassifier(), DigitsDataModule())
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    """One real offline W&B run: a warning event at step 3 and a flood of 20 critical ones at steps 5..24."""
+    root = tmp_path_factory.mktemp("wandb_run")
+    logger = WandbLogger(save_dir=str(root), offline=True, project="phases-test")
+    warn = EmitAtSteps(steps=(3,), kind="loss_drop", severity="warning")
+    flood = EmitAtSteps(steps=range(5, 25), kind="param_changed", severity="critical")
+    trainer = fit([warn, flood], logger, limit_train_batches=30)
+    run_dir = Path(logger.experiment.dir).parent
+    files_dir = Path(logger.experiment.dir)
+    wandb.finish()
+    return {"trainer": trainer, "run_dir": run_dir, "files_dir": files_dir, "records": leet_records(run_dir),
+            "warn": warn, "flood": flood}
+
+
+def test_jsonl_line_has_every_field(wandb_run):
+    lines = read_jsonl(wandb_run["files_dir"] / "phase_events.jsonl")
+    assert len(lines) == 21
+    first = lines[0]
+    assert list(first) == list(FIELDS)
+    assert (first["callback"], first["kind"], first["severity"], first["stage"], first["global_step"], first["rank"]) == (
+        "EmitAtSteps", "loss_drop", "warning", "train", 3, 0)
+    assert first["data"] == {"value": 1.5}
+    assert [e.to_dict() for e in wandb_run["warn"].events] == [first]
+
+
+def test_wandb_shows_alert_summary_tags_and_tables(wandb_run):
+    records = wandb_run["records"]
+    alerts = [r["alert"] for r in records if r["type"] == "alert"]
+    assert {"title": "EmitAtSteps: loss_drop", "level": "WARN"}.items() <= alerts[0].items()
+    assert "test event at step 3" in alerts[0]["text"] and "stage train" in alerts[0]["text"]
+    # the flood of 20 critical events produced one ERROR alert; the rest were held back by the rate limit
+    flood_alerts = [a for a in alerts if a["title"] == "EmitAtSteps: param_changed"]
+    assert len(flood_alerts) == 1 and flood_alerts[0]["level"] == "ERROR"
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert summary["phases/events/loss_drop"] == 1
+    assert summary["phases/events/param_changed"] == 20
+    assert summary["phases/alerts/sent"] == 2 and summary["phases/alerts/suppressed"] == 19
+    tags = [r["run"].get("tags") for r in records if r["type"] == "run" and r["run"].get("tags")]
+    assert set(tags[-1]) == {"loss_drop", "param_changed"}
+    table_files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
+    assert any(p.startswith("media/table/phases/events") for p in table_files)
+    assert any(p.startswith("media/table/phases/report") for p in table_files)
+    events_table = next(wandb_run["files_dir"].glob("media/table/phases/events*.table.json"))
+    table = json.loads(events_table.read_text())
+    assert table["columns"] == list(FIELDS) and len(table["data"]) == 21
+    history_keys = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
+    assert "phases/emit_at_steps/loss_drop" in history_keys
+
+
+def test_phase_report_is_written_beside_the_log(wandb_run):
+    report = json.loads((wandb_run["files_dir"] / "phase_report.json").read_text())
+    stages = [row["stage"] for row in report["stages"]]
+    assert stages == ["sanity_check", "train", "validate"]
+    train = report["stages"][1]
+    assert train["declared"] == {"parameters": "updated", "sandboxed": True, "failure_cost": "low", "data": "reference"}
+    assert train["events"] == {"loss_drop": 1, "param_changed": 20}
+    assert {"stage": "train", "check": "test check", "verdict": "verified", "detail": "1 starts",
+            "callback": "EmitAtSteps"} in train["observations"]
+
+
+def test_csv_logger_only_gets_metrics_and_wandb_is_never_imported(tmp_path):
+    result = run_script("csv_only.py", str(tmp_path))
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["wandb_imported"] is False
+    log_dir = Path(info["log_dir"])
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "phases/emit_at_steps/loss_drop" in header
+    events = read_jsonl(log_dir / "phase_events.jsonl")
+    assert [e["global_step"] for e in events] == [2, 4]
+    assert (log_dir / "phase_report.json").exists()
+
+
+def test_wandb_service_crash_never_stops_training(tmp_path):
+    result = run_script("wandb_crash.py", str(tmp_path))
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["finished"] and info["killed"] and info["events"] == 2
+    events = read_jsonl(Path(info["run_dir"]) / "phase_events.jsonl")
+    assert [(e["global_step"], e["severity"]) for e in events] == [(3, "critical"), (4, "critical")]
+    assert "W&B alert failed" in result.stderr and "every event is still in" in result.stderr
+    assert result.stderr.count("W&B alert failed") == 1  # one warning per failing operation, not per event
+
+
+def test_two_callbacks_share_one_log_file(tmp_path):
+    a = EmitAtSteps(steps=(1, 3), kind="loss_drop")
+    b = EmitAtSteps(steps=(2, 3), kind="param_changed")
+    logger = CSVLogger(tmp_path, name="shared")
+    fit([a, b], logger)
+    events = read_jsonl(Path(logger.log_dir) / "phase_events.jsonl")
+    assert [(e["global_step"], e["kind"]) for e in events] == [
+        (1, "loss_drop"), (2, "param_changed"), (3, "loss_drop"), (3, "param_changed")]
+
+
+def test_no_logger_writes_under_default_root_dir(tmp_path):
+    fit([EmitAtSteps(steps=(2,))], logger=False, default_root_dir=tmp_path / "root")
+    assert len(read_jsonl(tmp_path / "root" / "phase_events.jsonl")) == 1
+    assert (tmp_path / "root" / "phase_report.json").exists()
+
+
+def test_report_is_printed_to_the_console(tmp_path, caplog):
+    caplog.set_level("INFO")
+    fit([EmitAtSteps(steps=(2,))], logger=False, default_root_dir=tmp_path)
+    text = caplog.text
+    assert "Phase report" in text
+    assert "train" in text and "params updated, sandboxed, low cost, data reference" in text
+    assert "EmitAtSteps: test check: verified" in text
+
+
+def test_alert_limiter_interval_cap_and_held_count():
+    now = [0.0]
+    limiter = AlertLimiter(min_interval_s=60, max_alerts=3, clock=lambda: now[0])
+    assert limiter.allow("a") == (True, 0)
+    assert limiter.allow("a") == (False, 0)
+    assert limiter.allow("b") == (True, 0)  # another key is not held back
+    now[0] = 61.0
+    assert limiter.allow("a") == (True, 1)  # says one was held back
+    now[0] = 200.0
+    assert limiter.allow("c") == (False, 0)  # total cap of 3 reached
+    assert (limiter.sent, limiter.suppressed) == (3, 2)
+
+
+def test_metric_keys():
+    assert snake_case("LossDropSentinel") == "loss_drop_sentinel"
+    assert metric_key("ParamFreezeAssertion", "checks") == "phases/param_freeze_assertion/checks"
