@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT
+from train import main
+
+import lightning_phases
+from lightning_phases import PhaseCallback
+
+PUBLIC_CALLBACKS = [name for name in lightning_phases.__all__
+                    if isinstance(getattr(lightning_phases, name), type)
+                    and issubclass(getattr(lightning_phases, name), PhaseCallback)
+                    and getattr(lightning_phases, name) is not PhaseCallback]
+CONFIG = ROOT / "examples" / "config.yaml"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_every_public_callback_is_in_the_example_config():
+    assert PUBLIC_CALLBACKS, "no public callback to check"
+    listed = {c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]}
+    assert set(PUBLIC_CALLBACKS) <= listed
+
+
+def test_print_config_round_trips(tmp_path):
+    first = cli("fit", "--config", str(CONFIG), "--print_config")
+    assert first.returncode == 0, first.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(first.stdout)
+    second = cli("fit", "--config", str(printed), "--print_config")
+    assert second.returncode == 0, second.stderr
+    assert yaml.safe_load(second.stdout) == yaml.safe_load(first.stdout)
+    callbacks = yaml.safe_load(first.stdout)["trainer"]["callbacks"]
+    assert {c["class_path"].rsplit(".", 1)[-1] for c in callbacks} >= set(PUBLIC_CALLBACKS)
+
+
+@pytest.mark.parametrize("name", PUBLIC_CALLBACKS)
+def test_help_shows_every_argument_with_its_docstring(name):
+    result = cli("fit", "--trainer.callbacks.help", f"lightning_phases.{name}")
+    assert result.returncode == 0, result.stderr
+    import inspect
+
+    from docstring_parser import parse
+
+    cls = getattr(lightning_phases, name)
+    documented = {p.arg_name: p.description for p in parse(cls.__doc__).params}
+    for parameter in list(inspect.signature(cls.__init__).parameters)[1:]:
+        assert f"--init_args.{parameter}" in result.stdout.replace("\n", " ") or parameter in result.stdout
+        first_words = " ".join(documented[parameter].split()[:3])
+        assert first_words in " ".join(result.stdout.split()), f"{parameter}: {first_words!r} not in --help"
+
+
+def test_bad_stage_in_yaml_is_a_readable_usage_error(tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    config["trainer"]["callbacks"] = [{"class_path": f"lightning_phases.{PUBLIC_CALLBACKS[0]}",
+                                       "init_args": {"stages": ["trian"]}}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = cli("fit", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert 'Parser key "stages"' in result.stderr and "trian" in result.stderr
+    assert "'sanity_check', 'train', 'validate', 'test', 'predict'" in result.stderr
+
+
+def test_cli_fit_runs_in_process(tmp_path):
+    main(["fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+          f"--trainer.callbacks.dirpath={tmp_path}/ckpt"])
+    assert list(tmp_path.rglob("phase_report.json"))

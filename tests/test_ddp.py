@@ -1,0 +1,24 @@
+import json
+
+import pytest
+from helpers import read_jsonl, run_script
+
+pytestmark = pytest.mark.ddp
+
+
+def test_two_process_ddp_writes_each_event_once_from_rank_zero(tmp_path):
+    run_script("ddp_emit.py", str(tmp_path), timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    log_dir = ranks[0]["log_dir"]
+    lines = (tmp_path / "ddp" / "version_0" / "phase_events.jsonl").read_text().splitlines()
+    assert log_dir.endswith("version_0")
+    events = read_jsonl(tmp_path / "ddp" / "version_0" / "phase_events.jsonl")  # every line parses: none torn
+    assert len(lines) == len(events) == 16  # 2 callbacks x 8 steps, written once, not once per rank
+    assert {e["rank"] for e in events} == {0}
+    assert sorted((e["global_step"], e["kind"]) for e in events) == sorted(
+        (step, kind) for step in range(1, 9) for kind in ("loss_drop", "param_changed"))
+    # both ranks made the same events; rank 1 kept them in callback.events without writing them
+    for rank, info in enumerate(ranks):
+        assert [len(held) for held in info["held"]] == [8, 8]
+        assert {e["rank"] for held in info["held"] for e in held} == {rank}
+    assert not list(tmp_path.rglob("phase_events.jsonl"))[1:]  # one log file in the whole tree
