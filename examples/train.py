@@ -1,7 +1,7 @@
 """LightningCLI entry point of the digits example.
 
-    python examples/train.py fit --config examples/config.yaml
-    python examples/train.py test --config examples/config.yaml --ckpt_path <checkpoint>
+python examples/train.py fit --config examples/config.yaml
+python examples/train.py test --config examples/config.yaml --ckpt_path <checkpoint>
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule
 
 
 class DigitsCLI(LightningCLI):

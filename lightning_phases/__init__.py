@@ -1,7 +1,8 @@
 """lightning-phases: Lightning callbacks that verify the properties a stage is assumed to have."""
 
-from lightning_phases.callbacks import PhaseCallback
+from lightning_phases.callbacks import ParamFreezeAssertion, PhaseCallback
 from lightning_phases.events import EVENT_KINDS, PhaseEvent, read_events
+from lightning_phases.exceptions import ParameterChangedError, PhaseViolation
 from lightning_phases.phases import STAGES, PhaseTable, StageProperties, current_stage
 from lightning_phases.report import Observation
 from lightning_phases.reporting import PhaseWarning
@@ -10,9 +11,12 @@ __all__ = [
     "EVENT_KINDS",
     "STAGES",
     "Observation",
+    "ParamFreezeAssertion",
+    "ParameterChangedError",
     "PhaseCallback",
     "PhaseEvent",
     "PhaseTable",
+    "PhaseViolation",
     "PhaseWarning",
     "StageProperties",
     "current_stage",

@@ -32,6 +32,7 @@ EVENT_KINDS = (
     "frozen_param_trainable",
     "frozen_param_in_optimizer",
     "replica_mismatch",
+    "frozen_batchnorm_training",
     "sandbox_violation",
     "shift_test",
     "shift_detected",

@@ -46,8 +46,9 @@ class EmitAtSteps(PhaseCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step in self.steps:
-            self.emit(trainer, self.kind, f"test event at step {trainer.global_step}", {"value": 1.5},
-                      severity=self.severity)
+            self.emit(
+                trainer, self.kind, f"test event at step {trainer.global_step}", {"value": 1.5}, severity=self.severity
+            )
 
     def phase_observations(self) -> list[Observation]:
         return [Observation(stage, "test check", "verified", f"{n} starts") for stage, n in self.seen.items()]
@@ -66,8 +67,13 @@ def wandb_run_dir(root: Path) -> Path:
 def leet_records(run_dir: Path) -> list[dict[str, Any]]:
     """The run's records exactly as ``wandb leet inspect --json`` shows them to a user."""
     wandb_cli = Path(sys.executable).with_name("wandb")
-    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
-                         text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -75,7 +81,12 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     """Run ``tests/scripts/<script>`` in a fresh interpreter; fail with its output if it fails."""
     # W&B hands its service address to child processes in WANDB_SERVICE; a script must start its own.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / script), *args],
-                            capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result

@@ -9,16 +9,24 @@ from train import main
 import lightning_phases
 from lightning_phases import PhaseCallback
 
-PUBLIC_CALLBACKS = [name for name in lightning_phases.__all__
-                    if isinstance(getattr(lightning_phases, name), type)
-                    and issubclass(getattr(lightning_phases, name), PhaseCallback)
-                    and getattr(lightning_phases, name) is not PhaseCallback]
+PUBLIC_CALLBACKS = [
+    name
+    for name in lightning_phases.__all__
+    if isinstance(getattr(lightning_phases, name), type)
+    and issubclass(getattr(lightning_phases, name), PhaseCallback)
+    and getattr(lightning_phases, name) is not PhaseCallback
+]
 CONFIG = ROOT / "examples" / "config.yaml"
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def test_every_public_callback_is_in_the_example_config():
@@ -57,8 +65,9 @@ def test_help_shows_every_argument_with_its_docstring(name):
 
 def test_bad_stage_in_yaml_is_a_readable_usage_error(tmp_path):
     config = yaml.safe_load(CONFIG.read_text())
-    config["trainer"]["callbacks"] = [{"class_path": f"lightning_phases.{PUBLIC_CALLBACKS[0]}",
-                                       "init_args": {"stages": ["trian"]}}]
+    config["trainer"]["callbacks"] = [
+        {"class_path": f"lightning_phases.{PUBLIC_CALLBACKS[0]}", "init_args": {"stages": ["trian"]}}
+    ]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
     result = cli("fit", "--config", str(bad), cwd=tmp_path)
@@ -69,8 +78,18 @@ def test_bad_stage_in_yaml_is_a_readable_usage_error(tmp_path):
 
 
 def test_cli_fit_runs_in_process(tmp_path):
-    main(["fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-          f"--trainer.callbacks.dirpath={tmp_path}/ckpt"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
+        ]
+    )
     assert list(tmp_path.rglob("phase_report.json"))

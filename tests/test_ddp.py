@@ -16,7 +16,8 @@ def test_two_process_ddp_writes_each_event_once_from_rank_zero(tmp_path):
     assert len(lines) == len(events) == 16  # 2 callbacks x 8 steps, written once, not once per rank
     assert {e["rank"] for e in events} == {0}
     assert sorted((e["global_step"], e["kind"]) for e in events) == sorted(
-        (step, kind) for step in range(1, 9) for kind in ("loss_drop", "param_changed"))
+        (step, kind) for step in range(1, 9) for kind in ("loss_drop", "param_changed")
+    )
     # both ranks made the same events; rank 1 kept them in callback.events without writing them
     for rank, info in enumerate(ranks):
         assert [len(held) for held in info["held"]] == [8, 8]

@@ -13,8 +13,17 @@ from lightning_phases.events import FIELDS, EventLog, to_jsonable
 
 
 def make_event(i=0, severity="warning", **data):
-    return PhaseEvent(callback="LossDropSentinel", kind="loss_drop", severity=severity, stage="train",
-                      global_step=1234 + i, epoch=3, rank=0, message=f"loss dropped {i}", data=data)
+    return PhaseEvent(
+        callback="LossDropSentinel",
+        kind="loss_drop",
+        severity=severity,
+        stage="train",
+        global_step=1234 + i,
+        epoch=3,
+        rank=0,
+        message=f"loss dropped {i}",
+        data=data,
+    )
 
 
 def test_line_has_exactly_the_schema_fields_in_order(tmp_path):
@@ -27,8 +36,15 @@ def test_line_has_exactly_the_schema_fields_in_order(tmp_path):
     assert record["time"].endswith("Z") and "T" in record["time"]
     assert record["data"] == {"value": 0.25, "forecast": "nan", "window": [1, 2], "path": str(tmp_path)}
     assert {k: record[k] for k in FIELDS[1:9]} == {
-        "callback": "LossDropSentinel", "kind": "loss_drop", "severity": "warning", "stage": "train",
-        "global_step": 1234, "epoch": 3, "rank": 0, "message": "loss dropped 0"}
+        "callback": "LossDropSentinel",
+        "kind": "loss_drop",
+        "severity": "warning",
+        "stage": "train",
+        "global_step": 1234,
+        "epoch": 3,
+        "rank": 0,
+        "message": "loss dropped 0",
+    }
     assert read_events(tmp_path) == [PhaseEvent.from_dict(record)]
 
 
@@ -69,7 +85,9 @@ def _write_many(path, worker, count):
 def test_threads_and_processes_never_tear_or_interleave_lines(tmp_path):
     path = tmp_path / "phase_events.jsonl"
     threads = [threading.Thread(target=_write_many, args=(path, f"t{n}", 200)) for n in range(4)]
-    procs = [multiprocessing.get_context("spawn").Process(target=_write_many, args=(path, f"p{n}", 200)) for n in range(2)]
+    procs = [
+        multiprocessing.get_context("spawn").Process(target=_write_many, args=(path, f"p{n}", 200)) for n in range(2)
+    ]
     for worker in threads + procs:
         worker.start()
     for worker in threads + procs:

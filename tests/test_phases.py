@@ -14,7 +14,11 @@ def test_stage_names_are_the_contract():
 @pytest.mark.parametrize(
     ("value", "error", "needles"),
     [
-        (["trian"], ValueError, ["stages=['trian']", "'trian' is not allowed", "'sanity_check', 'train'", "did you mean 'train'"]),
+        (
+            ["trian"],
+            ValueError,
+            ["stages=['trian']", "'trian' is not allowed", "'sanity_check', 'train'", "did you mean 'train'"],
+        ),
         ("train", TypeError, ["stages='train'", "must be a list", "write ['train']"]),
         ([], ValueError, ["stages=[] is empty"]),
         (["test", "test"], ValueError, ["'test' more than once"]),
@@ -67,11 +71,25 @@ def test_failure_cost_sets_severity_and_overrides_merge():
     assert table.violation_severity("predict") == "warning"
     with pytest.raises(ValueError, match=r"C declares test.failure_cost='low' but (A|B) declared"):
         table.merge({"test": {"failure_cost": "low"}}, source="C")
-    assert table.as_dict()["train"] == {"parameters": "updated", "sandboxed": True, "failure_cost": "low", "data": "reference"}
+    assert table.as_dict()["train"] == {
+        "parameters": "updated",
+        "sandboxed": True,
+        "failure_cost": "low",
+        "data": "reference",
+    }
 
 
-HOOKS = ["on_sanity_check_start", "on_train_start", "on_train_batch_end", "on_validation_start",
-         "on_validation_batch_end", "on_test_start", "on_test_batch_end", "on_predict_start", "on_predict_batch_end"]
+HOOKS = [
+    "on_sanity_check_start",
+    "on_train_start",
+    "on_train_batch_end",
+    "on_validation_start",
+    "on_validation_batch_end",
+    "on_test_start",
+    "on_test_batch_end",
+    "on_predict_start",
+    "on_predict_batch_end",
+]
 
 
 class StageRecorder(pl.Callback):
@@ -82,15 +100,26 @@ class StageRecorder(pl.Callback):
 
 
 for _hook in HOOKS:
-    setattr(StageRecorder, _hook, lambda self, trainer, *a, _h=_hook, **k: self.seen.append((_h, current_stage(trainer))))
+    setattr(
+        StageRecorder, _hook, lambda self, trainer, *a, _h=_hook, **k: self.seen.append((_h, current_stage(trainer)))
+    )
 
 
 def test_current_stage_in_every_hook_of_a_real_run():
     recorder = StageRecorder()
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=1,
-                         limit_predict_batches=1, num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[recorder])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        limit_test_batches=1,
+        limit_predict_batches=1,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
     model, data = DigitsClassifier(), DigitsDataModule()
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)

@@ -14,8 +14,15 @@ from lightning_phases.reporting import AlertLimiter, PhaseWarning, metric_key, s
 
 
 def fit(callbacks, logger, **kwargs):
-    options = dict(max_epochs=1, limit_train_batches=6, limit_val_batches=2, log_every_n_steps=1,
-                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    options = dict(
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     options.update(kwargs)
     trainer = pl.Trainer(logger=logger, callbacks=callbacks, **options)
     with warnings.catch_warnings():
@@ -35,8 +42,14 @@ def wandb_run(tmp_path_factory):
     run_dir = Path(logger.experiment.dir).parent
     files_dir = Path(logger.experiment.dir)
     wandb.finish()
-    return {"trainer": trainer, "run_dir": run_dir, "files_dir": files_dir, "records": leet_records(run_dir),
-            "warn": warn, "flood": flood}
+    return {
+        "trainer": trainer,
+        "run_dir": run_dir,
+        "files_dir": files_dir,
+        "records": leet_records(run_dir),
+        "warn": warn,
+        "flood": flood,
+    }
 
 
 def test_jsonl_line_has_every_field(wandb_run):
@@ -44,8 +57,14 @@ def test_jsonl_line_has_every_field(wandb_run):
     assert len(lines) == 21
     first = lines[0]
     assert list(first) == list(FIELDS)
-    assert (first["callback"], first["kind"], first["severity"], first["stage"], first["global_step"], first["rank"]) == (
-        "EmitAtSteps", "loss_drop", "warning", "train", 3, 0)
+    assert (
+        first["callback"],
+        first["kind"],
+        first["severity"],
+        first["stage"],
+        first["global_step"],
+        first["rank"],
+    ) == ("EmitAtSteps", "loss_drop", "warning", "train", 3, 0)
     assert first["data"] == {"value": 1.5}
     assert [e.to_dict() for e in wandb_run["warn"].events] == [first]
 
@@ -84,8 +103,13 @@ def test_phase_report_is_written_beside_the_log(wandb_run):
     train = report["stages"][1]
     assert train["declared"] == {"parameters": "updated", "sandboxed": True, "failure_cost": "low", "data": "reference"}
     assert train["events"] == {"loss_drop": 1, "param_changed": 20}
-    assert {"stage": "train", "check": "test check", "verdict": "verified", "detail": "1 starts",
-            "callback": "EmitAtSteps"} in train["observations"]
+    assert {
+        "stage": "train",
+        "check": "test check",
+        "verdict": "verified",
+        "detail": "1 starts",
+        "callback": "EmitAtSteps",
+    } in train["observations"]
 
 
 def test_csv_logger_only_gets_metrics_and_wandb_is_never_imported(tmp_path):
@@ -117,7 +141,11 @@ def test_two_callbacks_share_one_log_file(tmp_path):
     fit([a, b], logger)
     events = read_jsonl(Path(logger.log_dir) / "phase_events.jsonl")
     assert [(e["global_step"], e["kind"]) for e in events] == [
-        (1, "loss_drop"), (2, "param_changed"), (3, "loss_drop"), (3, "param_changed")]
+        (1, "loss_drop"),
+        (2, "param_changed"),
+        (3, "loss_drop"),
+        (3, "param_changed"),
+    ]
 
 
 def test_no_logger_writes_under_default_root_dir(tmp_path):

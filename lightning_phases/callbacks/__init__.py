@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters from Trainer hooks to the pure detectors."""
 
 from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.callbacks.param_freeze import ParamFreezeAssertion
 
-__all__ = ["PhaseCallback"]
+__all__ = ["ParamFreezeAssertion", "PhaseCallback"]

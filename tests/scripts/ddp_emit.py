@@ -16,9 +16,19 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 out = Path(sys.argv[1])
 callbacks = [EmitAtSteps(steps=range(1, 9), kind="loss_drop"), EmitAtSteps(steps=range(1, 9), kind="param_changed")]
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=8,
-                     limit_val_batches=2, logger=CSVLogger(out, name="ddp"), callbacks=callbacks,
-                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+    max_epochs=1,
+    limit_train_batches=8,
+    limit_val_batches=2,
+    logger=CSVLogger(out, name="ddp"),
+    callbacks=callbacks,
+    enable_progress_bar=False,
+    enable_checkpointing=False,
+    enable_model_summary=False,
+)
 trainer.fit(DigitsClassifier(), DigitsDataModule())
 held = [[e.to_dict() for e in cb.events] for cb in callbacks]
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"held": held, "log_dir": trainer.log_dir}))

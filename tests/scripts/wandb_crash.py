@@ -47,11 +47,22 @@ out = Path(sys.argv[1])
 logger = WandbLogger(save_dir=str(out), offline=True, project="crash")
 emitter = EmitAtSteps(steps=(3, 4), severity="critical")
 killer = KillWandbService(step=2)
-trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, logger=logger, log_every_n_steps=1000,
-                     callbacks=[killer, emitter], enable_progress_bar=False, enable_checkpointing=False)
+trainer = pl.Trainer(
+    max_epochs=1,
+    limit_train_batches=6,
+    limit_val_batches=0,
+    logger=logger,
+    log_every_n_steps=1000,
+    callbacks=[killer, emitter],
+    enable_progress_bar=False,
+    enable_checkpointing=False,
+)
 run_dir = logger.experiment.dir
 trainer.fit(QuietClassifier(), DigitsDataModule())
-print(json.dumps({"finished": trainer.state.finished, "killed": killer.killed, "run_dir": run_dir,
-                  "events": len(emitter.events)}))
+print(
+    json.dumps(
+        {"finished": trainer.state.finished, "killed": killer.killed, "run_dir": run_dir, "events": len(emitter.events)}
+    )
+)
 sys.stdout.flush()
 os._exit(0)  # the W&B service is gone; skip wandb's exit hooks, which would only report that again

@@ -1,0 +1,436 @@
+"""``ParamFreezeAssertion``: proves parameters and buffers stay bit-for-bit fixed where declared fixed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.detectors.fingerprint import fingerprints
+from lightning_phases.detectors.freeze import FreezeBaseline, Snapshot, TensorChange, match_patterns, named_tensors
+from lightning_phases.exceptions import ParameterChangedError
+from lightning_phases.phases import Stage, current_stage
+from lightning_phases.report import Observation
+from lightning_phases.reporting import PhaseWarning
+from lightning_phases.validation import check_choice, check_positive
+
+
+@dataclass
+class _Tally:
+    checks: int = 0
+    changes: int = 0
+    unverifiable: int = 0
+    buffer_syncs: int = 0
+
+
+class ParamFreezeAssertion(PhaseCallback):
+    """Verify that parameters and buffers do not change, bit for bit, in stages declared fixed.
+
+    When a listed stage starts, every parameter (and buffer) is fingerprinted on its own device with a
+    position-weighted 64-bit sum of its bits: no copy of the weights, one host synchronisation per check.
+    When the stage ends (and every ``check_every_n_batches`` batches) the fingerprints are compared; any
+    changed bit in any element (``-0.0`` vs ``0.0``, NaN payloads, two swapped elements) is reported by
+    tensor name. In multi-process runs every rank's findings are gathered, so all ranks emit the same event
+    and raise together, and parameters are compared across data-parallel replicas.
+
+    During ``fit``, tensors matching ``frozen`` must not change at all; at the start of training, frozen
+    parameters that still have ``requires_grad=True`` or are still held by an optimizer are reported, and
+    frozen BatchNorm layers left in train mode are warned about.
+
+    Callbacks that swap weights on purpose around validation (Lightning's ``WeightAveraging``/EMA swap in
+    ``on_validation_epoch_start`` and back in ``on_validation_epoch_end``) cause no false positive: the
+    stage-end check compares the live weights after the swap back with those before it, and the
+    in-stage checks (``check_every_n_batches``) compare with the weights in use at the stage's first batch.
+
+    Args:
+        stages: Stages whose parameters must stay fixed. Default: every stage declared ``parameters:
+            fixed`` by default (``sanity_check``, ``validate``, ``test``, ``predict``).
+        frozen: Name patterns (``fnmatch``, or a module prefix) of tensors that must stay fixed for the whole
+            of ``fit`` too, e.g. ``["backbone.*"]``. A pattern that matches nothing is warned about once.
+        include_buffers: Also check buffers (BatchNorm ``running_mean``, ``running_var``,
+            ``num_batches_tracked``, and any other floating or integer buffer).
+        on_violation: ``"raise"`` raises ``ParameterChangedError`` on every rank once the event is on disk;
+            ``"warn"`` records the event and continues.
+        check_every_n_batches: Also check every N batches within a stage (0: only at stage start and end).
+        snapshot: ``"none"`` (default) keeps fingerprints only, 16 bytes per tensor. ``"cpu"`` or ``"device"``
+            also keeps a copy of the weights there, so a violation reports the number of changed elements
+            and the largest absolute difference, and ``restore`` can put the weights back.
+        restore: Copy the snapshot back into changed tensors after reporting them (needs a ``snapshot``).
+        check_replicas: In DDP runs, verify that parameters are identical on all ranks at every check and
+            report ``replica_mismatch``. Not done for sharded strategies (FSDP, DeepSpeed), whose ranks hold
+            different shards.
+        phase_overrides: Changes to the declared-property table, ``{stage: {property: value}}``; e.g.
+            ``{"test": {"failure_cost": "high"}}`` makes violations in ``test`` critical.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage] = ("sanity_check", "validate", "test", "predict"),
+        frozen: Sequence[str] = (),
+        include_buffers: bool = True,
+        on_violation: Literal["raise", "warn"] = "raise",
+        check_every_n_batches: int = 0,
+        snapshot: Literal["none", "cpu", "device"] = "none",
+        restore: bool = False,
+        check_replicas: bool = True,
+        phase_overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(stages, phase_overrides)
+        if isinstance(frozen, str) or not all(isinstance(p, str) and p for p in frozen):
+            raise TypeError(f"frozen={frozen!r} must be a list of non-empty name patterns, e.g. ['backbone.*'].")
+        self.frozen = tuple(frozen)
+        self.include_buffers = bool(include_buffers)
+        self.on_violation = check_choice("on_violation", on_violation, ("raise", "warn"))
+        self.check_every_n_batches = check_positive(
+            "check_every_n_batches", check_every_n_batches, allow_zero=True, integer=True
+        )
+        self.snapshot: Snapshot = check_choice("snapshot", snapshot, ("none", "cpu", "device"))  # type: ignore[assignment]
+        if restore and self.snapshot == "none":
+            raise ValueError("restore=True needs a copy to restore from; set snapshot='cpu' or snapshot='device'.")
+        self.restore = bool(restore)
+        self.check_replicas = bool(check_replicas)
+        self._outer: FreezeBaseline | None = None
+        self._inner: FreezeBaseline | None = None
+        self._frozen_baseline: FreezeBaseline | None = None
+        self._frozen_names: list[str] = []
+        self._warned_patterns = False
+        self._warned_bn = False
+        self._tally: dict[tuple[Stage, str], _Tally] = {}
+        self._reported: set[str] = set()
+
+    # Setup and fit-time frozen checks ------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        names = named_tensors(pl_module, self.include_buffers)
+        self._frozen_names, unused = match_patterns(names, self.frozen)
+        if unused and not self._warned_patterns:
+            self._warned_patterns = True
+            example = ", ".join(list(names)[:5])
+            rank_zero_warn(
+                f"ParamFreezeAssertion(frozen=...): pattern(s) {', '.join(map(repr, unused))} match no parameter "
+                f"or buffer of {type(pl_module).__name__}; names look like: {example}.",
+                category=PhaseWarning,
+            )
+
+    def _tensors(self, pl_module: pl.LightningModule, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        tensors = named_tensors(pl_module, self.include_buffers)
+        return tensors if names is None else {n: tensors[n] for n in names if n in tensors}
+
+    def _check_frozen_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        frozen_params = [n for n in self._frozen_names if n in params]
+        trainable = [n for n in frozen_params if params[n].requires_grad]
+        if trainable:
+            self.emit(
+                trainer,
+                "frozen_param_trainable",
+                f"{len(trainable)} frozen parameter(s) still have requires_grad=True: {_names(trainable)}",
+                {"tensors": trainable},
+                stage="train",
+            )
+        by_id = {id(params[n]): n for n in frozen_params}
+        held: dict[str, list[str]] = {}
+        for opt_index, optimizer in enumerate(trainer.optimizers):
+            for group_index, group in enumerate(optimizer.param_groups):
+                for param in group["params"]:
+                    if id(param) in by_id:
+                        held.setdefault(by_id[id(param)], []).append(f"optimizer {opt_index} group {group_index}")
+        if held:
+            self.emit(
+                trainer,
+                "frozen_param_in_optimizer",
+                f"{len(held)} frozen parameter(s) are still held by an optimizer, where weight decay or "
+                f"momentum can move them: {_names(list(held))}",
+                {"tensors": list(held), "where": held},
+                stage="train",
+            )
+
+    def _check_frozen_batchnorm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        frozen = set(self._frozen_names)
+        training = [
+            name
+            for name, module in pl_module.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and any(f"{name}.{p}" in frozen for p, _ in module.named_parameters(recurse=False))
+        ]
+        if training:
+            self._warned_bn = True
+            self.emit(
+                trainer,
+                "frozen_batchnorm_training",
+                f"frozen BatchNorm layer(s) {_names(training)} are in train mode, so their running statistics "
+                "still change; call .eval() on them in on_train_epoch_start",
+                {"modules": training},
+                severity="warning",
+                stage="train",
+            )
+
+    # Stage checks -------------------------------------------------------------------------------------
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage == "train" and self._frozen_names:
+            self._check_frozen_setup(trainer, pl_module)
+            self._frozen_baseline = FreezeBaseline(self._tensors(pl_module, self._frozen_names), self.snapshot)
+        if stage in self.stages:
+            self._outer = FreezeBaseline(self._tensors(pl_module), self.snapshot)
+            self._inner = None
+            self._reported = set()
+            self._check_replicas(trainer, pl_module, stage)
+
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage in self.stages and self._outer is not None:
+            outer, self._outer, self._inner = self._outer, None, None
+            self._verify(trainer, pl_module, stage, outer, "stage end")
+            self._check_replicas(trainer, pl_module, stage)
+        if stage == "train" and self._frozen_baseline is not None:
+            self._verify_frozen(trainer, pl_module, "end of training")
+            self._frozen_baseline = None
+
+    def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        stage = current_stage(trainer)
+        if stage == "train" and self._frozen_names and batch_idx == 0 and not self._warned_bn:
+            self._check_frozen_batchnorm(trainer, pl_module)
+        if self.check_every_n_batches and stage in self.stages and self._outer is not None and self._inner is None:
+            self._inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)
+
+    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        n = self.check_every_n_batches
+        if not n or (batch_idx + 1) % n:
+            return
+        stage = current_stage(trainer)
+        if stage in self.stages and self._inner is not None:
+            changed = self._verify(trainer, pl_module, stage, self._inner, f"batch {batch_idx}")
+            if changed:  # follow the new values, so one change is reported once
+                self._inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)
+        if stage == "train" and self._frozen_baseline is not None:
+            self._verify_frozen(trainer, pl_module, f"batch {batch_idx}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._frozen_baseline is not None:
+            self._verify_frozen(trainer, pl_module, "epoch end")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_start(trainer, pl_module, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_end(trainer, pl_module, batch_idx)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, pl_module, batch_idx)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(trainer, pl_module, batch_idx)
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, pl_module, batch_idx)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(trainer, pl_module, batch_idx)
+
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(trainer, pl_module, batch_idx)
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(trainer, pl_module, batch_idx)
+
+    # Verification, agreed across ranks -----------------------------------------------------------------
+
+    def _verify_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        assert self._frozen_baseline is not None
+        changed = self._verify(trainer, pl_module, "train", self._frozen_baseline, when, frozen=True)
+        if changed and not self.restore:  # follow the new values, so one movement is reported once
+            self._frozen_baseline = FreezeBaseline(self._tensors(pl_module, self._frozen_names), self.snapshot)
+
+    def _verify(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: Stage,
+        baseline: FreezeBaseline,
+        when: str,
+        frozen: bool = False,
+    ) -> bool:
+        """Compare with ``baseline``; report, restore and act on changes. Returns whether any changed."""
+        current = self._tensors(pl_module, list(baseline.tensors) if frozen else None)
+        local = baseline.compare(current)
+        changes, ranks, synced = self._gather_changes(trainer, pl_module, list(baseline.tensors), local)
+        if not frozen:  # a change already reported in this stage run is not reported again at its end
+            changes = [change for change in changes if change.name not in self._reported]
+            self._reported.update(change.name for change in changes)
+        tally = self._tally.setdefault((stage, "frozen" if frozen else "fixed"), _Tally())
+        tally.checks += 1
+        tally.unverifiable = len(baseline.unverifiable)
+        tally.changes += len(changes)
+        tally.buffer_syncs += len(synced)
+        self.log_metrics(trainer, {f"{stage}/changed_tensors": float(len(changes))})
+        if not changes:
+            return False
+        names = [change.name for change in changes]
+        restored = baseline.restore(current, names) if self.restore else []
+        what = "frozen tensor(s)" if frozen else "tensor(s)"
+        data: dict[str, Any] = {
+            "tensors": names,
+            "stage": stage,
+            "check": when,
+            "frozen": frozen,
+            "changes": [change.as_dict() for change in changes],
+            "restored": restored,
+        }
+        if trainer.world_size > 1:
+            data["ranks"] = {name: ranks[name] for name in names}
+        message = f"{len(names)} {what} changed during {stage} ({when}): {_names(names)}"
+        self._act(self.emit(trainer, "param_changed", message, data))
+        return True
+
+    def _gather_changes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names: list[str], local: list[TensorChange]
+    ) -> tuple[list[TensorChange], dict[str, list[int]], set[str]]:
+        """The union of every rank's changes (identical on all ranks), which ranks saw each, and the
+        buffers whose change was DDP's copy of rank 0's buffers.
+
+        Under DDP with ``broadcast_buffers`` (the default), every forward copies rank 0's buffers to the
+        other ranks, so BatchNorm statistics that each rank updated on its own batches are overwritten on
+        ranks 1..N at the next forward. A buffer that changed on other ranks only and now equals rank 0's
+        is that copy, not a mutation, and is not reported.
+        """
+        if trainer.world_size == 1:
+            return local, {change.name: [trainer.global_rank] for change in local}, set()
+        device = _collective_device(trainer)
+        index = {name: i for i, name in enumerate(names)}
+        flags = torch.zeros(len(names) + 1, dtype=torch.int64, device=device)
+        for change in local:
+            flags[index.get(change.name, len(names))] = 1
+        gathered = trainer.strategy.all_gather(flags).reshape(trainer.world_size, -1).cpu()
+        ranks = {
+            name: [rank for rank in range(trainer.world_size) if gathered[rank, i]]
+            for i, name in enumerate(names)
+            if gathered[:, i].any()
+        }
+        synced = self._broadcast_buffer_copies(trainer, pl_module, ranks)
+        mine = {change.name: change for change in local}
+        changes = [mine.get(name, TensorChange(name, "values")) for name in ranks if name not in synced]
+        extra = [rank for rank in range(trainer.world_size) if gathered[rank, -1]]
+        if extra:
+            changes.append(TensorChange("<tensors added or removed>", "added/removed"))
+            ranks["<tensors added or removed>"] = extra
+        return changes, ranks, synced
+
+    def _broadcast_buffer_copies(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ranks: dict[str, list[int]]
+    ) -> set[str]:
+        """Buffers changed on ranks other than 0 only, that now equal rank 0's (DDP's buffer broadcast)."""
+        strategy = trainer.strategy
+        if not _replicated(strategy) or not getattr(strategy, "_ddp_kwargs", {}).get("broadcast_buffers", True):
+            return set()
+        buffers = dict(pl_module.named_buffers())
+        candidates = [name for name, seen in ranks.items() if name in buffers and 0 not in seen]
+        if not candidates:  # identical on all ranks, since ``ranks`` is
+            return set()
+        prints = fingerprints([buffers[name] for name in candidates]).to(_collective_device(trainer))
+        gathered = strategy.all_gather(prints).reshape(trainer.world_size, -1).cpu()
+        synced = {name for i, name in enumerate(candidates) if bool((gathered[:, i] == gathered[0, i]).all())}
+        return synced
+
+    def _check_replicas(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if not self.check_replicas or trainer.world_size == 1 or not _replicated(trainer.strategy):
+            return
+        params = dict(pl_module.named_parameters())
+        prints = fingerprints(list(params.values())).to(_collective_device(trainer))
+        gathered = trainer.strategy.all_gather(prints).reshape(trainer.world_size, -1).cpu()
+        tally = self._tally.setdefault((stage, "replicas"), _Tally())
+        tally.checks += 1
+        mismatched: dict[str, list[list[int]]] = {}
+        for i, name in enumerate(params):
+            groups: dict[int, list[int]] = {}
+            for rank in range(trainer.world_size):
+                groups.setdefault(int(gathered[rank, i]), []).append(rank)
+            if len(groups) > 1:
+                mismatched[name] = sorted(groups.values())
+        if not mismatched:
+            return
+        tally.changes += len(mismatched)
+        names = list(mismatched)
+        event = self.emit(
+            trainer,
+            "replica_mismatch",
+            f"{len(names)} parameter(s) differ between data-parallel ranks during {stage}: {_names(names)}",
+            {"tensors": names, "stage": stage, "rank_groups": mismatched},
+        )
+        self._act(event)
+
+    def _act(self, event: Any) -> None:
+        if self.on_violation == "raise":
+            raise ParameterChangedError(f"{event.message} (event written to the phase event log)", event)
+
+    # Report -------------------------------------------------------------------------------------------
+
+    def phase_observations(self) -> list[Observation]:
+        labels = {"fixed": "parameters fixed", "frozen": "frozen parameters fixed", "replicas": "replicas identical"}
+        rows = []
+        for (stage, what), tally in self._tally.items():
+            verdict = "violated" if tally.changes else "verified"
+            detail = f"{tally.checks} checks, {tally.changes} {'mismatches' if what == 'replicas' else 'changes'}"
+            if tally.buffer_syncs:
+                detail += f", {tally.buffer_syncs} buffer copies from rank 0 by DDP (broadcast_buffers) not counted"
+            if tally.unverifiable:
+                detail += f", {tally.unverifiable} meta tensors not verifiable"
+            rows.append(Observation(stage, labels[what], verdict, detail))
+        return rows
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _replicated(strategy: Any) -> bool:
+    """DDP replicates every parameter on every rank; FSDP and DeepSpeed shard them."""
+    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _collective_device(trainer: pl.Trainer) -> torch.device:
+    """The device collectives run on (gloo: CPU; NCCL: the rank's GPU)."""
+    return trainer.strategy.root_device

@@ -1,0 +1,1 @@
+"""Pure algorithms, usable and testable without a Trainer."""

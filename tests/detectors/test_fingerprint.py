@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_phases.detectors.fingerprint import ROW_WORDS, fingerprint, fingerprints
+
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
+INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def random_tensor(dtype, shape, seed):
+    """A tensor of ``dtype`` and ``shape`` whose bits are uniformly random (NaNs and -0.0 included)."""
+    generator = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+    if dtype == torch.bool:
+        raw &= 1  # a bool byte holds 0 or 1
+    return raw.view(dtype).reshape(shape)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_flipping_any_single_bit_changes_the_fingerprint(dtype, shape, seed, data):
+    tensor = random_tensor(dtype, shape, seed)
+    before = fingerprint(tensor)
+    flat = tensor.view(-1)
+    element = data.draw(st.integers(0, flat.numel() - 1))
+    bits = 8 * tensor.element_size()
+    bit = data.draw(st.integers(0, bits - 1))
+    if dtype == torch.bool:
+        flat.view(torch.uint8)[element] ^= 1  # a bool holds one meaningful bit
+    else:
+        as_int = flat.view(INT_VIEW[tensor.element_size()])
+        as_int[element] ^= (1 << bit) if bit < bits - 1 else -(1 << bit)
+    assert fingerprint(tensor) != before
+
+
+@settings(max_examples=100, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), n=st.integers(2, 5000), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_swapping_two_different_elements_changes_the_fingerprint(dtype, n, seed, data):
+    tensor = random_tensor(dtype, [n], seed)
+    i, j = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1))
+    as_int = tensor.view(torch.uint8) if dtype == torch.bool else tensor.view(INT_VIEW[tensor.element_size()])
+    if i == j or as_int[i] == as_int[j]:
+        return
+    before = fingerprint(tensor)
+    as_int[[i, j]] = as_int[[j, i]]
+    assert fingerprint(tensor) != before
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), other_seed=st.integers(0, 2**31 - 1))
+def test_fingerprint_is_independent_of_unrelated_tensors(seed, other_seed):
+    tensor = random_tensor(torch.float32, [33, 7], seed)
+    alone = fingerprint(tensor)
+    other = random_tensor(torch.float32, [100], other_seed)
+    together = fingerprints([other, tensor, other * 2])
+    assert together[1] == alone
+    other.add_(1)
+    assert fingerprints([other, tensor])[1] == alone
+
+
+def test_signed_zero_nan_payloads_and_positions_beyond_one_row():
+    zeros = torch.zeros(3 * ROW_WORDS + 5)
+    negative = zeros.clone()
+    negative[2 * ROW_WORDS + 7] = -0.0
+    assert torch.equal(zeros, negative) and fingerprint(zeros) != fingerprint(negative)
+    nan = torch.full((10,), float("nan"))
+    payload = nan.clone()
+    payload.view(torch.int32)[4] ^= 1
+    assert torch.isnan(payload).all() and fingerprint(nan) != fingerprint(payload)
+
+
+def test_large_tensor_lowest_bit_in_the_last_block():
+    big = torch.randn(3_000_000)
+    before = fingerprint(big)
+    big.view(torch.int32)[-1] ^= 1
+    assert fingerprint(big) != before
+
+
+def test_non_contiguous_zero_size_and_meta():
+    matrix = torch.randn(50, 70)
+    assert fingerprint(matrix.t()) == fingerprint(matrix.t().contiguous())
+    assert fingerprint(matrix.t()) != fingerprint(matrix)  # logical order counts
+    assert int(fingerprint(torch.empty(0, 3))) == 0
+    with pytest.raises(ValueError, match="meta device"):
+        fingerprint(torch.empty(3, device="meta"))
+    assert fingerprints([torch.empty(3, device="meta"), matrix])[0] == 0
