@@ -1,0 +1,70 @@
+"""GPU checks of ParamFreezeAssertion; skipped on machines without CUDA (CI runs on CPU only)."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from digits import DigitsClassifier, DigitsDataModule
+
+from lightning_phases import ParameterChangedError, ParamFreezeAssertion
+from lightning_phases.detectors.fingerprint import fingerprints
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_gpu_fingerprints_equal_cpu_fingerprints():
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3_000_001, generator=generator),
+        torch.randn(7, generator=generator).half(),
+        torch.randint(-5, 5, (13,), generator=generator),
+        torch.randn(40, 50, generator=generator).t(),
+    ]
+    on_gpu = [t.cuda() for t in tensors]
+    assert torch.equal(fingerprints(tensors), fingerprints(on_gpu))
+
+
+def test_one_host_synchronisation_per_check():
+    tensors = [torch.randn(n, device="cuda") for n in (5_000_000, 1000, 3, 77_777)]
+    fingerprints(tensors)  # warm-up: caches the weight vector on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fingerprints(tensors)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+class OneUlpInTest(DigitsClassifier):
+    def test_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            with torch.no_grad():
+                self.head.weight[3, 7] = torch.nextafter(self.head.weight[3, 7], torch.tensor(1e9, device=self.device))
+        return super().test_step(batch, batch_idx)
+
+
+def test_gpu_trainer_clean_fit_is_silent_and_one_ulp_in_test_raises(tmp_path):
+    check = ParamFreezeAssertion(check_every_n_batches=2)
+    checked = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=5,
+        limit_val_batches=3,
+        limit_test_batches=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[check],
+    )
+    model = OneUlpInTest()
+    checked.fit(model, DigitsDataModule())
+    assert check.events == []
+    with pytest.raises(ParameterChangedError, match=r"head\.weight"):
+        checked.test(model, DigitsDataModule(), verbose=False)
