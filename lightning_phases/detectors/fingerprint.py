@@ -13,9 +13,10 @@ read as signed 32-bit words (a 1-3 byte tail as one more word) in logical elemen
 * Other changes of several words cancel only when a weighted sum of their differences is a multiple of
   ``2**64``: about one chance in ``2**32`` for arbitrary corruption, never for one element.
 
-The sum is computed on the tensor's own device in blocks of :data:`BLOCK_WORDS` words, so the extra
-memory is a fixed workspace (about 16 MiB at most), not a copy of the weights; each block's weighted sum
-uses ``(2(rB + j) + 1) = (2rB + 1) + 2j`` so the weights of a row are one cached vector.
+The sum is computed on the tensor's own device. On CUDA with Triton installed it is one fused kernel
+that reads the tensor once. Elsewhere it runs in blocks of :data:`BLOCK_WORDS` words with plain torch
+operations, so the extra memory is a fixed workspace (8 MiB), not a copy of the weights; each block's
+weighted sum uses ``(2(rB + j) + 1) = (2rB + 1) + 2j`` so the weights of a row are one cached vector.
 """
 
 from __future__ import annotations
@@ -45,14 +46,33 @@ def _words(tensor: Tensor) -> tuple[Tensor, Tensor | None]:
     if not flat.is_contiguous():  # reshape of a non-contiguous tensor may return a strided view
         flat = flat.contiguous()
     raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    if raw.data_ptr() % 4:  # a view at an odd offset into its storage: words need 4-byte alignment
+        raw = raw.clone()
     whole = raw.numel() // 4 * 4
     words = raw[:whole].view(torch.int32)
     tail = raw[whole:] if whole < raw.numel() else None
     return words, tail
 
 
-def _weighted_sum(words: Tensor) -> Tensor:
-    """``sum_i words[i] * (2i + 1) mod 2**64`` as an int64 scalar tensor on the words' device."""
+_fused_available: bool | None = None
+
+
+def _fused_sums(words: list[Tensor]) -> Tensor | None:
+    """All weighted sums from one fused Triton kernel, for CUDA tensors; ``None`` where not available."""
+    global _fused_available
+    if not words[0].is_cuda or _fused_available is False:
+        return None
+    try:
+        from lightning_phases.detectors import _triton_fingerprint
+    except ImportError:
+        _fused_available = False
+        return None
+    _fused_available = True
+    return _triton_fingerprint.weighted_sums(words)
+
+
+def _blocked_sum(words: Tensor) -> Tensor:
+    """``sum_i words[i] * (2i + 1) mod 2**64`` as an int64 scalar, block by block, with torch operations."""
     device = words.device
     weights = _weights(device)
     total = torch.zeros((), dtype=torch.int64, device=device)
@@ -76,6 +96,20 @@ def _weighted_sum(words: Tensor) -> Tensor:
     return total
 
 
+def _device_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
+    """Fingerprints of tensors that all live on one (non-meta) device, as an int64 vector there."""
+    words, tails = zip(*(_words(tensor) for tensor in tensors), strict=True)
+    sums = _fused_sums(list(words))
+    if sums is None:
+        sums = torch.stack([_blocked_sum(w) for w in words])
+    for position, (word, tail) in enumerate(zip(words, tails, strict=True)):
+        if tail is not None:  # the 1-3 trailing bytes as one more (unsigned) word, without leaving the device
+            shifts = torch.arange(0, 8 * tail.numel(), 8, dtype=torch.int64, device=tail.device)
+            tail_word = tail.to(torch.int64).bitwise_left_shift(shifts).sum()
+            sums[position] += tail_word * (2 * word.numel() + 1)
+    return sums
+
+
 def fingerprint(tensor: Tensor) -> Tensor:
     """The fingerprint of one tensor: an int64 scalar on the tensor's device (no host synchronisation).
 
@@ -88,13 +122,7 @@ def fingerprint(tensor: Tensor) -> Tensor:
     """
     if tensor.is_meta:
         raise ValueError("a tensor on the meta device has no values to fingerprint")
-    words, tail = _words(tensor)
-    total = _weighted_sum(words)
-    if tail is not None:  # the 1-3 trailing bytes as one more (unsigned) word, without leaving the device
-        shifts = torch.arange(0, 8 * tail.numel(), 8, dtype=torch.int64, device=tail.device)
-        tail_word = tail.to(torch.int64).bitwise_left_shift(shifts).sum()
-        total += tail_word * (2 * words.numel() + 1)
-    return total
+    return _device_fingerprints([tensor])[0]
 
 
 def signature(tensor: Tensor) -> tuple[str, tuple[int, ...]]:
@@ -114,12 +142,11 @@ def fingerprints(tensors: Sequence[Tensor]) -> Tensor:
     Args:
         tensors: The tensors, e.g. every parameter and buffer of a model.
     """
-    per_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    per_device: dict[torch.device, list[int]] = {}
     for position, tensor in enumerate(tensors):
         if not tensor.is_meta:
-            per_device.setdefault(tensor.device, []).append((position, fingerprint(tensor)))
+            per_device.setdefault(tensor.device, []).append(position)
     out = torch.zeros(len(tensors), dtype=torch.int64)
-    for values in per_device.values():
-        positions = torch.tensor([position for position, _ in values], dtype=torch.long)
-        out[positions] = torch.stack([value for _, value in values]).cpu()
+    for positions in per_device.values():
+        out[positions] = _device_fingerprints([tensors[p] for p in positions]).cpu()
     return out

@@ -22,6 +22,10 @@ def test_gpu_fingerprints_equal_cpu_fingerprints():
         torch.randn(40, 50, generator=generator).t(),
     ]
     on_gpu = [t.cuda() for t in tensors]
+    halves = torch.randn(11, dtype=torch.float16, generator=generator)
+    tensors.append(halves[1:])  # views at an odd 2-byte offset: not 4-byte aligned
+    on_gpu.append(halves.cuda()[1:])
+    assert on_gpu[-1].data_ptr() % 4
     assert torch.equal(fingerprints(tensors), fingerprints(on_gpu))
 
 
@@ -68,3 +72,20 @@ def test_gpu_trainer_clean_fit_is_silent_and_one_ulp_in_test_raises(tmp_path):
     assert check.events == []
     with pytest.raises(ParameterChangedError, match=r"head\.weight"):
         checked.test(model, DigitsDataModule(), verbose=False)
+
+
+def test_fused_kernel_equals_the_blocked_torch_computation():
+    from lightning_phases.detectors import _triton_fingerprint
+    from lightning_phases.detectors.fingerprint import _blocked_sum
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for n in (1, 4095, 4096, 4097, 3 * 2**20 + 11, 50_000_000):
+        words = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=generator)
+        assert torch.equal(_triton_fingerprint.weighted_sums([words])[0], _blocked_sum(words)), n
+    many = [
+        torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=generator)
+        for n in (0, 5, 4096, 10_000, 123_457)
+    ]
+    expected = torch.stack([_blocked_sum(w) for w in many])
+    assert torch.equal(_triton_fingerprint.weighted_sums(many), expected)
+    assert torch.equal(_triton_fingerprint.weighted_sums(many), expected)  # again, from the cached table
