@@ -34,18 +34,18 @@ def _weighted_partial_sums(table_ptr, partial_ptr, BLOCK: tl.constexpr):
     tl.store(partial_ptr + block, tl.sum(word * (index * 2 + 1), axis=0))
 
 
-def _table(words: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, *((w.data_ptr(), w.numel()) for w in words))
+def _table(spans: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, spans)
     cached = _TABLES.get(key)
     if cached is not None:
         _TABLES.move_to_end(key)
         return cached
-    lengths = torch.tensor([w.numel() for w in words], dtype=torch.int64)
+    addresses = torch.tensor([address for address, _ in spans], dtype=torch.int64)
+    lengths = torch.tensor([n_words for _, n_words in spans], dtype=torch.int64)
     blocks = (lengths + BLOCK - 1) // BLOCK
-    owner = torch.repeat_interleave(torch.arange(len(words)), blocks)
+    owner = torch.repeat_interleave(torch.arange(len(spans)), blocks)
     first_block = torch.cumsum(blocks, 0) - blocks
     first = (torch.arange(int(blocks.sum())) - first_block[owner]) * BLOCK
-    addresses = torch.tensor([w.data_ptr() for w in words], dtype=torch.int64)
     table = torch.stack([addresses[owner], lengths[owner], first], dim=1).reshape(-1)
     cached = (table.to(device), owner.to(device))
     _TABLES[key] = cached
@@ -54,15 +54,17 @@ def _table(words: list[torch.Tensor], device: torch.device) -> tuple[torch.Tenso
     return cached
 
 
-def weighted_sums(words: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_i w[i] * (2i + 1) mod 2**64`` for each contiguous 1-D int32 tensor ``w`` on one CUDA device.
+def weighted_sums(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """``sum_i w[i] * (2i + 1) mod 2**64`` for each span of int32 words ``w`` in one CUDA device's memory.
+
+    The caller keeps the tensors that own the spans alive until the result is used.
 
     Args:
-        words: The tensors' bytes as int32 words (4-byte aligned), all on the same CUDA device.
+        spans: ``(address, n_words)`` of each tensor's bytes as int32 words; addresses 4-byte aligned.
+        device: The CUDA device that holds them.
     """
-    device = words[0].device
-    sums = torch.zeros(len(words), dtype=torch.int64, device=device)
-    table, owner = _table(words, device)
+    sums = torch.zeros(len(spans), dtype=torch.int64, device=device)
+    table, owner = _table(spans, device)
     if owner.numel():
         partial = torch.empty(owner.numel(), dtype=torch.int64, device=device)
         _weighted_partial_sums[(owner.numel(),)](table, partial, BLOCK=BLOCK)

@@ -57,10 +57,14 @@ def _words(tensor: Tensor) -> tuple[Tensor, Tensor | None]:
 _fused_available: bool | None = None
 
 
-def _fused_sums(words: list[Tensor]) -> Tensor | None:
-    """All weighted sums from one fused Triton kernel, for CUDA tensors; ``None`` where not available."""
+def _fused_fingerprints(tensors: Sequence[Tensor]) -> Tensor | None:
+    """Fingerprints of CUDA tensors from one fused Triton kernel; ``None`` where that is not available.
+
+    A contiguous, 4-byte-aligned tensor whose size is a multiple of 4 bytes is read in place by address;
+    any other is first turned into words by :func:`_words` (a copy only for strided or odd-offset views).
+    """
     global _fused_available
-    if not words[0].is_cuda or _fused_available is False:
+    if not tensors[0].is_cuda or _fused_available is False:
         return None
     try:
         from lightning_phases.detectors import _triton_fingerprint
@@ -68,7 +72,27 @@ def _fused_sums(words: list[Tensor]) -> Tensor | None:
         _fused_available = False
         return None
     _fused_available = True
-    return _triton_fingerprint.weighted_sums(words)
+    spans, keep, tails = [], [], []
+    for position, tensor in enumerate(tensors):
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.is_contiguous() and tensor.data_ptr() % 4 == 0 and nbytes % 4 == 0:
+            spans.append((tensor.data_ptr(), nbytes // 4))
+        else:
+            words, tail = _words(tensor)
+            keep.append(words)
+            spans.append((words.data_ptr(), words.numel()))
+            if tail is not None:
+                tails.append((position, words.numel(), tail))
+    sums = _triton_fingerprint.weighted_sums(tuple(spans), tensors[0].device)
+    for position, n_words, tail in tails:
+        sums[position] += _tail_term(n_words, tail)
+    return sums
+
+
+def _tail_term(n_words: int, tail: Tensor) -> Tensor:
+    """The 1-3 trailing bytes as one more (unsigned) word at position ``n_words``, computed on the device."""
+    shifts = torch.arange(0, 8 * tail.numel(), 8, dtype=torch.int64, device=tail.device)
+    return tail.to(torch.int64).bitwise_left_shift(shifts).sum() * (2 * n_words + 1)
 
 
 def _blocked_sum(words: Tensor) -> Tensor:
@@ -98,16 +122,15 @@ def _blocked_sum(words: Tensor) -> Tensor:
 
 def _device_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
     """Fingerprints of tensors that all live on one (non-meta) device, as an int64 vector there."""
-    words, tails = zip(*(_words(tensor) for tensor in tensors), strict=True)
-    sums = _fused_sums(list(words))
-    if sums is None:
-        sums = torch.stack([_blocked_sum(w) for w in words])
-    for position, (word, tail) in enumerate(zip(words, tails, strict=True)):
-        if tail is not None:  # the 1-3 trailing bytes as one more (unsigned) word, without leaving the device
-            shifts = torch.arange(0, 8 * tail.numel(), 8, dtype=torch.int64, device=tail.device)
-            tail_word = tail.to(torch.int64).bitwise_left_shift(shifts).sum()
-            sums[position] += tail_word * (2 * word.numel() + 1)
-    return sums
+    fused = _fused_fingerprints(tensors)
+    if fused is not None:
+        return fused
+    sums = []
+    for tensor in tensors:
+        words, tail = _words(tensor)
+        total = _blocked_sum(words)
+        sums.append(total if tail is None else total + _tail_term(words.numel(), tail))
+    return torch.stack(sums)
 
 
 def fingerprint(tensor: Tensor) -> Tensor:

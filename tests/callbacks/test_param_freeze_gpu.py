@@ -81,11 +81,13 @@ def test_fused_kernel_equals_the_blocked_torch_computation():
     generator = torch.Generator(device="cuda").manual_seed(0)
     for n in (1, 4095, 4096, 4097, 3 * 2**20 + 11, 50_000_000):
         words = torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=generator)
-        assert torch.equal(_triton_fingerprint.weighted_sums([words])[0], _blocked_sum(words)), n
+        fused = _triton_fingerprint.weighted_sums(((words.data_ptr(), n),), words.device)
+        assert torch.equal(fused[0], _blocked_sum(words)), n
     many = [
         torch.randint(-(2**31), 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=generator)
         for n in (0, 5, 4096, 10_000, 123_457)
     ]
     expected = torch.stack([_blocked_sum(w) for w in many])
-    assert torch.equal(_triton_fingerprint.weighted_sums(many), expected)
-    assert torch.equal(_triton_fingerprint.weighted_sums(many), expected)  # again, from the cached table
+    spans = tuple((w.data_ptr(), w.numel()) for w in many)
+    assert torch.equal(_triton_fingerprint.weighted_sums(spans, many[0].device), expected)
+    assert torch.equal(_triton_fingerprint.weighted_sums(spans, many[0].device), expected)  # cached table
