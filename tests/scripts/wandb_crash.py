@@ -1,6 +1,8 @@
-"""Fit with a WandbLogger whose W&B service is killed mid-run; the run must finish and the JSONL keep all events.
+"""Fit with a WandbLogger whose W&B side breaks mid-run; the run must finish and the JSONL keep all events.
 
-The model logs nothing itself, so the only W&B calls after the crash are lightning-phases' own.
+``kill``: the W&B service process is killed (a crash). ``finish``: the run is finished by user code, after
+which every W&B call raises ``UsageError``. The model logs nothing itself, so the only W&B calls after the
+break are lightning-phases' own.
 """
 
 import json
@@ -25,15 +27,18 @@ class QuietClassifier(DigitsClassifier):
         return torch.nn.functional.cross_entropy(self(x), y)
 
 
-class KillWandbService(pl.Callback):
-    """Kills this process's W&B service (``wandb-core``) after the given global step."""
+class BreakWandb(pl.Callback):
+    """After the given global step, kills this process's W&B service or finishes the W&B run."""
 
-    def __init__(self, step):
+    def __init__(self, step, mode):
         self.step = step
+        self.mode = mode
         self.killed = []
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step and not self.killed:
+        if trainer.global_step == self.step and self.mode == "finish":
+            trainer.logger.experiment.finish()
+        if trainer.global_step == self.step and self.mode == "kill" and not self.killed:
             children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
             for pid in children:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -43,10 +48,10 @@ class KillWandbService(pl.Callback):
             assert self.killed, f"no W&B service process among children {children} of {os.getpid()}"
 
 
-out = Path(sys.argv[1])
+out, mode = Path(sys.argv[1]), sys.argv[2]
 logger = WandbLogger(save_dir=str(out), offline=True, project="crash")
 emitter = EmitAtSteps(steps=(3, 4), severity="critical")
-killer = KillWandbService(step=2)
+killer = BreakWandb(step=2, mode=mode)
 trainer = pl.Trainer(
     max_epochs=1,
     limit_train_batches=6,
