@@ -54,6 +54,23 @@ class EmitAtSteps(PhaseCallback):
         return [Observation(stage, "test check", "verified", f"{n} starts") for stage, n in self.seen.items()]
 
 
+def small_trainer(callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+    """A Trainer for tests: one short epoch, a few batches per stage, no logger, bar, summary or checkpoint."""
+    options: dict[str, Any] = dict(
+        max_epochs=1,
+        limit_train_batches=5,
+        limit_val_batches=3,
+        limit_test_batches=3,
+        limit_predict_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    options.update(overrides)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 from digits import DigitsClassifier, DigitsDataModule
+from helpers import small_trainer
 
 from lightning_phases import STAGES, PhaseTable, current_stage
 from lightning_phases.phases import check_overrides, check_stages
@@ -107,19 +108,7 @@ for _hook in HOOKS:
 
 def test_current_stage_in_every_hook_of_a_real_run():
     recorder = StageRecorder()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        limit_test_batches=1,
-        limit_predict_batches=1,
-        num_sanity_val_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = small_trainer([recorder], limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1)
     model, data = DigitsClassifier(), DigitsDataModule()
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)

@@ -3,11 +3,10 @@ import re
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import wandb
 from digits import DigitsClassifier, DigitsDataModule
-from helpers import EmitAtSteps, leet_records, read_jsonl, run_script
+from helpers import EmitAtSteps, leet_records, read_jsonl, run_script, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_phases.events import FIELDS
@@ -15,17 +14,9 @@ from lightning_phases.reporting import AlertLimiter, PhaseWarning, metric_key, s
 
 
 def fit(callbacks, logger, **kwargs):
-    options = dict(
-        max_epochs=1,
-        limit_train_batches=6,
-        limit_val_batches=2,
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    options = dict(limit_train_batches=6, limit_val_batches=2, log_every_n_steps=1)
     options.update(kwargs)
-    trainer = pl.Trainer(logger=logger, callbacks=callbacks, **options)
+    trainer = small_trainer(callbacks, logger=logger, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PhaseWarning)
         trainer.fit(DigitsClassifier(), DigitsDataModule())

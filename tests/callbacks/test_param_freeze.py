@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
-from helpers import read_jsonl
+from helpers import read_jsonl, small_trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 
@@ -48,20 +48,7 @@ class Mutating(DigitsClassifier):
 
 
 def trainer(callbacks, tmp_path, **kwargs):
-    options = dict(
-        max_epochs=1,
-        limit_train_batches=5,
-        limit_val_batches=3,
-        limit_test_batches=3,
-        limit_predict_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return small_trainer(callbacks, default_root_dir=tmp_path, **kwargs)
 
 
 def events(tmp_path, kind=None):

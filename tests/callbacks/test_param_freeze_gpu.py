@@ -2,10 +2,10 @@
 
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
+from helpers import small_trainer
 
 from lightning_phases import ParameterChangedError, ParamFreezeAssertion
 from lightning_phases.detectors.fingerprint import fingerprints
@@ -54,19 +54,7 @@ class OneUlpInTest(DigitsClassifier):
 
 def test_gpu_trainer_clean_fit_is_silent_and_one_ulp_in_test_raises(tmp_path):
     check = ParamFreezeAssertion(check_every_n_batches=2)
-    checked = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=5,
-        limit_val_batches=3,
-        limit_test_batches=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[check],
-    )
+    checked = small_trainer([check], accelerator="gpu", devices=1, default_root_dir=tmp_path)
     model = OneUlpInTest()
     checked.fit(model, DigitsDataModule())
     assert check.events == []
