@@ -102,6 +102,8 @@ class DropDetector:
         self.recent: deque[float] = deque(maxlen=self.persistence)
         self.held = 0
         self.spike_armed = True
+        self._fitted: tuple[int, tuple[float, float, float, float]] | None = None
+        self._version = 0  # bumped whenever the baseline changes, so a fit is computed once per baseline
 
     # The series ------------------------------------------------------------------------------------
 
@@ -129,20 +131,28 @@ class DropDetector:
             return None
         return self._judge(value)
 
+    def _changed(self) -> None:
+        self._version += 1
+
     def _fit(self) -> tuple[float, float, float, float]:
         """Slope, intercept (at the baseline's first position), robust sigma and latest level of the baseline."""
+        if self._fitted is not None and self._fitted[0] == self._version:
+            return self._fitted[1]
         values = list(self.baseline)
         half = len(values) // 2
         slope = (statistics.median(values[-half:]) - statistics.median(values[:half])) / (len(values) - half)
         intercept = statistics.median(v - slope * t for t, v in enumerate(values))
         mad = statistics.median(abs(v - intercept - slope * t) for t, v in enumerate(values))
         latest = statistics.median(values[-self.persistence :])
-        return slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest
+        fit = (slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest)
+        self._fitted = (self._version, fit)
+        return fit
 
     def _admit(self, x: float) -> None:
         """Move a value leaving the recent window into the baseline, unless it is far above the forecast."""
         if len(self.baseline) < max(4, self.window // 2):
             self.baseline.append(x)
+            self._changed()
             return
         slope, intercept, sigma, latest = self._fit()
         residual = x - max(intercept + slope * len(self.baseline), latest)
@@ -153,6 +163,7 @@ class DropDetector:
             self.baseline.clear()  # a new, higher level that lasted a whole window: accept it
         self.held = 0
         self.baseline.append(x)
+        self._changed()
 
     def _judge(self, value: float) -> Verdict | None:
         slope, intercept, sigma, latest = self._fit()
@@ -185,6 +196,7 @@ class DropDetector:
             self.baseline.extend(self.recent)
             self.recent.clear()
             self.held = 0
+            self._changed()
         else:  # keep judging against the old baseline, but flag this spike once
             self.spike_armed = False
         return verdict
@@ -214,3 +226,4 @@ class DropDetector:
         self.recent = deque(state["recent"], maxlen=self.persistence)
         self.held = int(state["held"])
         self.spike_armed = bool(state["spike_armed"])
+        self._changed()
