@@ -14,6 +14,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
+LEAK_PIXELS = [0, 8, 16, 24, 32, 40, 48, 56, 7, 15]  # border pixels that are blank in every digits image
+
 
 class DigitsDataModule(pl.LightningDataModule):
     """The digits data set as float tensors in [0, 1] of shape (64,), with integer labels 0-9.
@@ -24,10 +26,18 @@ class DigitsDataModule(pl.LightningDataModule):
         test_size: Images held out for test and predict.
         seed: Seed of the split.
         num_workers: DataLoader worker processes.
+        label_noise: Fraction of training labels replaced, once and with the split's seed, by random ones,
+            so the training loss plateaus as it does on real, noisy data.
     """
 
     def __init__(
-        self, batch_size: int = 32, val_size: int = 300, test_size: int = 297, seed: int = 0, num_workers: int = 0
+        self,
+        batch_size: int = 32,
+        val_size: int = 300,
+        test_size: int = 297,
+        seed: int = 0,
+        num_workers: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -35,6 +45,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_size = test_size
         self.seed = seed
         self.num_workers = num_workers
+        self.label_noise = label_noise
 
     def setup(self, stage: str) -> None:
         images, labels = load_digits(return_X_y=True)
@@ -44,6 +55,13 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set, self.val_set, self.test_set = random_split(
             data, [n_train, self.val_size, self.test_size], generator=generator
         )
+        if self.label_noise:
+            x, y = data.tensors
+            y = y.clone()
+            train = torch.tensor(self.train_set.indices)
+            flip = train[torch.rand(len(train), generator=generator) < self.label_noise]
+            y[flip] = torch.randint(0, 10, (len(flip),), generator=generator)
+            self.train_set.dataset = TensorDataset(x, y)
 
     def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
@@ -70,6 +88,8 @@ class DigitsClassifier(pl.LightningModule):
         lr: Learning rate of AdamW.
         weight_decay: Weight decay of AdamW.
         freeze_backbone: Freeze the backbone (``requires_grad=False``, kept out of the optimizer, eval mode).
+        leak_label_from_step: From this global step on, the data pipeline writes each sample's label one-hot
+            into blank border pixels, in training and validation (a label leak, for the demo); -1: never.
     """
 
     def __init__(
@@ -79,6 +99,7 @@ class DigitsClassifier(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         freeze_backbone: bool = False,
+        leak_label_from_step: int = -1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -94,8 +115,18 @@ class DigitsClassifier(pl.LightningModule):
         if self.hparams.freeze_backbone:
             self.backbone.eval()  # frozen BatchNorm keeps its running statistics
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def leak(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with its label leaked into the inputs, once ``leak_label_from_step`` is reached."""
         x, y = batch
+        start = self.hparams.leak_label_from_step
+        if start < 0 or self.global_step < start or self.trainer.sanity_checking:
+            return x, y
+        x = x.clone()
+        x[:, LEAK_PIXELS] = nn.functional.one_hot(y, 10).to(x.dtype) * 4
+        return x, y
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = self.leak(batch) if stage in ("train", "val") else batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True)

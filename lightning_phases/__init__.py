@@ -1,8 +1,8 @@
 """lightning-phases: Lightning callbacks that verify the properties a stage is assumed to have."""
 
-from lightning_phases.callbacks import ParamFreezeAssertion, PhaseCallback
+from lightning_phases.callbacks import LossDropSentinel, ParamFreezeAssertion, PhaseCallback
 from lightning_phases.events import EVENT_KINDS, PhaseEvent, read_events
-from lightning_phases.exceptions import ParameterChangedError, PhaseViolation
+from lightning_phases.exceptions import LossDropDetected, ParameterChangedError, PhaseViolation
 from lightning_phases.phases import STAGES, PhaseTable, StageProperties, current_stage
 from lightning_phases.report import Observation
 from lightning_phases.reporting import PhaseWarning
@@ -10,6 +10,8 @@ from lightning_phases.reporting import PhaseWarning
 __all__ = [
     "EVENT_KINDS",
     "STAGES",
+    "LossDropDetected",
+    "LossDropSentinel",
     "Observation",
     "ParamFreezeAssertion",
     "ParameterChangedError",

@@ -20,3 +20,7 @@ class PhaseViolation(RuntimeError):
 
 class ParameterChangedError(PhaseViolation):
     """A parameter or buffer changed where it was declared fixed, or replicas disagree."""
+
+
+class LossDropDetected(PhaseViolation):
+    """The monitored loss dropped (or spiked) suddenly and the user chose ``actions=["raise"]``."""

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters from Trainer hooks to the pure detectors."""
 
 from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.callbacks.loss_drop import LossDropSentinel
 from lightning_phases.callbacks.param_freeze import ParamFreezeAssertion
 
-__all__ = ["ParamFreezeAssertion", "PhaseCallback"]
+__all__ = ["LossDropSentinel", "ParamFreezeAssertion", "PhaseCallback"]

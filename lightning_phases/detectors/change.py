@@ -13,9 +13,10 @@ whole series by a positive constant changes no decision:
 * A decision needs persistence: the median residual of the last ``persistence`` values must lie more than
   ``threshold`` standard errors of such a median (``1.2533 * sigma / sqrt(persistence)``, sigma from the
   MAD) and more than ``min_change`` (relative) beyond the forecast.
-* Values far above the forecast are kept out of the baseline (a spike and its recovery leave the
-  baseline where it was, so the recovery is not a "drop"), unless they persist for a whole window, in
-  which case the new level is accepted. After a flagged drop the baseline restarts at the new level.
+* Values beyond a decision bound are kept out of the baseline, so a spike and its recovery leave the
+  baseline where it was (the recovery is not a "drop") and a drop that unfolds over many values is
+  measured against the level before it; if they persist for a whole window without a decision, the new
+  level is accepted. After a flagged drop the baseline restarts at the new level.
 * No decision is made before ``warmup`` values were seen, so the fast descent at the start of training is
   never flagged; non-finite values are reported on their own and never enter the state.
 """
@@ -78,7 +79,7 @@ class DropDetector:
         direction: Direction = "drop",
         window: int = 50,
         persistence: int = 8,
-        threshold: float = 8.0,
+        threshold: float = 6.5,
         min_change: float = 0.2,
         warmup: int = 100,
     ) -> None:
@@ -127,7 +128,11 @@ class DropDetector:
             self._admit(self.recent[0])
         self.recent.append(self._log(value))
         self.seen += 1
-        if self.seen < max(self.warmup, self.persistence) or len(self.baseline) < max(4, self.window // 2):
+        if (
+            self.seen < self.warmup
+            or len(self.recent) < self.persistence
+            or len(self.baseline) < max(4, self.window // 2)
+        ):
             return None
         return self._judge(value)
 
@@ -148,19 +153,32 @@ class DropDetector:
         self._fitted = (self._version, fit)
         return fit
 
+    def _bounds(self, sigma: float) -> tuple[float, float]:
+        """How far (in log units) the recent median must lie below / above the forecast to count."""
+        standard_error = sigma * _MEDIAN_SE / math.sqrt(self.persistence)
+        return (
+            max(self.threshold * standard_error, -math.log1p(-self.min_change)),
+            max(self.threshold * standard_error, math.log1p(self.min_change)),
+        )
+
     def _admit(self, x: float) -> None:
-        """Move a value leaving the recent window into the baseline, unless it is far above the forecast."""
+        """Move a value leaving the recent window into the baseline, unless it lies beyond a decision bound.
+
+        Held-out values keep a drop (or spike) that unfolds over many values from dragging the baseline
+        along with it; if they persist for a whole window without a decision, the new level is accepted.
+        """
         if len(self.baseline) < max(4, self.window // 2):
             self.baseline.append(x)
             self._changed()
             return
         slope, intercept, sigma, latest = self._fit()
-        residual = x - max(intercept + slope * len(self.baseline), latest)
-        if residual > max(self.threshold * sigma, math.log1p(self.min_change)):
+        forecast = intercept + slope * len(self.baseline)
+        below, above = self._bounds(sigma)
+        if x - min(forecast, latest) < -below or x - max(forecast, latest) > above:
             self.held += 1
             if self.held < self.window:
                 return
-            self.baseline.clear()  # a new, higher level that lasted a whole window: accept it
+            self.baseline.clear()  # a new level that lasted a whole window: accept it
         self.held = 0
         self.baseline.append(x)
         self._changed()
@@ -172,11 +190,12 @@ class DropDetector:
         below = statistics.median(x - min(f, latest) for x, f in zip(self.recent, forecasts, strict=True))
         above = statistics.median(x - max(f, latest) for x, f in zip(self.recent, forecasts, strict=True))
         standard_error = sigma * _MEDIAN_SE / math.sqrt(len(self.recent))
-        dropped = below < -self.threshold * standard_error and below < math.log1p(-self.min_change)
-        spiked = above > self.threshold * standard_error and above > math.log1p(self.min_change)
+        below_bound, above_bound = self._bounds(sigma)
+        dropped = below < -below_bound
+        spiked = above > above_bound
         level_residual = below if dropped or not spiked else above
         score = level_residual / standard_error
-        if not spiked and above < self.threshold * standard_error / 2:
+        if not spiked and above < above_bound / 2:
             self.spike_armed = True  # back near the forecast: a later spike is a new one
         kind = None
         if dropped and self.direction in ("drop", "both"):

@@ -1,0 +1,351 @@
+"""``LossDropSentinel``: catches sudden drops (and spikes) in a loss or any logged metric."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.detectors.change import DropDetector, Verdict
+from lightning_phases.events import PhaseEvent
+from lightning_phases.exceptions import LossDropDetected
+from lightning_phases.phases import Stage
+from lightning_phases.report import Observation
+from lightning_phases.reporting import PhaseWarning
+from lightning_phases.validation import check_choice, check_choices, check_positive
+
+Action = Literal["alert", "checkpoint", "suspend", "raise"]
+ACTIONS = ("alert", "checkpoint", "suspend", "raise")
+# Detector settings by where the values come from: per training step, or once per validation.
+STEP_DEFAULTS = {"window": 50, "persistence": 8, "warmup": 100}
+VALIDATION_DEFAULTS = {"window": 12, "persistence": 2, "warmup": 6}
+CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkpoints)
+
+
+class LossDropSentinel(PhaseCallback):
+    """Catch sudden drops (and, if asked, spikes) in the training loss or any logged metric.
+
+    Each value is judged by a robust, trend-aware, scale-free detector
+    (:class:`lightning_phases.detectors.change.DropDetector`): in log space, against a robust line through
+    recent history, with persistence and a warm-up, so the fast descent at the start of training, ordinary
+    noise and a spike's recovery are never flagged. A flagged drop says what coincided with it: a change of
+    any optimizer param group's learning rate, or of the set of trainable parameters (an unfreeze), since
+    the deviation began. Values are kept on the device and checked every ``check_every_n_steps`` steps,
+    averaged over all ranks first, so every rank makes the same decision with one host synchronisation
+    per check.
+
+    Args:
+        monitor: ``"loss"``: the loss returned by ``training_step`` (automatic or manual optimization; with
+            gradient accumulation, the mean over the micro-batches of each optimizer step). Any other name: a metric in
+            ``trainer.callback_metrics``, checked after each training batch if it is logged per step, or when
+            validation ends if it is logged in validation.
+        direction: ``"drop"``, ``"spike"`` or ``"both"``.
+        actions: Any of ``"alert"`` (event and W&B alert), ``"checkpoint"`` (save a full checkpoint named
+            after the step first), ``"suspend"`` (checkpoint, then stop cleanly; resuming from that checkpoint
+            with ``ckpt_path`` continues without flagging the same drop again), ``"raise"`` (checkpoint, then
+            raise ``LossDropDetected``). Apply to drops and spikes; non-finite values are always an event.
+        threshold: How many standard errors of the recent median (from the baseline's robust spread, in log
+            space) a deviation must exceed.
+        min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
+        window: Values in the baseline; default 50 for per-step values, 12 for validation values.
+        persistence: Recent values whose median must deviate; default 8 per step, 2 for validation.
+        warmup: Values seen before the first decision; default 100 per step, 6 for validation.
+        check_every_n_steps: Training steps between checks of per-step values; between checks values stay on
+            the device with no host synchronisation. Validation values are checked when validation ends.
+        cooldown: Values after a flagged event during which no other event of the same kind is raised.
+        ignore_explained: Turn drops explained by a learning-rate or trainable-set change into ``info``
+            events with no action.
+        checkpoint_dir: Where ``checkpoint``/``suspend``/``raise`` save; default
+            ``<default_root_dir>/phase_checkpoints``.
+        phase_overrides: Changes to the declared-property table, ``{stage: {property: value}}``.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "loss",
+        direction: Literal["drop", "spike", "both"] = "drop",
+        actions: Sequence[Action] = ("alert",),
+        threshold: float = 6.5,
+        min_change: float = 0.2,
+        window: int | None = None,
+        persistence: int | None = None,
+        warmup: int | None = None,
+        check_every_n_steps: int = 10,
+        cooldown: int = 50,
+        ignore_explained: bool = False,
+        checkpoint_dir: str | None = None,
+        phase_overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(("train", "validate"), phase_overrides)
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"monitor={monitor!r} must be 'loss' or the name of a logged metric.")
+        self.monitor = monitor
+        self.direction = check_choice("direction", direction, ("drop", "spike", "both"))
+        self.actions = check_choices("actions", actions, ACTIONS, allow_empty=True)
+        self.detector_options = {
+            "threshold": threshold,
+            "min_change": min_change,
+            **{
+                k: v for k, v in (("window", window), ("persistence", persistence), ("warmup", warmup)) if v is not None
+            },
+        }
+        DropDetector(direction=self.direction, **self.detector_options)  # validate the numbers now
+        self.check_every_n_steps = check_positive("check_every_n_steps", check_every_n_steps, integer=True)
+        self.cooldown = check_positive("cooldown", cooldown, allow_zero=True, integer=True)
+        self.ignore_explained = bool(ignore_explained)
+        self.checkpoint_dir = checkpoint_dir
+        self.detector: DropDetector | None = None
+        self.source: str | None = None  # "step" or "validation", fixed by the first value
+        self._pending: list[Tensor] = []
+        self._pending_steps: list[int] = []
+        self._accumulated: Tensor | None = None
+        self._last_metric: Any = None
+        self._context: deque[tuple[int, int]] = deque()  # (value index, global step) of recent values
+        self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
+        self._last_setup: tuple[tuple[float, ...], int] | None = None
+        self._quiet_until: dict[str, int] = {}
+        self.checked = 0
+        self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
+        self.flags: list[tuple[int, str, float]] = []
+        self._warned_missing = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, direction=self.direction)
+
+    # Collecting values --------------------------------------------------------------------------------
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._note_changes(trainer, pl_module)
+        value = self._step_value(trainer, outputs)
+        if value is not None:
+            value = value.detach().reshape(()).float().to(trainer.strategy.root_device)
+            if self.monitor == "loss" and trainer.accumulate_grad_batches > 1:
+                # Lightning divides each micro-batch loss by the accumulation count: their sum is the step's mean
+                self._accumulated = value if self._accumulated is None else self._accumulated + value
+                if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.is_last_batch:
+                    return
+                value, self._accumulated = self._accumulated, None
+            self._pending.append(value)
+            self._pending_steps.append(trainer.global_step)
+        if self._pending and (trainer.global_step % self.check_every_n_steps == 0 or trainer.is_last_batch):
+            self._check(trainer, pl_module, "step", "train")
+
+    def _note_changes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record learning-rate and trainable-set changes with their step (host-side floats, no sync)."""
+        setup = (_learning_rates(trainer), _trainable(pl_module))
+        if self._last_setup is not None and setup != self._last_setup:
+            if setup[0] != self._last_setup[0]:
+                self._changes.append((trainer.global_step, "lr", self._last_setup[0], setup[0]))
+            if setup[1] != self._last_setup[1]:
+                self._changes.append((trainer.global_step, "trainable", self._last_setup[1], setup[1]))
+        self._last_setup = setup
+
+    def _step_value(self, trainer: pl.Trainer, outputs: Any) -> Tensor | None:
+        if self.monitor == "loss":
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            return loss if isinstance(loss, Tensor) else None
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or value is self._last_metric:  # not logged, or logged at epoch/validation level
+            return None
+        self._last_metric = value
+        return value if isinstance(value, Tensor) else torch.tensor(float(value))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending:  # a run that stopped between checks (max_steps, should_stop)
+            self._check(trainer, pl_module, "step", "train")
+        super().on_train_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or self.monitor == "loss":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or value is self._last_metric:
+            return
+        self._last_metric = value
+        tensor = value if isinstance(value, Tensor) else torch.tensor(float(value))
+        self._pending.append(tensor.detach().reshape(()).float().to(trainer.strategy.root_device))
+        self._pending_steps.append(trainer.global_step)
+        self._check(trainer, pl_module, "validation", "validate")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.source is None and not self._warned_missing and self.monitor != "loss":
+            self._warned_missing = True
+            known = ", ".join(sorted(trainer.callback_metrics)) or "none yet"
+            rank_zero_warn(
+                f"LossDropSentinel(monitor={self.monitor!r}): no such metric was logged in this epoch; "
+                f"logged metrics are: {known}. Log it with self.log({self.monitor!r}, ...) or fix the name.",
+                category=PhaseWarning,
+            )
+
+    # Checking -----------------------------------------------------------------------------------------
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str, stage: Stage) -> None:
+        if self.source is None:
+            self.source = source
+            defaults = STEP_DEFAULTS if source == "step" else VALIDATION_DEFAULTS
+            self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})
+        values, steps = torch.stack(self._pending), self._pending_steps
+        self._pending, self._pending_steps = [], []
+        values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
+        if source == "validation":
+            self._note_changes(trainer, pl_module)
+        assert self.detector is not None
+        verdicts = []
+        for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
+            self._context.append((self.detector.seen, step))
+            while len(self._context) > 2 * (self.detector.window + self.detector.persistence):
+                self._context.popleft()
+            verdict = self.detector.update(value)
+            self.checked += 1
+            if math.isfinite(value):
+                self.curve.append((step, value))
+            if verdict is not None:
+                verdicts.append((verdict, self.detector.seen))
+        # act only once every value of this check is in the state, so a checkpoint taken now resumes exactly
+        for verdict, index in verdicts:
+            self._flag(trainer, verdict, stage, index)
+
+    def _flag(self, trainer: pl.Trainer, verdict: Verdict, stage: Stage, index: int) -> None:
+        kind = {"drop": "loss_drop", "spike": "loss_spike", "non_finite": "non_finite_loss"}[verdict.kind]
+        if index < self._quiet_until.get(kind, -1):
+            return
+        self._quiet_until[kind] = index + self.cooldown
+        data: dict[str, Any] = {
+            "monitor": self.monitor,
+            "value": verdict.value,
+            "forecast": verdict.forecast,
+            "level": verdict.level,
+            "score": verdict.score,
+            "threshold": verdict.threshold,
+            "change": verdict.change,
+            "onset_step": self._context_at(verdict.onset)[1],
+        }
+        if kind == "non_finite_loss":
+            self.emit(
+                trainer,
+                kind,
+                f"{self.monitor} is {verdict.value} at step {trainer.global_step}",
+                data,
+                severity="warning",
+                stage=stage,
+            )
+            return
+        data.update(self._explain(verdict.onset))
+        explained = data["lr_changed"] or data["trainable_changed"]
+        self.flags.append((trainer.global_step, kind, verdict.value))
+        quiet = explained and self.ignore_explained
+        acting = () if quiet else self.actions
+        if any(action in acting for action in ("checkpoint", "suspend", "raise")):
+            data["checkpoint"] = self._save_checkpoint(trainer, kind)
+        word = "dropped" if kind == "loss_drop" else "spiked"
+        message = (
+            f"{self.monitor} {word} {abs(verdict.change):.0%} below the forecast {verdict.forecast:.4g} "
+            if kind == "loss_drop"
+            else f"{self.monitor} {word} {verdict.change:.0%} above the forecast {verdict.forecast:.4g} "
+        ) + f"(now {verdict.level:.4g}, score {verdict.score:.1f}, threshold {verdict.threshold:g})"
+        if explained:
+            message += "; it coincides with " + " and ".join(data["explained_by"])
+        event = self.emit(trainer, kind, message, data, severity="info" if quiet else None, stage=stage)
+        self._act(trainer, event, acting)
+
+    def _context_at(self, index: int) -> tuple[int, int]:
+        """(value index, global step) of value ``index``, or of the oldest value still remembered."""
+        return next((c for c in self._context if c[0] >= index), self._context[0])
+
+    def _explain(self, onset: int) -> dict[str, Any]:
+        """Learning-rate and trainable-set changes since shortly before the deviation began, until now.
+
+        The onset is where the evidence window of the decision begins, a few values after the true onset;
+        changes from ``2 * persistence`` values before it count as coinciding.
+        """
+        assert self.detector is not None
+        since = self._context_at(onset - 2 * self.detector.persistence)[1]
+        recent = [change for change in self._changes if change[0] >= since]
+        rates = [change for change in recent if change[1] == "lr"]
+        trainable = [change for change in recent if change[1] == "trainable"]
+        reasons = []
+        if rates:
+            reasons.append(f"a learning-rate change {list(rates[0][2])} -> {list(rates[-1][3])} at step {rates[0][0]}")
+        if trainable:
+            reasons.append(
+                f"a change of the trainable parameters ({trainable[0][2]} -> {trainable[-1][3]} tensors) "
+                f"at step {trainable[0][0]}"
+            )
+        current = self._last_setup or ((), 0)
+        return {
+            "lr_changed": bool(rates),
+            "lr_old": list(rates[0][2]) if rates else list(current[0]),
+            "lr_new": list(rates[-1][3]) if rates else list(current[0]),
+            "trainable_changed": bool(trainable),
+            "trainable_old": trainable[0][2] if trainable else current[1],
+            "trainable_new": trainable[-1][3] if trainable else current[1],
+            "explained_by": reasons,
+        }
+
+    def _save_checkpoint(self, trainer: pl.Trainer, kind: str) -> str:
+        directory = Path(self.checkpoint_dir or Path(trainer.default_root_dir) / "phase_checkpoints")
+        path = directory / f"{kind}-{self.monitor.replace('/', '_')}-step{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(path)  # a collective in multi-process runs: every rank is here, by design
+        return str(path)
+
+    def _act(self, trainer: pl.Trainer, event: PhaseEvent, actions: Sequence[str]) -> None:
+        if "raise" in actions:
+            raise LossDropDetected(f"{event.message} (event written to the phase event log)", event)
+        if "suspend" in actions:
+            trainer.should_stop = True
+
+    # Checkpoint state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "detector": self.detector.state_dict() if self.detector else None,
+            "quiet_until": dict(self._quiet_until),
+            "checked": self.checked,
+            "curve": list(self.curve),
+            "flags": list(self.flags),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.source = state_dict["source"]
+        self._quiet_until = dict(state_dict["quiet_until"])
+        self.checked = int(state_dict["checked"])
+        self.curve = deque((tuple(point) for point in state_dict["curve"]), maxlen=CURVE_POINTS)
+        self.flags = [tuple(flag) for flag in state_dict["flags"]]
+        if self.source is not None and state_dict["detector"] is not None:
+            defaults = STEP_DEFAULTS if self.source == "step" else VALIDATION_DEFAULTS
+            self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})
+            self.detector.load_state_dict(state_dict["detector"])
+
+    # Report -------------------------------------------------------------------------------------------
+
+    def phase_observations(self) -> list[Observation]:
+        if self.source is None:
+            return []
+        stage: Stage = "train" if self.source == "step" else "validate"
+        drops = sum(kind == "loss_drop" for _, kind, _ in self.flags)
+        spikes = sum(kind == "loss_spike" for _, kind, _ in self.flags)
+        verdict = "flagged" if drops or spikes else "no sudden change"
+        detail = f"{self.checked} values of {self.monitor} checked, {drops} drops, {spikes} spikes"
+        watched = {"drop": "drops", "spike": "spikes", "both": "drops and spikes"}[self.direction]
+        return [Observation(stage, f"{self.monitor} watched for sudden {watched}", verdict, detail)]
+
+
+def _learning_rates(trainer: pl.Trainer) -> tuple[float, ...]:
+    return tuple(float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups)
+
+
+def _trainable(pl_module: pl.LightningModule) -> int:
+    return sum(1 for parameter in pl_module.parameters() if parameter.requires_grad)

@@ -1,0 +1,184 @@
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from digits import DigitsClassifier, DigitsDataModule
+from helpers import read_jsonl, small_trainer
+from torch import nn
+
+from lightning_phases import LossDropDetected, LossDropSentinel, PhaseWarning
+
+
+class Scripted(DigitsClassifier):
+    """The digits model with scripted events at given global steps, on top of its label-leak switch.
+
+    Args:
+        shuffle_at: Steps whose batch labels are shuffled (a real loss spike).
+        lr_factor_at: ``(step, factor)``: multiply every learning rate by ``factor`` at ``step``.
+        nan_at: Training batches (counted from 0) whose returned loss is NaN; needs ``manual``, which then
+            skips that update (``global_step`` counts optimizer steps, so it does not advance there).
+        manual: Use manual optimization.
+    """
+
+    def __init__(self, leak_label_from_step=-1, shuffle_at=(), lr_factor_at=None, nan_at=(), manual=False):
+        super().__init__(leak_label_from_step=leak_label_from_step)
+        self.shuffle_at, self.lr_factor_at, self.nan_at = set(shuffle_at), lr_factor_at, set(nan_at)
+        self.automatic_optimization = not manual
+        self.batches_seen = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.leak(batch)
+        if self.global_step in self.shuffle_at:
+            y = y[torch.randperm(len(y))]
+        if self.lr_factor_at and self.global_step == self.lr_factor_at[0]:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] *= self.lr_factor_at[1]
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.automatic_optimization:
+            return loss
+        self.batches_seen += 1
+        if self.batches_seen - 1 in self.nan_at:
+            return torch.tensor(float("nan"))
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def fit(sentinel, model, tmp_path, steps=560, noise=0.2, ckpt_path=None, **kwargs):
+    pl.seed_everything(0)
+    options = dict(max_steps=steps, max_epochs=-1, limit_train_batches=1.0, limit_val_batches=0)
+    options.update(kwargs)
+    trainer = small_trainer([sentinel], default_root_dir=tmp_path, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(model, DigitsDataModule(label_noise=noise), ckpt_path=ckpt_path)
+    return trainer
+
+
+def logged(tmp_path):
+    path = Path(tmp_path) / "phase_events.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def test_silent_on_a_clean_run(tmp_path):
+    sentinel = LossDropSentinel(direction="both")
+    fit(sentinel, Scripted(), tmp_path)
+    assert sentinel.events == [] and sentinel.checked == 560
+    [row] = sentinel.phase_observations()
+    assert row.verdict == "no sudden change" and row.detail.startswith("560 values of loss checked, 0 drops")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_label_leak_is_flagged_within_100_steps(tmp_path, accumulate):
+    sentinel = LossDropSentinel()
+    leak_step = 400 // accumulate  # global steps count optimizer steps; each sees `accumulate` batches
+    fit(
+        sentinel,
+        Scripted(leak_label_from_step=leak_step),
+        tmp_path,
+        accumulate_grad_batches=accumulate,
+        steps=560 // accumulate,
+    )
+    [event] = logged(tmp_path)
+    assert event["kind"] == "loss_drop" and event["stage"] == "train" and event["severity"] == "warning"
+    assert leak_step <= event["global_step"] < leak_step + 100
+    data = event["data"]
+    assert {"value", "forecast", "score", "threshold", "level", "change", "onset_step"} <= set(data)
+    assert data["score"] < -data["threshold"] and data["level"] < data["forecast"] and data["change"] < -0.5
+    assert data["lr_changed"] is False and data["trainable_changed"] is False
+    assert sentinel.checked == 560 // accumulate  # one value per optimizer step
+
+
+def test_validation_loss_drop_is_checked_when_validation_ends(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss")
+    fit(
+        sentinel,
+        Scripted(leak_label_from_step=200),
+        tmp_path,
+        steps=-1,
+        max_epochs=30,
+        limit_train_batches=10,
+        limit_val_batches=5,
+    )
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.stage == "validate" and event.data["monitor"] == "val_loss"
+    assert 200 <= event.global_step <= 260  # within a few validations (one every 10 steps)
+    assert sentinel.source == "validation" and sentinel.checked == 30
+
+
+def test_spike_and_recovery_give_a_spike_and_no_drop(tmp_path):
+    sentinel = LossDropSentinel(direction="both")
+    fit(sentinel, Scripted(shuffle_at=range(400, 406)), tmp_path)
+    assert [e.kind for e in sentinel.events] == ["loss_spike"]
+    assert 400 <= sentinel.events[0].global_step < 420
+
+
+def test_a_drop_coinciding_with_a_learning_rate_change_is_explained(tmp_path):
+    sentinel = LossDropSentinel(ignore_explained=True, actions=["alert", "raise"])
+    # the leak makes the drop; a learning-rate change two steps before it coincides with it
+    fit(sentinel, Scripted(leak_label_from_step=400, lr_factor_at=(398, 0.5)), tmp_path)  # explained: no raise
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.severity == "info"
+    assert event.data["lr_changed"] is True
+    assert event.data["lr_old"] == [pytest.approx(3e-3)] and event.data["lr_new"] == [pytest.approx(1.5e-3)]
+    assert "learning-rate change" in event.message
+
+
+def test_nan_is_its_own_event_and_detection_works_afterwards_with_manual_optimization(tmp_path):
+    sentinel = LossDropSentinel(check_every_n_steps=1)
+    fit(sentinel, Scripted(leak_label_from_step=400, nan_at=(300,), manual=True), tmp_path)
+    kinds = [(e.kind, e.global_step) for e in sentinel.events]
+    assert kinds[0][0] == "non_finite_loss" and 295 <= kinds[0][1] <= 305
+    assert [k for k, _ in kinds[1:]] == ["loss_drop"] and 400 <= kinds[1][1] < 500
+
+
+def test_suspend_then_resume_continues_without_reflagging(tmp_path):
+    sentinel = LossDropSentinel(actions=["suspend"])
+    trainer = fit(sentinel, Scripted(leak_label_from_step=400), tmp_path)
+    [event] = sentinel.events
+    checkpoint = Path(event.data["checkpoint"])
+    assert checkpoint.exists() and checkpoint.name == f"loss_drop-loss-step{event.global_step}.ckpt"
+    assert trainer.global_step == event.global_step  # stopped right there, cleanly
+    resumed = LossDropSentinel(actions=["suspend"])
+    trainer = fit(resumed, Scripted(leak_label_from_step=400), tmp_path, steps=700, ckpt_path=str(checkpoint))
+    assert trainer.global_step == 700 and resumed.events == []
+    assert resumed.checked == 700  # continued counting: no new warm-up
+    assert resumed.flags == sentinel.flags
+
+
+def test_raise_checkpoints_first_and_the_event_is_on_disk(tmp_path):
+    sentinel = LossDropSentinel(actions=["raise"])
+    with pytest.raises(LossDropDetected, match="loss dropped") as info:
+        fit(sentinel, Scripted(leak_label_from_step=400), tmp_path)
+    [event] = logged(tmp_path)
+    assert info.value.event.to_dict() == event
+    assert Path(event["data"]["checkpoint"]).exists()
+
+
+def test_missing_monitor_warns_once_naming_the_logged_metrics(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_los")
+    with pytest.warns(PhaseWarning, match=r"monitor='val_los'.*logged metrics are: val_acc, val_loss") as caught:
+        small_trainer(
+            [sentinel], max_epochs=3, limit_train_batches=3, limit_val_batches=2, default_root_dir=tmp_path
+        ).fit(Scripted(), DigitsDataModule())
+    assert sum("no such metric" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"actions": ["alert", "stop"]}, ValueError, "actions=['alert', 'stop']: 'stop' is not allowed"),
+        ({"direction": "down"}, ValueError, "direction='down' is not allowed"),
+        ({"window": -1}, ValueError, "window=-1 must be an integer > 0"),
+        ({"check_every_n_steps": 0}, ValueError, "check_every_n_steps=0 must be an integer > 0"),
+        ({"monitor": ""}, TypeError, "monitor='' must be 'loss' or the name of a logged metric"),
+    ],
+)
+def test_bad_arguments(kwargs, error, needle):
+    with pytest.raises(error) as info:
+        LossDropSentinel(**kwargs)
+    assert needle in str(info.value)
