@@ -1,0 +1,21 @@
+import json
+from pathlib import Path
+
+import pytest
+from helpers import read_jsonl, run_script
+
+pytestmark = pytest.mark.ddp
+
+
+def test_ddp_drop_on_one_rank_gives_the_same_decision_on_both_and_no_hang(tmp_path):
+    run_script("ddp_loss_drop.py", str(tmp_path), timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, outcome in enumerate(ranks):
+        assert outcome["raised"] is not None, f"rank {rank} did not raise"
+        assert outcome["raised"]["kind"] == "loss_drop" and outcome["raised"]["rank"] == rank
+        assert 250 <= outcome["raised"]["global_step"] < 350
+    same = ("global_step", "message", "data")
+    assert [ranks[0]["raised"][k] for k in same] == [ranks[1]["raised"][k] for k in same]
+    assert ranks[0]["checked"] == ranks[1]["checked"]  # both ranks judged the same (averaged) values
+    logged = read_jsonl(tmp_path / "phase_events.jsonl")
+    assert [e["kind"] for e in logged] == ["loss_drop"] and Path(logged[0]["data"]["checkpoint"]).exists()

@@ -1,0 +1,33 @@
+"""2-process CPU DDP: the label leaks on rank 1's batches only; both ranks must decide alike, and not hang."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "examples")]
+
+import lightning.pytorch as pl  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+
+from lightning_phases import LossDropDetected, LossDropSentinel  # noqa: E402
+
+
+class LeakOnRankOne(DigitsClassifier):
+    def leak(self, batch):
+        return super().leak(batch) if self.global_rank == 1 else batch
+
+
+out = Path(sys.argv[1])
+pl.seed_everything(0)
+sentinel = LossDropSentinel(actions=["raise"])
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=400, max_epochs=-1,
+                     limit_val_batches=0, logger=False, default_root_dir=out, callbacks=[sentinel],
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+outcome = {"raised": None}
+try:
+    trainer.fit(LeakOnRankOne(leak_label_from_step=250), DigitsDataModule(label_noise=0.2))
+except LossDropDetected as error:
+    outcome = {"raised": error.event.to_dict()}
+outcome["checked"] = sentinel.checked
+outcome["global_step"] = trainer.global_step
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(outcome))
