@@ -20,9 +20,20 @@ class LeakOnRankOne(DigitsClassifier):
 out = Path(sys.argv[1])
 pl.seed_everything(0)
 sentinel = LossDropSentinel(actions=["raise"])
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=400, max_epochs=-1,
-                     limit_val_batches=0, logger=False, default_root_dir=out, callbacks=[sentinel],
-                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=2,
+    strategy="ddp",
+    max_steps=400,
+    max_epochs=-1,
+    limit_val_batches=0,
+    logger=False,
+    default_root_dir=out,
+    callbacks=[sentinel],
+    enable_progress_bar=False,
+    enable_checkpointing=False,
+    enable_model_summary=False,
+)
 outcome = {"raised": None}
 try:
     trainer.fit(LeakOnRankOne(leak_label_from_step=250), DigitsDataModule(label_noise=0.2))
