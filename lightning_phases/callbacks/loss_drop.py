@@ -110,7 +110,8 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric: Any = None
         self._context: deque[tuple[int, int]] = deque()  # (value index, global step) of recent values
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
-        self._last_setup: tuple[tuple[float, ...], int] | None = None
+        self._last_rates: tuple[float, ...] | None = None
+        self._last_trainable: int | None = None
         self._quiet_until: dict[str, int] = {}
         self.checked = 0
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
@@ -126,10 +127,10 @@ class LossDropSentinel(PhaseCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._note_changes(trainer, pl_module)
+        self._note_rates(trainer)
         value = self._step_value(trainer, outputs)
         if value is not None:
-            value = value.detach().reshape(()).float().to(trainer.strategy.root_device)
+            value = _as_scalar(value, trainer.strategy.root_device)
             if self.monitor == "loss" and trainer.accumulate_grad_batches > 1:
                 # Lightning divides each micro-batch loss by the accumulation count: their sum is the step's mean
                 self._accumulated = value if self._accumulated is None else self._accumulated + value
@@ -141,15 +142,19 @@ class LossDropSentinel(PhaseCallback):
         if self._pending and (trainer.global_step % self.check_every_n_steps == 0 or trainer.is_last_batch):
             self._check(trainer, pl_module, "step", "train")
 
-    def _note_changes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Record learning-rate and trainable-set changes with their step (host-side floats, no sync)."""
-        setup = (_learning_rates(trainer), _trainable(pl_module))
-        if self._last_setup is not None and setup != self._last_setup:
-            if setup[0] != self._last_setup[0]:
-                self._changes.append((trainer.global_step, "lr", self._last_setup[0], setup[0]))
-            if setup[1] != self._last_setup[1]:
-                self._changes.append((trainer.global_step, "trainable", self._last_setup[1], setup[1]))
-        self._last_setup = setup
+    def _note_rates(self, trainer: pl.Trainer) -> None:
+        """Record a learning-rate change with its step (host-side floats: no synchronisation)."""
+        rates = _learning_rates(trainer)
+        if self._last_rates is not None and rates != self._last_rates:
+            self._changes.append((trainer.global_step, "lr", self._last_rates, rates))
+        self._last_rates = rates
+
+    def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record a change of the number of trainable tensors (checked once per check, not per step)."""
+        trainable = _trainable(pl_module)
+        if self._last_trainable is not None and trainable != self._last_trainable:
+            self._changes.append((trainer.global_step, "trainable", self._last_trainable, trainable))
+        self._last_trainable = trainable
 
     def _step_value(self, trainer: pl.Trainer, outputs: Any) -> Tensor | None:
         if self.monitor == "loss":
@@ -175,7 +180,7 @@ class LossDropSentinel(PhaseCallback):
             return
         self._last_metric = value
         tensor = value if isinstance(value, Tensor) else torch.tensor(float(value))
-        self._pending.append(tensor.detach().reshape(()).float().to(trainer.strategy.root_device))
+        self._pending.append(_as_scalar(tensor, trainer.strategy.root_device))
         self._pending_steps.append(trainer.global_step)
         self._check(trainer, pl_module, "validation", "validate")
 
@@ -200,7 +205,8 @@ class LossDropSentinel(PhaseCallback):
         self._pending, self._pending_steps = [], []
         values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
         if source == "validation":
-            self._note_changes(trainer, pl_module)
+            self._note_rates(trainer)
+        self._note_trainable(trainer, pl_module)
         assert self.detector is not None
         verdicts = []
         for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
@@ -283,14 +289,14 @@ class LossDropSentinel(PhaseCallback):
                 f"a change of the trainable parameters ({trainable[0][2]} -> {trainable[-1][3]} tensors) "
                 f"at step {trainable[0][0]}"
             )
-        current = self._last_setup or ((), 0)
+        current_rates, current_trainable = list(self._last_rates or ()), self._last_trainable
         return {
             "lr_changed": bool(rates),
-            "lr_old": list(rates[0][2]) if rates else list(current[0]),
-            "lr_new": list(rates[-1][3]) if rates else list(current[0]),
+            "lr_old": list(rates[0][2]) if rates else current_rates,
+            "lr_new": list(rates[-1][3]) if rates else current_rates,
             "trainable_changed": bool(trainable),
-            "trainable_old": trainable[0][2] if trainable else current[1],
-            "trainable_new": trainable[-1][3] if trainable else current[1],
+            "trainable_old": trainable[0][2] if trainable else current_trainable,
+            "trainable_new": trainable[-1][3] if trainable else current_trainable,
             "explained_by": reasons,
         }
 
@@ -341,6 +347,17 @@ class LossDropSentinel(PhaseCallback):
         detail = f"{self.checked} values of {self.monitor} checked, {drops} drops, {spikes} spikes"
         watched = {"drop": "drops", "spike": "spikes", "both": "drops and spikes"}[self.direction]
         return [Observation(stage, f"{self.monitor} watched for sudden {watched}", verdict, detail)]
+
+
+def _as_scalar(value: Tensor, device: torch.device) -> Tensor:
+    """A detached float scalar on ``device``, with no copy or dispatch where it already is one."""
+    if value.requires_grad:
+        value = value.detach()
+    if value.dtype != torch.float32:
+        value = value.float()
+    if value.device != device:
+        value = value.to(device)
+    return value.reshape(()) if value.dim() else value
 
 
 def _learning_rates(trainer: pl.Trainer) -> tuple[float, ...]:
