@@ -73,7 +73,7 @@ class LossDropSentinel(PhaseCallback):
         monitor: str = "loss",
         direction: Literal["drop", "spike", "both"] = "drop",
         actions: Sequence[Action] = ("alert",),
-        threshold: float = 6.5,
+        threshold: float = 7.0,
         min_change: float = 0.2,
         window: int | None = None,
         persistence: int | None = None,

@@ -79,7 +79,7 @@ class DropDetector:
         direction: Direction = "drop",
         window: int = 50,
         persistence: int = 8,
-        threshold: float = 6.5,
+        threshold: float = 7.0,
         min_change: float = 0.2,
         warmup: int = 100,
     ) -> None:
