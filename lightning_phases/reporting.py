@@ -181,6 +181,16 @@ class WandbSink:
             level=getattr(wandb.AlertLevel, _ALERT_LEVELS[event.severity]),
         )
 
+    def image(self, key: str, path: Path, step: int) -> None:
+        """Log a PNG file as a W&B image.
+
+        Args:
+            key: The W&B key, e.g. ``phases/loss_drop_sentinel/loss_curve``.
+            path: The PNG file.
+            step: The Trainer's global step.
+        """
+        self._guard("W&B image", lambda: self.logger.log_image(key=key, images=[str(path)], step=step))
+
     def tables(self, events: Iterable[PhaseEvent], report: dict[str, Any], step: int) -> None:
         """Log every event and the phase report as W&B tables.
 
@@ -346,6 +356,21 @@ class Reporter:
         keyed = {metric_key(callback, name): value for name, value in metrics.items()}
         for logger in self.trainer.loggers:
             self._guard(f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(keyed, step))
+
+    def save_plot(self, callback: str, name: str, draw: Callable[[Path], Path | None]) -> Path | None:
+        """Draw a plot into the log directory (rank 0) and log it to W&B as an image.
+
+        Args:
+            callback: The callback's class name.
+            name: The plot's name, e.g. ``"loss_curve"``; the file is ``<callback_snake>_<name>.png``.
+            draw: Writes the PNG to the path it is given; returns the path, or ``None`` if it could not draw.
+        """
+        if not self.is_writer or self.log_dir is None:
+            return None
+        path = draw(self.log_dir / f"{snake_case(callback)}_{name}.png")
+        if path is not None and self.wandb is not None:
+            self.wandb.image(metric_key(callback, name), path, self.trainer.global_step)
+        return path
 
     def detach(self, source: PhaseSource) -> None:
         """Unregister a callback at the end of a Trainer call; the last one out writes the phase report.

@@ -18,6 +18,7 @@ from lightning_phases.detectors.change import DropDetector, Verdict
 from lightning_phases.events import PhaseEvent
 from lightning_phases.exceptions import LossDropDetected
 from lightning_phases.phases import Stage
+from lightning_phases.plots import plot_series
 from lightning_phases.report import Observation
 from lightning_phases.reporting import PhaseWarning
 from lightning_phases.validation import check_choice, check_choices, check_positive
@@ -117,6 +118,7 @@ class LossDropSentinel(PhaseCallback):
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
         self.flags: list[tuple[int, str, float]] = []
         self._warned_missing = False
+        self._warned_plot = False
 
     @property
     def state_key(self) -> str:
@@ -311,6 +313,33 @@ class LossDropSentinel(PhaseCallback):
             raise LossDropDetected(f"{event.message} (event written to the phase event log)", event)
         if "suspend" in actions:
             trainer.should_stop = True
+
+    # Plot ---------------------------------------------------------------------------------------------
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._plot()
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._plot()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _plot(self) -> None:
+        """``loss_drop_sentinel_<monitor>_curve.png`` beside the event log, with every flag marked; W&B image."""
+        if not self.curve or self._reporter is None:
+            return
+        name = f"{self.monitor.replace('/', '_')}_curve"
+        title = f"{self.monitor}: {len(self.flags)} flag(s), {self.checked} values checked"
+        path = self.reporter.save_plot(
+            self.name, name, lambda path: plot_series(list(self.curve), self.flags, title, self.monitor, path)
+        )
+        if path is None and self.reporter.is_writer and not self._warned_plot:
+            self._warned_plot = True
+            rank_zero_warn(
+                "LossDropSentinel: no plot written; install matplotlib (pip install "
+                "'lightning-phases[plot]') to get a PNG of the curve with its flags.",
+                category=PhaseWarning,
+            )
 
     # Checkpoint state ---------------------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ def test_label_leak_is_flagged_within_100_steps(tmp_path, accumulate):
     assert data["score"] < -data["threshold"] and data["level"] < data["forecast"] and data["change"] < -0.5
     assert data["lr_changed"] is False and data["trainable_changed"] is False
     assert sentinel.checked == 560 // accumulate  # one value per optimizer step
+    plot = Path(tmp_path) / "loss_drop_sentinel_loss_curve.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curve with its flag, beside the event log
 
 
 def test_validation_loss_drop_is_checked_when_validation_ends(tmp_path):
