@@ -26,8 +26,8 @@ from lightning_phases.validation import check_choice, check_choices, check_posit
 Action = Literal["alert", "checkpoint", "suspend", "raise"]
 ACTIONS = ("alert", "checkpoint", "suspend", "raise")
 # Detector settings by where the values come from: per training step, or once per validation.
-STEP_DEFAULTS = {"window": 50, "persistence": 8, "warmup": 100}
-VALIDATION_DEFAULTS = {"window": 12, "persistence": 2, "warmup": 6}
+STEP_DEFAULTS: dict[str, Any] = {"window": 50, "persistence": 8, "warmup": 100, "long_horizon": False}
+VALIDATION_DEFAULTS: dict[str, Any] = {"window": 12, "persistence": 2, "warmup": 6, "long_horizon": True}
 CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkpoints)
 
 
@@ -59,6 +59,9 @@ class LossDropSentinel(PhaseCallback):
         window: Values in the baseline; default 50 for per-step values, 12 for validation values.
         persistence: Recent values whose median must deviate; default 8 per step, 2 for validation.
         warmup: Values seen before the first decision; default 100 per step, 6 for validation.
+        long_horizon: Also judge against the trend of the window before the baseline, so a steady fall after
+            a long plateau (the validation loss of grokking) is flagged; default on for validation values, off
+            for per-step values (too noisy to extrapolate an old trend that far).
         check_every_n_steps: Training steps between checks of per-step values; between checks values stay on
             the device with no host synchronisation. Validation values are checked when validation ends.
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
@@ -79,6 +82,7 @@ class LossDropSentinel(PhaseCallback):
         window: int | None = None,
         persistence: int | None = None,
         warmup: int | None = None,
+        long_horizon: bool | None = None,
         check_every_n_steps: int = 10,
         cooldown: int = 50,
         ignore_explained: bool = False,

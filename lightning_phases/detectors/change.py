@@ -72,6 +72,10 @@ class DropDetector:
         threshold: Standard errors of the recent median (from the baseline's MAD, in log space) it must deviate by.
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
         warmup: Values seen before the first decision.
+        long_horizon: Also judge the recent values against the trend of the window *before* the baseline, so
+            a fall that is steady but follows a long plateau (the validation loss of grokking) is flagged
+            when it has left that plateau by the same bounds. Meant for smooth series (validation values);
+            on noisy per-step losses an old trend extrapolated two windows ahead is too uncertain.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class DropDetector:
         threshold: float = 7.0,
         min_change: float = 0.2,
         warmup: int = 100,
+        long_horizon: bool = False,
     ) -> None:
         self.direction = check_choice("direction", direction, ("drop", "spike", "both"))
         self.window = check_positive("window", window, integer=True)
@@ -93,6 +98,7 @@ class DropDetector:
         if self.min_change >= 1:
             raise ValueError(f"min_change={min_change!r} must be below 1 (a relative change, e.g. 0.2 for 20%).")
         self.warmup = check_positive("warmup", warmup, allow_zero=True, integer=True)
+        self.long_horizon = bool(long_horizon)
         self.reset()
 
     def reset(self) -> None:
@@ -100,6 +106,7 @@ class DropDetector:
         self.seen = 0
         self.smallest_positive = math.inf
         self.baseline: deque[float] = deque(maxlen=self.window)
+        self.older: deque[float] = deque(maxlen=self.window)  # values that left the baseline, for long_horizon
         self.recent: deque[float] = deque(maxlen=self.persistence)
         self.held = 0
         self.spike_armed = True
@@ -143,15 +150,18 @@ class DropDetector:
         """Slope, intercept (at the baseline's first position), robust sigma and latest level of the baseline."""
         if self._fitted is not None and self._fitted[0] == self._version:
             return self._fitted[1]
-        values = list(self.baseline)
+        fit = self._line(list(self.baseline))
+        self._fitted = (self._version, fit)
+        return fit
+
+    def _line(self, values: list[float]) -> tuple[float, float, float, float]:
+        """Robust line through ``values``: slope, intercept, sigma (from the MAD) and the latest level."""
         half = len(values) // 2
         slope = (statistics.median(values[-half:]) - statistics.median(values[:half])) / (len(values) - half)
         intercept = statistics.median(v - slope * t for t, v in enumerate(values))
         mad = statistics.median(abs(v - intercept - slope * t) for t, v in enumerate(values))
         latest = statistics.median(values[-self.persistence :])
-        fit = (slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest)
-        self._fitted = (self._version, fit)
-        return fit
+        return slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest
 
     def _bounds(self, sigma: float) -> tuple[float, float]:
         """How far (in log units) the recent median must lie below / above the forecast to count."""
@@ -179,7 +189,10 @@ class DropDetector:
             if self.held < self.window:
                 return
             self.baseline.clear()  # a new level that lasted a whole window: accept it
+            self.older.clear()
         self.held = 0
+        if len(self.baseline) == self.window:
+            self.older.append(self.baseline[0])
         self.baseline.append(x)
         self._changed()
 
@@ -192,6 +205,15 @@ class DropDetector:
         standard_error = sigma * _MEDIAN_SE / math.sqrt(len(self.recent))
         below_bound, above_bound = self._bounds(sigma)
         dropped = below < -below_bound
+        if not dropped and self.long_horizon and len(self.older) == self.window:
+            old_slope, old_intercept, old_sigma, old_latest = self._line(list(self.older))
+            ahead = len(self.older) + start  # the recent values' positions, counted from the older window
+            old_forecasts = [old_intercept + old_slope * (ahead + j) for j in range(len(self.recent))]
+            long_below = statistics.median(
+                x - min(f, old_latest) for x, f in zip(self.recent, old_forecasts, strict=True)
+            )
+            if long_below < -self._bounds(max(old_sigma, sigma))[0]:
+                dropped, below, forecasts = True, long_below, old_forecasts
         spiked = above > above_bound
         level_residual = below if dropped or not spiked else above
         score = level_residual / standard_error
@@ -212,6 +234,7 @@ class DropDetector:
         )
         if kind == "drop":  # restart the baseline at the new level, so one drop is flagged once
             self.baseline.clear()
+            self.older.clear()
             self.baseline.extend(self.recent)
             self.recent.clear()
             self.held = 0
@@ -228,6 +251,7 @@ class DropDetector:
             "seen": self.seen,
             "smallest_positive": self.smallest_positive,
             "baseline": list(self.baseline),
+            "older": list(self.older),
             "recent": list(self.recent),
             "held": self.held,
             "spike_armed": self.spike_armed,
@@ -242,6 +266,7 @@ class DropDetector:
         self.seen = int(state["seen"])
         self.smallest_positive = float(state["smallest_positive"])
         self.baseline = deque(state["baseline"], maxlen=self.window)
+        self.older = deque(state["older"], maxlen=self.window)
         self.recent = deque(state["recent"], maxlen=self.persistence)
         self.held = int(state["held"])
         self.spike_armed = bool(state["spike_armed"])

@@ -184,3 +184,67 @@ def test_bad_arguments(kwargs, error, needle):
     with pytest.raises(error) as info:
         LossDropSentinel(**kwargs)
     assert needle in str(info.value)
+
+
+class ModularAddition(pl.LightningModule):
+    """Grokking: an MLP memorises half of all (a + b) mod p pairs, then, under strong weight decay, generalises."""
+
+    def __init__(self, p=53, width=128, lr=1e-2):
+        super().__init__()
+        self.embed = nn.Embedding(p, width // 2)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, p))
+        self.lr = lr
+
+    def forward(self, pairs):
+        return self.mlp(self.embed(pairs).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1.0)
+
+
+def modular_loaders(p=53, fraction=0.5, seed=0):
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs, sums = torch.stack([a.reshape(-1), b.reshape(-1)], 1), (a + b).reshape(-1) % p
+    order = torch.randperm(len(sums), generator=torch.Generator().manual_seed(seed))
+    cut = int(fraction * len(sums))
+    train, val = order[:cut], order[cut:]
+    full_batch = lambda idx: torch.utils.data.DataLoader(  # noqa: E731
+        torch.utils.data.TensorDataset(pairs[idx], sums[idx]), batch_size=len(idx)
+    )
+    return full_batch(train), full_batch(val)
+
+
+def test_grokking_validation_loss_collapse_is_flagged_when_it_happens(tmp_path):
+    pl.seed_everything(0)
+    sentinel = LossDropSentinel(monitor="val_loss")
+    trainer = small_trainer(
+        [sentinel],
+        max_epochs=1200,
+        limit_train_batches=1.0,
+        limit_val_batches=1.0,
+        check_val_every_n_epoch=25,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    train, val = modular_loaders()
+    trainer.fit(ModularAddition(), train, val)
+    curve = dict(sentinel.curve)
+    peak_step = max(curve, key=curve.get)
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.stage == "validate"
+    assert curve[peak_step] > 4 and event.global_step > peak_step  # memorised first: validation loss peaked
+    assert event.data["value"] < curve[peak_step] * 0.8  # flagged during the collapse ...
+    assert curve[max(curve)] < 0.1 * event.data["value"]  # ... which went on for another order of magnitude
+
+
+def test_clean_validation_loss_is_silent(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss", direction="both")
+    fit(sentinel, Scripted(), tmp_path, steps=-1, max_epochs=40, limit_train_batches=10, limit_val_batches=5)
+    assert sentinel.events == [] and sentinel.checked == 40
