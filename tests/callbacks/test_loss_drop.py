@@ -248,3 +248,28 @@ def test_clean_validation_loss_is_silent(tmp_path):
     sentinel = LossDropSentinel(monitor="val_loss", direction="both")
     fit(sentinel, Scripted(), tmp_path, steps=-1, max_epochs=40, limit_train_batches=10, limit_val_batches=5)
     assert sentinel.events == [] and sentinel.checked == 40
+
+
+class UnfreezeAt(Scripted):
+    """Backbone frozen until ``step``, then unfrozen (the classic fine-tuning schedule)."""
+
+    def __init__(self, step, **kwargs):
+        super().__init__(**kwargs)
+        self.unfreeze_step = step
+        self.backbone.requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)  # all params, so unfreezing lets them train
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == self.unfreeze_step:
+            self.backbone.requires_grad_(True)
+
+
+def test_a_drop_coinciding_with_an_unfreeze_is_explained(tmp_path):
+    sentinel = LossDropSentinel()
+    fit(sentinel, UnfreezeAt(398, leak_label_from_step=400), tmp_path)
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.data["trainable_changed"] is True
+    assert (event.data["trainable_old"], event.data["trainable_new"]) == (2, 6)
+    assert event.data["lr_changed"] is False and "trainable parameters" in event.message
