@@ -55,8 +55,12 @@ class EmitAtSteps(PhaseCallback):
 
 
 def small_trainer(callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
-    """A Trainer for tests: one short epoch, a few batches per stage, no logger, bar, summary or checkpoint."""
+    """A CPU Trainer for tests: one short epoch, a few batches per stage, no logger, bar, summary or checkpoint.
+
+    GPU tests pass ``accelerator="gpu"``; the rest run on the CPU even on a machine with a GPU.
+    """
     options: dict[str, Any] = dict(
+        accelerator="cpu",
         max_epochs=1,
         limit_train_batches=5,
         limit_val_batches=3,

@@ -38,7 +38,7 @@ class Mutating(DigitsClassifier):
         if self.mutate == "one_ulp_in_test" and batch_idx == 1:
             with torch.no_grad():
                 weight = self.head.weight
-                weight[3, 7] = torch.nextafter(weight[3, 7], torch.tensor(float("inf")))
+                weight[3, 7] = torch.nextafter(weight[3, 7], torch.tensor(float("inf"), device=weight.device))
         return super().test_step(batch, batch_idx)
 
     def predict_step(self, batch, batch_idx):
