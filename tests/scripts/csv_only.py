@@ -6,22 +6,14 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "examples")]
 
-import lightning.pytorch as pl  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-from helpers import EmitAtSteps  # noqa: E402
+from helpers import EmitAtSteps, small_trainer  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 out = Path(sys.argv[1])
 logger = CSVLogger(save_dir=out, name="csv")
-trainer = pl.Trainer(
-    max_epochs=1,
-    limit_train_batches=6,
-    limit_val_batches=2,
-    logger=logger,
-    log_every_n_steps=1,
-    callbacks=[EmitAtSteps(steps=(2, 4))],
-    enable_progress_bar=False,
-    enable_checkpointing=False,
+trainer = small_trainer(
+    [EmitAtSteps(steps=(2, 4))], limit_train_batches=6, limit_val_batches=2, logger=logger, log_every_n_steps=1
 )
 trainer.fit(DigitsClassifier(), DigitsDataModule())
 print(json.dumps({"wandb_imported": "wandb" in sys.modules, "log_dir": logger.log_dir}))

@@ -9,25 +9,14 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "examples")]
 
-import lightning.pytorch as pl  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-from helpers import EmitAtSteps  # noqa: E402
+from helpers import EmitAtSteps, small_trainer  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 out = Path(sys.argv[1])
 callbacks = [EmitAtSteps(steps=range(1, 9), kind="loss_drop"), EmitAtSteps(steps=range(1, 9), kind="param_changed")]
-trainer = pl.Trainer(
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
-    max_epochs=1,
-    limit_train_batches=8,
-    limit_val_batches=2,
-    logger=CSVLogger(out, name="ddp"),
-    callbacks=callbacks,
-    enable_progress_bar=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
+trainer = small_trainer(
+    callbacks, devices=2, strategy="ddp", limit_train_batches=8, limit_val_batches=2, logger=CSVLogger(out, name="ddp")
 )
 trainer.fit(DigitsClassifier(), DigitsDataModule())
 held = [[e.to_dict() for e in cb.events] for cb in callbacks]

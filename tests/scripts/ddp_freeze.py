@@ -9,6 +9,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from helpers import small_trainer  # noqa: E402
 
 from lightning_phases import ParameterChangedError, ParamFreezeAssertion  # noqa: E402
 
@@ -36,20 +37,14 @@ class PerturbRankOne(pl.Callback):
 
 out = Path(sys.argv[1])
 check = ParamFreezeAssertion()
-trainer = pl.Trainer(
-    accelerator="cpu",
+trainer = small_trainer(
+    [PerturbRankOne(), check],
     devices=2,
     strategy="ddp",
-    max_epochs=1,
     limit_train_batches=4,
     limit_val_batches=2,
     limit_test_batches=2,
-    logger=False,
     default_root_dir=out,
-    callbacks=[PerturbRankOne(), check],
-    enable_progress_bar=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
 )
 model, data = RankOneMisbehaves(), DigitsDataModule()
 trainer.fit(model, data)

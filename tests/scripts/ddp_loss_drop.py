@@ -8,6 +8,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import lightning.pytorch as pl  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from helpers import small_trainer  # noqa: E402
 
 from lightning_phases import LossDropDetected, LossDropSentinel  # noqa: E402
 
@@ -20,19 +21,15 @@ class LeakOnRankOne(DigitsClassifier):
 out = Path(sys.argv[1])
 pl.seed_everything(0)
 sentinel = LossDropSentinel(actions=["raise"])
-trainer = pl.Trainer(
-    accelerator="cpu",
+trainer = small_trainer(
+    [sentinel],
     devices=2,
     strategy="ddp",
     max_steps=400,
     max_epochs=-1,
+    limit_train_batches=1.0,
     limit_val_batches=0,
-    logger=False,
     default_root_dir=out,
-    callbacks=[sentinel],
-    enable_progress_bar=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
 )
 outcome = {"raised": None}
 try:

@@ -17,7 +17,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
-from helpers import EmitAtSteps  # noqa: E402
+from helpers import EmitAtSteps, small_trainer  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 
@@ -52,15 +52,8 @@ out, mode = Path(sys.argv[1]), sys.argv[2]
 logger = WandbLogger(save_dir=str(out), offline=True, project="crash")
 emitter = EmitAtSteps(steps=(3, 4), severity="critical")
 killer = BreakWandb(step=2, mode=mode)
-trainer = pl.Trainer(
-    max_epochs=1,
-    limit_train_batches=6,
-    limit_val_batches=0,
-    logger=logger,
-    log_every_n_steps=1000,
-    callbacks=[killer, emitter],
-    enable_progress_bar=False,
-    enable_checkpointing=False,
+trainer = small_trainer(
+    [killer, emitter], limit_train_batches=6, limit_val_batches=0, logger=logger, log_every_n_steps=1000
 )
 run_dir = logger.experiment.dir
 trainer.fit(QuietClassifier(), DigitsDataModule())
