@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -11,11 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 
 from lightning_phases import Observation, PhaseCallback
 from lightning_phases.phases import Severity, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@atexit.register
+def _destroy_process_group() -> None:
+    """Tear down the DDP process group while the interpreter is still alive.
+
+    Lightning leaves it to the script; one left for interpreter finalization can abort the
+    process ("terminate called without an active exception") after every check has passed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class EmitAtSteps(PhaseCallback):
