@@ -1,8 +1,8 @@
 """lightning-phases: Lightning callbacks that verify the properties a stage is assumed to have."""
 
-from lightning_phases.callbacks import LossDropSentinel, ParamFreezeAssertion, PhaseCallback
+from lightning_phases.callbacks import LossDropSentinel, ParamFreezeAssertion, PhaseCallback, SandboxCheck
 from lightning_phases.events import EVENT_KINDS, PhaseEvent, read_events
-from lightning_phases.exceptions import LossDropDetected, ParameterChangedError, PhaseViolation
+from lightning_phases.exceptions import LossDropDetected, ParameterChangedError, PhaseViolation, SandboxViolation
 from lightning_phases.phases import STAGES, PhaseTable, StageProperties, current_stage
 from lightning_phases.report import Observation
 from lightning_phases.reporting import PhaseWarning
@@ -20,6 +20,8 @@ __all__ = [
     "PhaseTable",
     "PhaseViolation",
     "PhaseWarning",
+    "SandboxCheck",
+    "SandboxViolation",
     "StageProperties",
     "current_stage",
     "read_events",

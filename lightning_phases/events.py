@@ -34,6 +34,7 @@ EVENT_KINDS = (
     "replica_mismatch",
     "frozen_batchnorm_training",
     "sandbox_violation",
+    "sandbox_blind_spots",
     "shift_test",
     "shift_detected",
 )

@@ -24,3 +24,24 @@ class ParameterChangedError(PhaseViolation):
 
 class LossDropDetected(PhaseViolation):
     """The monitored loss dropped (or spiked) suddenly and the user chose ``actions=["raise"]``."""
+
+
+class SandboxViolation(PermissionError):
+    """An operation was blocked in a sandboxed stage; ``event`` is the event written before the block.
+
+    It is a ``PermissionError``, so code that already handles "not allowed" (``except OSError``) handles it.
+    It takes one argument, the message, so that a DataLoader worker's violation is re-raised in the main
+    process as the same type.
+
+    Args:
+        message: What was blocked, where, in which stage, and the argument that would allow it.
+        event: The event written before raising (``None`` where it went to the spool file, e.g. in a
+            DataLoader worker, or repeats one already reported).
+    """
+
+    def __init__(self, message: str, event: PhaseEvent | None = None) -> None:
+        super().__init__(message)
+        self.event = event
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

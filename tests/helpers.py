@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 
 from lightning_phases import Observation, PhaseCallback
@@ -124,3 +129,90 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     )
     assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+# Sandbox escapes: module-level so spawned DataLoader workers can unpickle them -----------------------------
+
+
+@contextlib.contextmanager
+def listening_server() -> Iterator[socket.socket]:
+    """A TCP server on 127.0.0.1 that listens but never answers; ``connections(server)`` counts arrivals."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def connections(server: socket.socket, wait_s: float = 0.3) -> int:
+    """How many connections reached ``server`` (accepting each, waiting up to ``wait_s`` for the first)."""
+    server.settimeout(wait_s)
+    count = 0
+    while True:
+        try:
+            conn, _ = server.accept()
+        except (TimeoutError, BlockingIOError):
+            return count
+        conn.close()
+        count += 1
+        server.settimeout(0.05)
+
+
+def connect_to(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def urlopen_local(port: int) -> None:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/tool", timeout=0.5)
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, PermissionError):
+            raise error.reason from None
+    except TimeoutError:
+        pass  # the server listens but never answers: the connection was made
+
+
+def resolve_example() -> None:
+    with contextlib.suppress(socket.gaierror):  # a machine without DNS still attempts the look-up
+        socket.getaddrinfo("example.com", 80)
+
+
+def touch_subprocess(path: str) -> None:
+    subprocess.run(["touch", path], check=True)
+
+
+def touch_system(path: str) -> None:
+    os.system(f"touch {path}")
+
+
+def write_file(path: str) -> None:
+    with open(path, "w") as handle:
+        handle.write("escaped")
+
+
+class EscapingDataset(torch.utils.data.Dataset):
+    """Eight digit-sized samples; reading index 0 runs ``escape`` (in a DataLoader worker when there are any).
+
+    Args:
+        escape: A picklable callable with no arguments.
+    """
+
+    def __init__(self, escape: Callable[[], Any] | None = None) -> None:
+        self.escape = escape
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == 0 and self.escape is not None:
+            self.escape()
+        return torch.zeros(64), torch.tensor(index % 10)
+
+
+def touch_marker(path: str, worker_id: int) -> None:
+    """A user's ``worker_init_fn``: writes ``path``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(str(worker_id))

@@ -3,5 +3,6 @@
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.callbacks.loss_drop import LossDropSentinel
 from lightning_phases.callbacks.param_freeze import ParamFreezeAssertion
+from lightning_phases.callbacks.sandbox import SandboxCheck
 
-__all__ = ["LossDropSentinel", "ParamFreezeAssertion", "PhaseCallback"]
+__all__ = ["LossDropSentinel", "ParamFreezeAssertion", "PhaseCallback", "SandboxCheck"]

@@ -82,6 +82,7 @@ class PhaseCallback(Callback):
         data: Mapping[str, Any] | None = None,
         severity: Severity | None = None,
         stage: Stage | None = None,
+        rank: int | None = None,
     ) -> PhaseEvent:
         """Record an event in ``self.events`` and send it to every sink; it is on disk when this returns.
 
@@ -95,6 +96,7 @@ class PhaseCallback(Callback):
             severity: ``info``, ``warning`` or ``critical``; by default the stage's violation severity
                 (``critical`` where the declared failure cost is high, ``warning`` elsewhere).
             stage: The stage; by default the stage the Trainer is in.
+            rank: The global rank where it happened, when another rank reported it; by default this one.
         """
         stage = stage if stage is not None else current_stage(trainer)
         event = PhaseEvent(
@@ -104,7 +106,7 @@ class PhaseCallback(Callback):
             stage=stage,
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
-            rank=trainer.global_rank,
+            rank=trainer.global_rank if rank is None else rank,
             message=message,
             data=dict(data or {}),
         )

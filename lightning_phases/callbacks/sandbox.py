@@ -1,0 +1,290 @@
+"""``SandboxCheck``: detect or block network, DNS, subprocess and file-write escapes in sandboxed stages."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader
+
+from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.detectors import audit
+from lightning_phases.detectors.audit import SandboxedWorkerInit, Session, SpoolReader, Violation
+from lightning_phases.detectors.sandbox_policy import (
+    SandboxPolicy,
+    check_programs,
+    check_write_dirs,
+    parse_host_rule,
+)
+from lightning_phases.events import PhaseEvent
+from lightning_phases.phases import PhaseOverrides, Stage, current_stage
+from lightning_phases.report import Observation
+from lightning_phases.validation import check_choice
+
+Mode = Literal["block", "warn"]
+SPOOL_NAME = "sandbox_spool.jsonl"
+
+#: What an audit hook cannot see in any run.
+ALWAYS_BLIND = (
+    "native code: torch.save(obj, path), C extensions and ctypes calls open files and sockets unseen",
+    "writes and sends on descriptors opened before the sandboxed stage",
+)
+
+#: The stage a DataLoader created in a stage serves (the sanity check runs the validation loaders).
+_STAGE_OF_LOADER = {
+    "train": "train",
+    "sanity_check": "validate",
+    "validate": "validate",
+    "test": "test",
+    "predict": "predict",
+}
+
+
+class SandboxCheck(PhaseCallback):
+    """Detect or block network, DNS, subprocess and file-write escapes in the stages declared sandboxed.
+
+    A PEP 578 audit hook, installed once per process and switched on only while a listed stage runs, sees
+    ``socket.connect``/``sendto``/``sendmsg`` to IP addresses, DNS look-ups, ``http.client`` and ``urllib``
+    requests, ``subprocess``, ``os.system``, ``os.exec*``, ``os.posix_spawn*``, file opens for writing and
+    ``os``/``shutil`` file operations. Allowed without asking: AF_UNIX sockets (W&B's service,
+    multiprocessing), writes under the Trainer's ``default_root_dir``, every logger's directory, the W&B run
+    directory and every checkpoint directory. Loopback is not allowed by default: a local service is outside
+    the sandbox too. DataLoader workers are sandboxed for the stage their loader serves (forked workers
+    inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the user's); their
+    violations reach the main process's event log.
+
+    What no audit hook sees is reported at setup as an info event and in the phase report: native code
+    (``torch.save`` to a path, torch.distributed's gloo/NCCL/TCPStore sockets, ctypes), writes on
+    descriptors opened earlier, and what allowed subprocesses do.
+
+    Args:
+        stages: The sandboxed stages, from ``sanity_check``, ``train``, ``validate``, ``test``, ``predict``.
+        mode: ``"block"`` raises :class:`~lightning_phases.SandboxViolation` (a ``PermissionError``) before the
+            operation runs, after the event is on disk; ``"warn"`` records the event and lets it proceed.
+        allow_hosts: Hosts that may be reached: names (``"api.example.com"``, ``"*.example.com"``), IP
+            addresses or CIDR ranges (``"10.0.0.0/8"``), each with an optional port (``"127.0.0.1:8080"``,
+            ``"[::1]:80"``). Names are looked up once at setup, so connections to their addresses pass.
+        allow_write_dirs: More directories under which files may be written; a relative one must exist.
+        allow_subprocess: Programs that may be run, by name (``"git"``) or absolute path. What they do is
+            not seen.
+        allow_temp: Also allow writes under the system temporary directory.
+        phase_overrides: Changes to the declared-property table; see :class:`PhaseCallback`.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage] = ("sanity_check", "train", "validate", "test"),
+        mode: Mode = "block",
+        allow_hosts: Sequence[str] = (),
+        allow_write_dirs: Sequence[str] = (),
+        allow_subprocess: Sequence[str] = (),
+        allow_temp: bool = False,
+        phase_overrides: PhaseOverrides | None = None,
+    ) -> None:
+        super().__init__(stages, phase_overrides)
+        self.mode: Mode = check_choice("mode", mode, ("block", "warn"))  # type: ignore[assignment]
+        if isinstance(allow_hosts, str):
+            raise TypeError(f"allow_hosts={allow_hosts!r} must be a list (write [{allow_hosts!r}] for one host).")
+        if not isinstance(allow_temp, bool):
+            raise TypeError(f"allow_temp={allow_temp!r} must be true or false.")
+        self.allow_hosts = tuple(parse_host_rule(host, "allow_hosts") for host in allow_hosts)
+        self.allow_write_dirs = check_write_dirs("allow_write_dirs", allow_write_dirs)
+        self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)
+        self.allow_temp = allow_temp
+        self.policy = SandboxPolicy(self.allow_hosts, self.allow_write_dirs, self.allow_subprocess, allow_temp)
+        self.blind_spots: list[str] = []
+        self._trainer: weakref.ref[pl.Trainer] | None = None
+        self._stack: list[Stage] = []
+        self._seen: Counter[tuple[str, ...]] = Counter()
+        self._started: Counter[Stage] = Counter()
+        self._spool_path: str | None = None
+        self._spool: SpoolReader | None = None
+        self._patched: Any = None
+
+    # Lightning hooks ----------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = weakref.ref(trainer)
+        self._stack.clear()
+        self.policy.resolve_names()
+        log_dir = self.reporter.log_dir if trainer.is_global_zero else None
+        spool = trainer.strategy.broadcast(str(log_dir / SPOOL_NAME) if log_dir is not None else None, src=0)
+        self._spool_path = spool
+        if trainer.is_global_zero and spool is not None:
+            self._spool = SpoolReader(spool)
+            self._spool.read_new()  # lines of an earlier call in the same directory are not this call's
+        self._wrap_dataloaders(trainer)
+        audit.install()
+        self.blind_spots = [*self._active_blind_spots(), *ALWAYS_BLIND]
+        self.emit(
+            trainer,
+            "sandbox_blind_spots",
+            "audit hook active for " + ", ".join(self.stages) + "; it cannot see: " + "; ".join(self.blind_spots),
+            {"stages": list(self.stages), "mode": self.mode, "blind_spots": self.blind_spots},
+            severity="info",
+        )
+
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        self._stack.append(stage)
+        self._activate(trainer, stage)
+
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        audit.activate(None)
+        self._drain(trainer)
+        if self._stack:
+            self._stack.pop()
+        if self._stack:
+            self._activate(trainer, self._stack[-1])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._drain(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._drain(trainer)
+
+    on_test_batch_end = on_validation_batch_end
+    on_predict_batch_end = on_validation_batch_end
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish(trainer)
+        super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
+    def phase_observations(self) -> list[Observation]:
+        rows = []
+        spots = "blind spots: native code, pre-opened descriptors"
+        if any("torch.distributed" in spot for spot in self.blind_spots):
+            spots += ", torch.distributed sockets"
+        if self.allow_subprocess:
+            spots += ", allowed subprocesses"
+        for stage in self.stages:
+            if not self._started[stage]:
+                continue
+            events = [e for e in self.events if e.kind == "sandbox_violation" and e.stage == stage]
+            attempts = sum(n for key, n in self._seen.items() if key[-1] == stage)
+            verdict = "violated" if events else "verified"
+            done = "blocked" if self.mode == "block" else "allowed (warn)"
+            detail = f"audit hook ({self.mode}), {len(events)} violation(s)"
+            if events:
+                detail += f", {attempts} attempt(s) {done}"
+            rows.append(Observation(stage, "sandboxed", verdict, f"{detail}; {spots}"))
+        return rows
+
+    # Internals ----------------------------------------------------------------------------------------------
+
+    def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
+        if stage not in self.stages:
+            audit.activate(None)
+            return
+        self._started[stage] += 1
+        audit.activate(self._session(trainer, stage, report=self._report))
+
+    def _session(self, trainer: pl.Trainer, stage: str, report: Callable[[Violation], Any] | None) -> Session:
+        return Session(
+            self.policy.with_write_dirs(run_write_dirs(trainer)),
+            self.mode,
+            stage,
+            rank=trainer.global_rank,
+            report=report,
+            spool=self._spool_path,
+            seen=self._seen,
+        )
+
+    def _report(self, violation: Violation) -> PhaseEvent:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None:
+            raise RuntimeError("SandboxCheck lost its Trainer")
+        event = self.emit(trainer, "sandbox_violation", violation.message(), violation.data(), stage=violation.stage)
+        if not trainer.is_global_zero and self._spool_path is not None:
+            audit.write_spool(self._spool_path, violation)  # global rank 0 writes the event log
+        return event
+
+    def _drain(self, trainer: pl.Trainer) -> None:
+        if self._spool is None:
+            return
+        for record in self._spool.read_new():
+            data = record["data"]
+            self._seen[(data["category"], data["target"], data["location"], data["process"], data["stage"])] += 1
+            self.emit(trainer, "sandbox_violation", record["message"], data, stage=data["stage"], rank=data["rank"])
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        audit.activate(None)
+        self._stack.clear()
+        self._drain(trainer)
+        if self._patched is not None:
+            if "process_dataloader" in self._patched.__dict__:
+                del self._patched.process_dataloader  # the class's method is visible again
+            self._patched = None
+
+    def _wrap_dataloaders(self, trainer: pl.Trainer) -> None:
+        """Sandbox DataLoader workers: wrap ``worker_init_fn`` of each loader the strategy processes."""
+        strategy = trainer.strategy
+        if "process_dataloader" in strategy.__dict__:
+            return
+        original = strategy.process_dataloader
+
+        def process_dataloader(dataloader: object) -> object:
+            dataloader = original(dataloader)
+            loader_stage = _STAGE_OF_LOADER.get(current_stage(trainer) or "")
+            if isinstance(dataloader, DataLoader) and dataloader.num_workers > 0 and loader_stage in self.stages:
+                user_fn = dataloader.worker_init_fn
+                if isinstance(user_fn, SandboxedWorkerInit):
+                    user_fn = user_fn.user_fn
+                elif user_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
+                    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+                    user_fn = partial(pl_worker_init_function, rank=trainer.global_rank)  # as Lightning would
+                session = self._session(trainer, loader_stage, report=None)
+                dataloader.worker_init_fn = SandboxedWorkerInit(user_fn, session)
+            return dataloader
+
+        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+        self._patched = strategy
+
+    def _active_blind_spots(self) -> list[str]:
+        spots = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            spots.append(f"torch.distributed process group ({backend}): its sockets and TCPStore are native code")
+        if self.allow_subprocess:
+            spots.append("what the allowed subprocesses (" + ", ".join(self.allow_subprocess) + ") do")
+        return spots
+
+
+def run_write_dirs(trainer: pl.Trainer) -> list[Path]:
+    """Where the run itself writes: ``default_root_dir``, the loggers' and W&B's directories, checkpoint dirs.
+
+    Args:
+        trainer: The Trainer, after every callback's ``setup``.
+    """
+    dirs = [Path(trainer.default_root_dir)]
+    for logger in trainer.loggers:
+        for attribute in ("save_dir", "log_dir", "root_dir"):
+            try:
+                value = getattr(logger, attribute, None)
+            except Exception:  # a logger property may need an experiment that this rank does not have
+                value = None
+            if isinstance(value, (str, os.PathLike)):
+                dirs.append(Path(value))
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            run_dir = getattr(logger.experiment, "dir", None)
+            if isinstance(run_dir, str):
+                dirs.append(Path(run_dir).parent)  # the run directory: files/, logs/, the .wandb file
+    for callback in trainer.callbacks:
+        for attribute in ("dirpath", "checkpoint_dir"):
+            value = getattr(callback, attribute, None)
+            if isinstance(value, (str, os.PathLike)):
+                dirs.append(Path(value))
+    return [d.absolute() for d in dirs]

@@ -1,0 +1,429 @@
+"""Which audited operations escape a sandbox: a pure policy over PEP 578 audit events.
+
+:class:`SandboxPolicy` turns one audit event (name and arguments, as ``sys.addaudithook`` receives them)
+into an :class:`Escape` when the operation reaches outside the sandbox, or ``None`` when it stays inside:
+an AF_UNIX socket, a write under an allowed directory, a connection to an allowed host. It installs no
+hook and needs no Trainer, so every rule can be tested with plain tuples.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import socket
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Device files a write to which reaches nothing outside the process.
+HARMLESS_WRITE_PATHS = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty"})
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_HOST_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+
+
+@dataclass(frozen=True)
+class Escape:
+    """One operation that reaches outside the sandbox.
+
+    Args:
+        category: ``"network"``, ``"dns"``, ``"subprocess"`` or ``"write"``.
+        audit_event: The audit event that showed it, e.g. ``"socket.connect"``.
+        target: What it reaches: ``host:port``, a host name, a command line or a path.
+        allow_hint: The ``SandboxCheck`` argument that would allow it, e.g. ``allow_hosts=['127.0.0.1:8080']``.
+    """
+
+    category: str
+    audit_event: str
+    target: str
+    allow_hint: str
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """One ``allow_hosts`` entry: an IP network or a host name (``*.`` prefix for subdomains), optional port.
+
+    Args:
+        text: The entry as the user wrote it.
+        network: The IP network, for address entries.
+        name: The lower-case host name, for name entries.
+        port: The only port allowed, or ``None`` for every port.
+    """
+
+    text: str
+    network: IPNetwork | None = None
+    name: str | None = None
+    port: int | None = None
+
+    def matches_name(self, host: str) -> bool:
+        """Whether this rule allows looking up or connecting to the host name ``host`` (any port).
+
+        Args:
+            host: A host name.
+        """
+        if self.name is None:
+            return False
+        host = host.lower().rstrip(".")
+        if self.name.startswith("*."):
+            return host.endswith(self.name[1:])
+        return host == self.name
+
+    def matches_port(self, port: int | None) -> bool:
+        """Whether this rule allows ``port``.
+
+        Args:
+            port: The destination port, or ``None`` when unknown.
+        """
+        return self.port is None or port is None or self.port == port
+
+
+def parse_host_rule(text: Any, argument: str = "allow_hosts") -> HostRule:
+    """Parse one ``allow_hosts`` entry: ``"10.0.0.0/8"``, ``"127.0.0.1:8080"``, ``"[::1]:80"``, ``"*.corp.net"``.
+
+    Args:
+        text: The entry.
+        argument: The argument's name, for the error message.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise TypeError(f"{argument}: entry {text!r} must be a non-empty string such as 'api.example.com:443'.")
+    host, port = _split_port(text.strip(), argument)
+    try:
+        return HostRule(text, network=ipaddress.ip_network(host, strict=False), port=port)
+    except ValueError:
+        pass
+    if "/" in host or host.replace(".", "").isdigit() or ":" in host:
+        raise ValueError(
+            f"{argument}: {text!r} is not a valid IP address or CIDR range "
+            "(write e.g. '10.0.0.0/8', '192.168.1.7:8080' or '[::1]:80')."
+        )
+    if not _HOST_NAME.match(host):
+        raise ValueError(
+            f"{argument}: {text!r} is not a valid host name, IP address or CIDR range "
+            "(write e.g. 'api.example.com', '*.example.com:443' or '10.0.0.0/8')."
+        )
+    return HostRule(text, name=host.lower().rstrip("."), port=port)
+
+
+def _split_port(text: str, argument: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest:
+            return host, None
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        return text, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{argument}: {text!r} has an invalid port {port_text!r}; ports are 1 to 65535.")
+    return host, int(port_text)
+
+
+def check_write_dirs(argument: str, dirs: Any) -> tuple[str, ...]:
+    """Absolute, resolved forms of ``allow_write_dirs``; a relative entry must name an existing directory.
+
+    Args:
+        argument: The argument's name, for the error message.
+        dirs: A list of directory paths.
+    """
+    if isinstance(dirs, (str, bytes)) or not isinstance(dirs, Iterable):
+        raise TypeError(f"{argument}={dirs!r} must be a list of directories (write [{dirs!r}] for one).")
+    resolved = []
+    for entry in dirs:
+        if not isinstance(entry, (str, os.PathLike)) or not os.fspath(entry):
+            raise TypeError(f"{argument}: entry {entry!r} must be a directory path.")
+        path = os.fspath(entry)
+        if not os.path.isabs(path) and not os.path.isdir(path):
+            raise ValueError(
+                f"{argument}: the relative directory {path!r} does not exist under the working directory "
+                f"{os.getcwd()!r}; create it first or give an absolute path."
+            )
+        resolved.append(os.path.realpath(path))
+    return tuple(resolved)
+
+
+def check_programs(argument: str, programs: Any) -> tuple[str, ...]:
+    """``allow_subprocess`` entries: program names (``"git"``) or absolute paths (``"/usr/bin/git"``).
+
+    Args:
+        argument: The argument's name, for the error message.
+        programs: A list of program names or paths.
+    """
+    if isinstance(programs, (str, bytes)) or not isinstance(programs, Iterable):
+        raise TypeError(f"{argument}={programs!r} must be a list of program names (write [{programs!r}] for one).")
+    checked = []
+    for entry in programs:
+        if not isinstance(entry, str) or not entry.strip() or (os.sep in entry and not os.path.isabs(entry)):
+            raise ValueError(f"{argument}: {entry!r} must be a program name such as 'git' or an absolute path.")
+        checked.append(entry)
+    return tuple(checked)
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def resolve_path(path: Any) -> str | None:
+    """The absolute, symlink-resolved form of a path argument, or ``None`` for a file descriptor.
+
+    Args:
+        path: A ``str``, ``bytes`` or path-like object, or an ``int`` descriptor.
+    """
+    if isinstance(path, int) or path is None:
+        return None
+    return os.path.realpath(os.fsdecode(path))
+
+
+def _host_port(host: Any, port: Any) -> str:
+    host = os.fsdecode(host) if isinstance(host, bytes) else str(host)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port not in (None, "") else shown
+
+
+def _as_port(port: Any) -> int | None:
+    try:
+        return int(port)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class SandboxPolicy:
+    """What is allowed in a sandboxed stage; :meth:`check` classifies one audit event.
+
+    Args:
+        allow_hosts: ``allow_hosts`` entries (see :func:`parse_host_rule`).
+        write_dirs: Absolute directories under which files may be written, created, moved and removed.
+        allow_subprocess: Program names or absolute paths that may be run.
+        allow_temp: Whether the system temporary directory counts as an allowed write directory.
+        resolve: Looks a host name up once (outside the sandbox) so that connections to its addresses
+            are allowed; ``socket.getaddrinfo`` by default.
+    """
+
+    allow_hosts: Sequence[HostRule] = ()
+    write_dirs: Sequence[str] = ()
+    allow_subprocess: Sequence[str] = ()
+    allow_temp: bool = False
+    resolve: Callable[[str], list[str]] | None = None
+    _resolved: dict[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        dirs = [os.path.realpath(d) for d in self.write_dirs]
+        if self.allow_temp:
+            dirs.append(os.path.realpath(tempfile.gettempdir()))
+        self.write_dirs = tuple(dict.fromkeys(dirs))
+
+    def with_write_dirs(self, dirs: Iterable[str | os.PathLike[str]]) -> SandboxPolicy:
+        """A copy that also allows writes under ``dirs`` (the run's log, checkpoint and W&B directories).
+
+        Args:
+            dirs: More directories.
+        """
+        extra = [os.path.realpath(os.fspath(d)) for d in dirs]
+        policy = SandboxPolicy(self.allow_hosts, (*self.write_dirs, *extra), self.allow_subprocess, False, self.resolve)
+        policy._resolved = self._resolved
+        return policy
+
+    def resolve_names(self) -> None:
+        """Look up every allowed host name once, so connections to its addresses are allowed.
+
+        Call it outside the sandboxed window; a name that does not resolve allows only look-ups of it.
+        """
+        resolve = self.resolve or _getaddrinfo_addresses
+        for rule in self.allow_hosts:
+            if rule.name is None or rule.name.startswith("*.") or rule.name in self._resolved:
+                continue
+            if rule.name == "localhost":
+                self._resolved[rule.name] = frozenset(map(ipaddress.ip_address, ("127.0.0.1", "::1")))
+                continue
+            try:
+                self._resolved[rule.name] = frozenset(ipaddress.ip_address(a) for a in resolve(rule.name))
+            except (OSError, ValueError):
+                self._resolved[rule.name] = frozenset()
+
+    # Classification ------------------------------------------------------------------------------------
+
+    def check(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        """The escape that audit event ``event`` with ``args`` would make, or ``None`` if it stays inside.
+
+        Args:
+            event: The audit event name, e.g. ``"socket.connect"``.
+            args: The audit event's arguments.
+        """
+        handler = _HANDLERS.get(event)
+        return handler(self, event, args) if handler is not None else None
+
+    def write_allowed(self, path: str) -> bool:
+        """Whether ``path`` (absolute, resolved) is under an allowed directory or a harmless device.
+
+        Args:
+            path: The resolved path.
+        """
+        return path in HARMLESS_WRITE_PATHS or any(_under(path, d) for d in self.write_dirs)
+
+    def _write(self, event: str, path: Any) -> Escape | None:
+        resolved = resolve_path(path)
+        if resolved is None or self.write_allowed(resolved):
+            return None
+        return Escape("write", event, resolved, f"allow_write_dirs=[{os.path.dirname(resolved)!r}]")
+
+    def _open(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        path, mode, flags = ((*tuple(args), None, None, 0))[:3]
+        writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
+        return self._write(event, path) if writes else None
+
+    def _first_path(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        return self._write(event, args[0]) if args else None
+
+    def _two_paths(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        return self._write(event, args[0]) or self._write(event, args[1])
+
+    def _second_path(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        return self._write(event, args[1]) if len(args) > 1 else None
+
+    def _host_allowed(self, host: str, port: int | None) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return any(rule.matches_name(host) and rule.matches_port(port) for rule in self.allow_hosts)
+        for rule in self.allow_hosts:
+            if not rule.matches_port(port):
+                continue
+            if rule.network is not None and address in rule.network:
+                return True
+            if rule.name is not None and address in self._resolved.get(rule.name, ()):
+                return True
+        return False
+
+    def _network(self, event: str, host: Any, port: Any) -> Escape | None:
+        if host is None:
+            return None
+        host = os.fsdecode(host) if isinstance(host, bytes) else str(host)
+        if self._host_allowed(host, _as_port(port)):
+            return None
+        target = _host_port(host, port)
+        return Escape("network", event, target, f"allow_hosts=[{target!r}]")
+
+    def _socket(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        sock, address = ((*tuple(args), None, None))[:2]
+        family = getattr(sock, "family", None)
+        if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple) or not address:
+            return None  # AF_UNIX (W&B's service, multiprocessing), netlink, or a connected socket's sendmsg
+        return self._network(event, address[0], address[1] if len(address) > 1 else None)
+
+    def _http(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        return self._network(event, args[1], args[2] if len(args) > 2 else None)
+
+    def _url(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        parts = urlsplit(str(args[0]))
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None  # file:, data: and similar read local data
+        return self._network(event, parts.hostname, parts.port or _DEFAULT_PORTS[parts.scheme])
+
+    def _lookup(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        host = args[0] if args else None
+        if host is None:
+            return None
+        host = os.fsdecode(host) if isinstance(host, bytes) else str(host)
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+            return None  # a numeric address needs no look-up; the connect that follows is checked
+        except ValueError:
+            pass
+        if any(rule.matches_name(host) for rule in self.allow_hosts):
+            return None
+        return Escape("dns", event, host, f"allow_hosts=[{host!r}]")
+
+    def _reverse_lookup(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        address = args[0] if args else None
+        host = address[0] if isinstance(address, tuple) else address
+        if host is None or self._host_allowed(str(host), None):
+            return None
+        return Escape("dns", event, str(host), f"allow_hosts=[{str(host)!r}]")
+
+    def _program(self, event: str, program: Any, command: str) -> Escape | None:
+        name = os.fsdecode(program) if isinstance(program, (bytes, os.PathLike)) else str(program or "")
+        for allowed in self.allow_subprocess:
+            if (os.path.isabs(allowed) and allowed == name) or allowed == os.path.basename(name):
+                return None
+        return Escape("subprocess", event, command, f"allow_subprocess=[{os.path.basename(name)!r}]")
+
+    def _popen(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        executable, argv = ((*tuple(args), None, None))[:2]
+        words = shlex.split(argv) if isinstance(argv, str) else [os.fsdecode(a) for a in argv or ()]
+        if len(words) >= 3 and os.path.basename(words[0]) in ("sh", "bash", "dash") and words[1] == "-c":
+            return self._shell(event, words[2])  # shell=True: judge the command the shell runs
+        program = executable if executable is not None else (words[0] if words else "")
+        return self._program(event, program, " ".join(words) or str(program))
+
+    def _shell(self, event: str, command: str) -> Escape | None:
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = command.split()
+        return self._program(event, words[0] if words else "", command)
+
+    def _system(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        command = os.fsdecode(args[0]) if isinstance(args[0], bytes) else str(args[0])
+        return self._shell(event, command)
+
+    def _exec(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        path, argv = ((*tuple(args), None, None))[:2]
+        words = [os.fsdecode(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+        return self._program(event, path, " ".join(words) or os.fsdecode(path))
+
+    def _spawn(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        return self._exec(event, tuple(args)[1:])
+
+    def _pty_spawn(self, event: str, args: tuple[Any, ...]) -> Escape | None:
+        argv = args[0]
+        words = [argv] if isinstance(argv, str) else [os.fsdecode(a) for a in argv]
+        return self._program(event, words[0], " ".join(words))
+
+
+def _getaddrinfo_addresses(name: str) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(name, None)})
+
+
+_HANDLERS: dict[str, Callable[[SandboxPolicy, str, tuple[Any, ...]], Escape | None]] = {
+    "open": SandboxPolicy._open,
+    "os.remove": SandboxPolicy._first_path,
+    "os.rmdir": SandboxPolicy._first_path,
+    "os.mkdir": SandboxPolicy._first_path,
+    "os.truncate": SandboxPolicy._first_path,
+    "os.rename": SandboxPolicy._two_paths,
+    "os.link": SandboxPolicy._second_path,
+    "os.symlink": SandboxPolicy._second_path,
+    "shutil.copyfile": SandboxPolicy._second_path,
+    "shutil.copytree": SandboxPolicy._second_path,
+    "shutil.move": SandboxPolicy._two_paths,
+    "shutil.rmtree": SandboxPolicy._first_path,
+    "shutil.make_archive": SandboxPolicy._first_path,
+    "shutil.unpack_archive": SandboxPolicy._second_path,
+    "socket.connect": SandboxPolicy._socket,
+    "socket.sendto": SandboxPolicy._socket,
+    "socket.sendmsg": SandboxPolicy._socket,
+    "http.client.connect": SandboxPolicy._http,
+    "urllib.Request": SandboxPolicy._url,
+    "socket.getaddrinfo": SandboxPolicy._lookup,
+    "socket.gethostbyname": SandboxPolicy._lookup,
+    "socket.gethostbyname_ex": SandboxPolicy._lookup,
+    "socket.gethostbyaddr": SandboxPolicy._reverse_lookup,
+    "socket.getnameinfo": SandboxPolicy._reverse_lookup,
+    "subprocess.Popen": SandboxPolicy._popen,
+    "os.system": SandboxPolicy._system,
+    "os.exec": SandboxPolicy._exec,
+    "os.posix_spawn": SandboxPolicy._exec,
+    "os.spawn": SandboxPolicy._spawn,
+    "pty.spawn": SandboxPolicy._pty_spawn,
+}
+
+#: The audit events the policy judges; every other event is ignored at the cost of one set look-up.
+WATCHED_EVENTS = frozenset(_HANDLERS)
