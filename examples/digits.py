@@ -3,10 +3,15 @@
 ``DigitsDataModule`` splits the 1,797 8x8 images into train/val/test with a fixed seed; predict uses the
 test images. ``DigitsClassifier`` is an MLP with a ``backbone`` (Linear, BatchNorm, ReLU, Dropout) and a
 ``head``, so that stages where BatchNorm statistics and dropout behave differently are exercised, and the
-backbone can be frozen.
+backbone can be frozen. With ``tool_call=True`` the model also behaves like a tool-using model: once per
+validation run it asks a local HTTP "tool" for help, the kind of escape ``SandboxCheck`` blocks.
 """
 
 from __future__ import annotations
+
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import lightning.pytorch as pl
 import torch
@@ -79,6 +84,39 @@ class DigitsDataModule(pl.LightningDataModule):
         return self._loader(self.test_set)
 
 
+class _ToolHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"the answer is 7"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep the demo's console readable
+        pass
+
+
+class LocalTool:
+    """A "tool" the model can call: an HTTP server on 127.0.0.1 in a background thread of this process."""
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ToolHandler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ask"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def call(self) -> bool:
+        """Ask the tool; ``False`` when the call failed or was blocked (a blocked call raises an ``OSError``)."""
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as answer:
+                return answer.read() == b"the answer is 7"
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class DigitsClassifier(pl.LightningModule):
     """MLP classifier for 8x8 digits with a BatchNorm/Dropout ``backbone`` and a linear ``head``.
 
@@ -90,6 +128,8 @@ class DigitsClassifier(pl.LightningModule):
         freeze_backbone: Freeze the backbone (``requires_grad=False``, kept out of the optimizer, eval mode).
         leak_label_from_step: From this global step on, the data pipeline writes each sample's label one-hot
             into blank border pixels, in training and validation (a label leak, for the demo); -1: never.
+        tool_call: At the first validation batch of each run, call a local HTTP tool that the model starts
+            in ``setup`` (a tool-using model reaching outside the sandbox, for the demo); logs ``val_tool_ok``.
     """
 
     def __init__(
@@ -100,13 +140,24 @@ class DigitsClassifier(pl.LightningModule):
         weight_decay: float = 1e-4,
         freeze_backbone: bool = False,
         leak_label_from_step: int = -1,
+        tool_call: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.tool: LocalTool | None = None
         self.backbone = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(hidden, 10)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.tool_call and self.tool is None:
+            self.tool = LocalTool()
+
+    def teardown(self, stage: str) -> None:
+        if self.tool is not None:
+            self.tool.close()
+            self.tool = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -137,6 +188,8 @@ class DigitsClassifier(pl.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.tool is not None and batch_idx == 0:
+            self.log("val_tool_ok", float(self.tool.call()), on_epoch=True)
         self._step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

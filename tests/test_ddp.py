@@ -23,3 +23,18 @@ def test_two_process_ddp_writes_each_event_once_from_rank_zero(tmp_path):
         assert [len(held) for held in info["held"]] == [8, 8]
         assert {e["rank"] for held in info["held"] for e in held} == {rank}
     assert not list(tmp_path.rglob("phase_events.jsonl"))[1:]  # one log file in the whole tree
+
+
+def test_sandbox_violation_on_rank_one_reaches_the_event_log_of_rank_zero(tmp_path):
+    run_script("ddp_sandbox.py", str(tmp_path), timeout=240)
+    events = read_jsonl(tmp_path / "root" / "phase_events.jsonl")
+    violations = [e for e in events if e["kind"] == "sandbox_violation"]
+    assert len(violations) == 1
+    [event] = violations
+    assert event["rank"] == 1 and event["data"]["rank"] == 1 and event["stage"] == "validate"
+    assert event["data"]["target"].endswith("outside_rank1.txt") and event["data"]["blocked"] is False
+    assert (tmp_path / "outside_rank1.txt").exists()  # warn mode: the write went through
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert [e["kind"] for e in rank1["held"]].count("sandbox_violation") == 1
+    info = [e for e in events if e["kind"] == "sandbox_blind_spots"]
+    assert any("torch.distributed process group (gloo)" in spot for spot in info[0]["data"]["blind_spots"])

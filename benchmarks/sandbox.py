@@ -1,0 +1,141 @@
+"""Cost of SandboxCheck's audit hook: per audited event, and per training step against a bare Trainer.
+
+    python benchmarks/sandbox.py
+
+An audit hook cannot be removed, so every measurement runs in a fresh interpreter (this script started
+again with a mode argument): without the hook, with the hook installed but no sandbox active, and with a
+sandbox active. Step timings alternate bare and sandboxed runs several times and print medians and ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = 1_000_000
+OPENS = 20_000
+STEPS = 400
+RUNS = 5
+
+
+def per_event(mode: str) -> dict[str, float]:
+    """Seconds per unwatched audit event and per read-only ``open`` (a watched event that is allowed)."""
+    from lightning_phases.detectors import audit
+    from lightning_phases.detectors.sandbox_policy import SandboxPolicy
+
+    with tempfile.NamedTemporaryFile() as handle:  # made before the sandbox: it forbids /tmp writes
+        if mode != "none":
+            audit.install()
+        if mode == "active":
+            audit.activate(audit.Session(SandboxPolicy(), "block", "train"))
+        start = time.perf_counter()
+        for _ in range(EVENTS):
+            sys.audit("lightning_phases.benchmark")
+        unwatched = (time.perf_counter() - start) / EVENTS
+        start = time.perf_counter()
+        for _ in range(OPENS):
+            open(handle.name, "rb").close()
+        opened = (time.perf_counter() - start) / OPENS
+        audit.activate(None)
+    return {"unwatched": unwatched, "open_read": opened}
+
+
+MODELS = {"small": ({"hidden": 128}, {"batch_size": 32}), "wide": ({"hidden": 2048}, {"batch_size": 256})}
+
+
+def step_time(mode: str) -> dict[str, float]:
+    """Median seconds between consecutive training batch starts (the whole step), per model size.
+
+    ``mode`` is ``bare``, ``hook`` (audit hook installed, no sandbox active) or ``sandbox`` (SandboxCheck).
+    """
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from digits import DigitsClassifier, DigitsDataModule
+
+    from lightning_phases import SandboxCheck
+
+    class StepClock(pl.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, *args: object) -> None:
+            self.starts.append(time.perf_counter())
+
+    if mode == "hook":
+        from lightning_phases.detectors import audit
+
+        audit.install()
+    result = {}
+    for name, (model_args, data_args) in MODELS.items():
+        clock = StepClock()
+        callbacks: list[pl.Callback] = [clock] + ([SandboxCheck()] if mode == "sandbox" else [])
+        trainer = pl.Trainer(
+            max_steps=STEPS,
+            max_epochs=-1,
+            limit_val_batches=0,
+            logger=False,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=tempfile.mkdtemp(),
+        )
+        trainer.fit(DigitsClassifier(**model_args), DigitsDataModule(**data_args))
+        gaps = [b - a for a, b in zip(clock.starts[50:], clock.starts[51:], strict=False)]
+        result[name] = statistics.median(gaps)
+    return result
+
+
+def child(kind: str, mode: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, kind, mode], capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import torch
+
+    events = {mode: child("event", mode) for mode in ("none", "installed", "active")}
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "hook": [], "sandbox": []}
+    for _ in range(RUNS):
+        for mode, results in runs.items():
+            results.append(child("step", mode))
+
+    print(f"# SandboxCheck cost, Python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print()
+    print("| audited event | no hook ns | hook installed, inactive ns | sandbox active ns |")
+    print("|---|---|---|---|")
+    for key, label in (("unwatched", "unwatched event (e.g. builtins.id)"), ("open_read", "open(path, 'rb')")):
+        cells = " | ".join(f"{events[mode][key] * 1e9:.0f}" for mode in ("none", "installed", "active"))
+        print(f"| {label} | {cells} |")
+    labels = {"bare": "bare Trainer", "hook": "hook installed, no sandbox", "sandbox": "SandboxCheck (block)"}
+    print()
+    print(f"| model ({STEPS} steps x {RUNS} runs, alternating) | run | median step us | ratio | per-run ratios |")
+    print("|---|---|---|---|---|")
+    for name, (model_args, data_args) in MODELS.items():
+        bare = [r[name] for r in runs["bare"]]
+        for mode, results in runs.items():
+            times = [r[name] for r in results]
+            ratios = ", ".join(f"{t / b:.3f}" for t, b in zip(times, bare, strict=True))
+            model = f"digits MLP hidden {model_args['hidden']}, batch {data_args['batch_size']}"
+            median, ratio = statistics.median(times), statistics.median(times) / statistics.median(bare)
+            print(f"| {model} | {labels[mode]} | {median * 1e6:.0f} | {ratio:.3f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")
+    if len(sys.argv) == 3:
+        result = per_event(sys.argv[2]) if sys.argv[1] == "event" else step_time(sys.argv[2])
+        print(json.dumps(result))
+    else:
+        main()

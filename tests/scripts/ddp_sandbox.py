@@ -1,0 +1,31 @@
+"""2-process CPU DDP fit with SandboxCheck(mode="warn"): only rank 1 writes outside the allowed directories.
+
+Rank 1's violation must reach the one event log that rank 0 writes, with rank 1 named in it.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "examples")]
+
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from helpers import small_trainer, write_file  # noqa: E402
+
+from lightning_phases import SandboxCheck  # noqa: E402
+
+out = Path(sys.argv[1])
+
+
+class EscapeOnRankOne(DigitsClassifier):
+    def validation_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == 0 and not self.trainer.sanity_checking:
+            write_file(str(out / "outside_rank1.txt"))
+        super().validation_step(batch, batch_idx)
+
+
+sandbox = SandboxCheck(mode="warn")
+trainer = small_trainer([sandbox], devices=2, strategy="ddp", default_root_dir=out / "root")
+trainer.fit(EscapeOnRankOne(), DigitsDataModule())
+held = [e.to_dict() for e in sandbox.events]
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"held": held}))

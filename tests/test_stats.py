@@ -1,0 +1,107 @@
+"""Two-sample tests: exactness against a per-permutation loop and scipy, calibration and power on digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+from sklearn.datasets import load_digits
+
+from lightning_phases.stats import PERMUTATION_CHUNK, gaussian_kernel, ks_test, mmd_test
+
+
+def digits() -> torch.Tensor:
+    return torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+
+
+def test_batched_permutations_equal_a_python_loop_over_the_same_permutations() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.3
+    result = mmd_test(x, y, n_permutations=300, seed=7)
+
+    kernel, _ = gaussian_kernel(torch.cat([x, y]))
+    w = torch.cat([torch.full((40,), 1 / 40), torch.full((30,), -1 / 30)])
+    observed = float(w @ kernel @ w)
+    perms = torch.Generator().manual_seed(7)
+    exceed = 0
+    for start in range(0, 300, PERMUTATION_CHUNK):
+        order = torch.rand(min(PERMUTATION_CHUNK, 300 - start), 70, generator=perms).argsort(dim=1)
+        for row in order:
+            permuted = w[row]
+            exceed += float(permuted @ kernel @ permuted) >= observed - 1e-12
+    assert result.statistic == pytest.approx(observed, rel=1e-6)
+    assert result.p_value == (1 + exceed) / 301
+
+
+def test_p_value_is_never_zero_and_seeded() -> None:
+    x, y = torch.zeros(50, 2), torch.ones(50, 2) * 5
+    result = mmd_test(x, y, n_permutations=99, seed=1)
+    assert result.p_value == pytest.approx(1 / 100)
+    a = torch.randn(30, 4, generator=torch.Generator().manual_seed(2))
+    b = torch.randn(30, 4, generator=torch.Generator().manual_seed(3))
+    assert mmd_test(a, b, seed=5) == mmd_test(a, b, seed=5)
+
+
+def test_no_shift_rejection_rate_on_digits_is_at_most_alpha() -> None:
+    pool = digits()
+    gen = torch.Generator().manual_seed(0)
+    rejections, repeats = 0, 300
+    for repeat in range(repeats):
+        order = torch.randperm(len(pool), generator=gen)
+        x, y = pool[order[:100]], pool[order[100:200]]
+        rejections += mmd_test(x, y, n_permutations=200, seed=repeat).p_value < 0.05
+    assert rejections / repeats <= 0.07
+
+
+@pytest.mark.parametrize("shift", ["gaussian_noise", "half_the_classes", "pixel_knockout"])
+def test_mmd_detects_shifts_of_digits_at_n_100(shift: str) -> None:
+    data = load_digits()
+    pool, labels = torch.tensor(data.data, dtype=torch.float32) / 16.0, torch.tensor(data.target)
+    gen = torch.Generator().manual_seed(1)
+    detected, repeats = 0, 20
+    for repeat in range(repeats):
+        order = torch.randperm(len(pool), generator=gen)
+        x = pool[order[:100]]
+        rest = order[100:]
+        if shift == "half_the_classes":
+            rest = rest[labels[rest] < 5]
+        y = pool[rest[:100]].clone()
+        if shift == "gaussian_noise":
+            y += torch.randn(y.shape, generator=gen) * 0.5
+        elif shift == "pixel_knockout":
+            y[:, torch.randperm(64, generator=gen)[:16]] = 0.0
+        detected += mmd_test(x, y, n_permutations=200, seed=repeat).p_value < 0.05
+    assert detected / repeats >= 0.75  # the measured rates are in benchmarks/shift_power.py and the README
+
+
+def test_ks_matches_scipy_per_dimension_and_applies_bonferroni() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 3, generator=gen)
+    y = torch.randn(90, 3, generator=gen) + torch.tensor([0.0, 0.0, 0.6])
+    result = ks_test(x, y)
+    distances = [scipy_stats.ks_2samp(x[:, j].numpy(), y[:, j].numpy()).statistic for j in range(3)]
+    p_values = [scipy_stats.kstwobign.sf((120 * 90 / 210) ** 0.5 * d) for d in distances]
+    assert result.statistic == pytest.approx(max(distances), abs=1e-12)
+    assert result.p_value == pytest.approx(min(1.0, 3 * min(p_values)), rel=1e-9)
+    assert ks_test(x, x[torch.randperm(120, generator=gen)]).p_value == 1.0
+
+
+def test_ks_handles_ties_like_scipy() -> None:
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])[:, None]
+    y = torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0, 3.0])[:, None]
+    expected = scipy_stats.ks_2samp(x[:, 0].numpy(), y[:, 0].numpy()).statistic
+    assert ks_test(x, y).statistic == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "words"),
+    [
+        (torch.zeros(5, 3), torch.zeros(5, 4), ["same d", "(5, 3)", "(5, 4)"]),
+        (torch.zeros(1, 3), torch.zeros(5, 3), ["at least 2 rows"]),
+    ],
+)
+def test_bad_samples_are_refused_with_their_shapes(x: torch.Tensor, y: torch.Tensor, words: list[str]) -> None:
+    with pytest.raises(ValueError) as raised:
+        mmd_test(x, y)
+    for word in words:
+        assert word in str(raised.value)
