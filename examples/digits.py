@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +21,34 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
 LEAK_PIXELS = [0, 8, 16, 24, 32, 40, 48, 56, 7, 15]  # border pixels that are blank in every digits image
+
+Shift = Literal["none", "noise", "imbalance", "knockout"]
+
+
+def shift_digits(
+    x: torch.Tensor, y: torch.Tensor, kind: Shift, strength: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shifted copy of digit images: the distribution shifts Failing Loudly (Rabanser et al.) studies.
+
+    Args:
+        x: Images, ``(n, 64)`` in [0, 1].
+        y: Labels, ``(n,)``.
+        kind: ``"noise"`` (Gaussian noise of std ``strength``, clipped to [0, 1]), ``"imbalance"`` (only the
+            classes 0-4 remain), ``"knockout"`` (a fixed random ``strength`` fraction of pixels set to 0) or
+            ``"none"``.
+        strength: How strong the shift is.
+        generator: Random source, for a reproducible shift.
+    """
+    if kind == "noise":
+        return (x + strength * torch.randn(x.shape, generator=generator)).clamp(0.0, 1.0), y
+    if kind == "imbalance":
+        keep = y < 5
+        return x[keep], y[keep]
+    if kind == "knockout":
+        x = x.clone()
+        x[:, torch.randperm(x.shape[1], generator=generator)[: round(strength * x.shape[1])]] = 0.0
+        return x, y
+    return x, y
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -33,6 +62,9 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         label_noise: Fraction of training labels replaced, once and with the split's seed, by random ones,
             so the training loss plateaus as it does on real, noisy data.
+        test_shift: Shift the test (and predict) split away from the training data: ``"noise"``,
+            ``"imbalance"``, ``"knockout"`` (see :func:`shift_digits`), or ``"none"``.
+        shift_strength: Strength of ``test_shift``.
     """
 
     def __init__(
@@ -43,6 +75,8 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         label_noise: float = 0.0,
+        test_shift: Shift = "none",
+        shift_strength: float = 0.5,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -51,6 +85,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.label_noise = label_noise
+        self.test_shift = test_shift
+        self.shift_strength = shift_strength
 
     def setup(self, stage: str) -> None:
         images, labels = load_digits(return_X_y=True)
@@ -67,6 +103,12 @@ class DigitsDataModule(pl.LightningDataModule):
             flip = train[torch.rand(len(train), generator=generator) < self.label_noise]
             y[flip] = torch.randint(0, 10, (len(flip),), generator=generator)
             self.train_set.dataset = TensorDataset(x, y)
+        if self.test_shift != "none":
+            x, y = data.tensors
+            test = torch.tensor(self.test_set.indices)
+            self.test_set = TensorDataset(
+                *shift_digits(x[test], y[test], self.test_shift, self.shift_strength, generator)
+            )
 
     def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)

@@ -1,6 +1,6 @@
 """lightning-phases: Lightning callbacks that verify the properties a stage is assumed to have."""
 
-from lightning_phases.callbacks import LossDropSentinel, ParamFreezeAssertion, PhaseCallback, SandboxCheck
+from lightning_phases.callbacks import LossDropSentinel, ParamFreezeAssertion, PhaseCallback, SandboxCheck, ShiftTracker
 from lightning_phases.events import EVENT_KINDS, PhaseEvent, read_events
 from lightning_phases.exceptions import LossDropDetected, ParameterChangedError, PhaseViolation, SandboxViolation
 from lightning_phases.phases import STAGES, PhaseTable, StageProperties, current_stage
@@ -22,6 +22,7 @@ __all__ = [
     "PhaseWarning",
     "SandboxCheck",
     "SandboxViolation",
+    "ShiftTracker",
     "StageProperties",
     "current_stage",
     "read_events",

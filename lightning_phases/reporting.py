@@ -191,6 +191,17 @@ class WandbSink:
         """
         self._guard("W&B image", lambda: self.logger.log_image(key=key, images=[str(path)], step=step))
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Log one W&B table.
+
+        Args:
+            key: The W&B key.
+            columns: Column names.
+            rows: One list of values per row.
+            step: The Trainer's global step.
+        """
+        self._guard(f"W&B table {key}", lambda: self.logger.log_table(key, columns=columns, data=rows, step=step))
+
     def tables(self, events: Iterable[PhaseEvent], report: dict[str, Any], step: int) -> None:
         """Log every event and the phase report as W&B tables.
 
@@ -356,6 +367,19 @@ class Reporter:
         keyed = {metric_key(callback, name): value for name, value in metrics.items()}
         for logger in self.trainer.loggers:
             self._guard(f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(keyed, step))
+
+    def log_table(self, callback: str, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Log a table to W&B under ``phases/<callback_snake>/<name>`` (nothing without a ``WandbLogger``).
+
+        Args:
+            callback: The callback's class name.
+            name: The table's name within the callback.
+            columns: Column names.
+            rows: One list of values per row.
+            step: The Trainer's global step.
+        """
+        if self.is_writer and self.wandb is not None:
+            self.wandb.table(metric_key(callback, name), columns, rows, step)
 
     def save_plot(self, callback: str, name: str, draw: Callable[[Path], Path | None]) -> Path | None:
         """Draw a plot into the log directory (rank 0) and log it to W&B as an image.

@@ -11,6 +11,7 @@ low-dimensional features such as softmax outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,45 @@ def _check_samples(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return x, y
 
 
+def canonical_order(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` sorted by a fixed projection, so that a test sees the same matrix whatever order they came in.
+
+    Gathering samples from several processes concatenates them rank by rank; sorting first makes the seeded
+    permutation p-value a function of the samples alone, equal on one process and on many.
+
+    Args:
+        rows: ``(n, d)``.
+    """
+    direction = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = rows.to(torch.float64) @ direction.to(rows.device)
+    return rows[torch.argsort(keys, stable=True)]
+
+
+def fit_reduction(
+    reference: torch.Tensor, method: str, dim: int, seed: int = 0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A map to ``dim`` dimensions fitted on the reference: ``"pca"`` (top principal components) or ``"random"``.
+
+    Features with at most ``dim`` dimensions are returned unchanged.
+
+    Args:
+        reference: The reference rows ``(n, d)``.
+        method: ``"pca"`` or ``"random"`` (a fixed Gaussian projection scaled by ``1/sqrt(dim)``).
+        dim: Target dimension.
+        seed: Seed of the random projection.
+    """
+    if reference.shape[1] <= dim:
+        return lambda rows: rows
+    if method == "pca":
+        mean = reference.mean(dim=0)
+        _, _, vh = torch.linalg.svd(reference - mean, full_matrices=False)
+        components = vh[:dim].T
+        return lambda rows: (rows - mean) @ components
+    generator = torch.Generator().manual_seed(seed)
+    projection = (torch.randn(reference.shape[1], dim, generator=generator) / math.sqrt(dim)).to(reference)
+    return lambda rows: rows @ projection
+
+
 def gaussian_kernel(z: torch.Tensor, bandwidth: float | None = None) -> tuple[torch.Tensor, float]:
     """The Gaussian kernel matrix ``exp(-|zi - zj|² / (2 s²))`` of the rows of ``z`` and its bandwidth ``s``.
 
@@ -81,6 +121,9 @@ def mmd_test(
 ) -> TestResult:
     """Kernel MMD two-sample test with a permutation p-value, computed on the device of ``x``.
 
+    The rows of each sample are put in a canonical order first (:func:`canonical_order`), so the result
+    depends only on the two samples as sets, the seed and the number of permutations.
+
     Args:
         x: The reference sample, ``(n, d)`` (or ``(n,)``).
         y: The current sample, ``(m, d)`` (or ``(m,)``).
@@ -93,7 +136,7 @@ def mmd_test(
     x, y = _check_samples(x, y)
     device = x.device
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = torch.cat([x.to(dtype), y.to(device=device, dtype=dtype)])
+    z = torch.cat([canonical_order(x.to(dtype)), canonical_order(y.to(device=device, dtype=dtype))])
     n, m = x.shape[0], y.shape[0]
     kernel, bandwidth = gaussian_kernel(z, bandwidth)
     weights = torch.cat([torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), -1.0 / m, dtype=dtype)]).to(device)

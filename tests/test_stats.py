@@ -7,7 +7,7 @@ import torch
 from scipy import stats as scipy_stats
 from sklearn.datasets import load_digits
 
-from lightning_phases.stats import PERMUTATION_CHUNK, gaussian_kernel, ks_test, mmd_test
+from lightning_phases.stats import PERMUTATION_CHUNK, canonical_order, gaussian_kernel, ks_test, mmd_test
 
 
 def digits() -> torch.Tensor:
@@ -19,7 +19,7 @@ def test_batched_permutations_equal_a_python_loop_over_the_same_permutations() -
     x, y = torch.randn(40, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.3
     result = mmd_test(x, y, n_permutations=300, seed=7)
 
-    kernel, _ = gaussian_kernel(torch.cat([x, y]))
+    kernel, _ = gaussian_kernel(torch.cat([canonical_order(x), canonical_order(y)]))
     w = torch.cat([torch.full((40,), 1 / 40), torch.full((30,), -1 / 30)])
     observed = float(w @ kernel @ w)
     perms = torch.Generator().manual_seed(7)
@@ -105,3 +105,21 @@ def test_bad_samples_are_refused_with_their_shapes(x: torch.Tensor, y: torch.Ten
         mmd_test(x, y)
     for word in words:
         assert word in str(raised.value)
+
+
+def test_mmd_p_value_depends_on_the_samples_not_their_row_order() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(60, 5, generator=gen), torch.randn(50, 5, generator=gen) + 0.2
+    shuffled = mmd_test(x[torch.randperm(60, generator=gen)], y[torch.randperm(50, generator=gen)], seed=9)
+    assert shuffled == mmd_test(x, y, seed=9)
+
+
+@pytest.mark.parametrize("method", ["pca", "random"])
+def test_reductions_keep_a_shift_detectable(method: str) -> None:
+    from lightning_phases.stats import fit_reduction
+
+    pool = digits()
+    x, y = pool[:300], pool[300:600] + 0.3 * torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    reduce = fit_reduction(x, method, 8)
+    assert reduce(x).shape == (300, 8)
+    assert mmd_test(reduce(x), reduce(y), n_permutations=200, seed=0).p_value < 0.01

@@ -4,5 +4,6 @@ from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.callbacks.loss_drop import LossDropSentinel
 from lightning_phases.callbacks.param_freeze import ParamFreezeAssertion
 from lightning_phases.callbacks.sandbox import SandboxCheck
+from lightning_phases.callbacks.shift import ShiftTracker
 
-__all__ = ["LossDropSentinel", "ParamFreezeAssertion", "PhaseCallback", "SandboxCheck"]
+__all__ = ["LossDropSentinel", "ParamFreezeAssertion", "PhaseCallback", "SandboxCheck", "ShiftTracker"]

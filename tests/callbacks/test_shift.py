@@ -1,0 +1,163 @@
+"""ShiftTracker in real Trainer runs on digits: quiet without shift, flags shifted test data, rates, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from digits import DigitsClassifier, DigitsDataModule
+from helpers import read_jsonl, small_trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_phases import ShiftTracker
+
+FAST = {"reference_size": 500, "n_permutations": 300}
+
+
+def events(root: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in read_jsonl(root / "phase_events.jsonl") if e["kind"] == kind]
+
+
+def fit_then_test(tmp_path: Path, tracker: ShiftTracker, shift: str, **trainer_args: Any) -> Path:
+    trainer = small_trainer(
+        [tracker],
+        max_epochs=2,
+        limit_train_batches=None,
+        limit_val_batches=None,
+        limit_test_batches=None,
+        default_root_dir=tmp_path,
+        **trainer_args,
+    )
+    model = DigitsClassifier()
+    trainer.fit(model, DigitsDataModule())
+    trainer.test(model, DigitsDataModule(test_shift=shift), verbose=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("shift", ["noise", "imbalance", "knockout"])
+def test_validation_is_quiet_and_a_shifted_test_split_is_flagged(tmp_path: Path, shift: str) -> None:
+    tracker = ShiftTracker(**FAST)
+    root = fit_then_test(tmp_path, tracker, shift)
+    tests = events(root, "shift_test")
+    validate = [e for e in tests if e["stage"] == "validate"]
+    assert len(validate) == 2 and not any(e["data"]["drift"] for e in validate)
+    [test] = [e for e in tests if e["stage"] == "test"]
+    assert test["data"]["drift"] and test["data"]["p_value"] < 0.05 and test["data"]["n_reference"] == 500
+    [detected] = events(root, "shift_detected")
+    assert detected["stage"] == "test" and detected["severity"] == "warning"
+    assert set(test["data"]) >= {"test", "statistic", "p_value", "n_reference", "n_current", "drift"}
+    rows = {row.stage: row for row in tracker.phase_observations()}
+    assert rows["validate"].verdict == "no shift" and rows["test"].verdict == "shift detected"
+    assert "false alarms expected under no shift: 0.10" in rows["validate"].detail
+
+
+def test_unshifted_test_split_is_not_flagged(tmp_path: Path) -> None:
+    root = fit_then_test(tmp_path, ShiftTracker(**FAST), "none")
+    assert events(root, "shift_detected") == []
+    assert len(events(root, "shift_test")) == 3
+
+
+def test_softmax_outputs_get_mmd_and_ks_and_module_features_are_recomputed(tmp_path: Path) -> None:
+    outputs = ShiftTracker(features="output", **FAST)
+    backbone = ShiftTracker(features="backbone", reduce="pca", reduce_dim=16, **FAST)
+    trainer = small_trainer([outputs, backbone], max_epochs=1, limit_train_batches=None, default_root_dir=tmp_path)
+    model = DigitsClassifier()
+    trainer.fit(model, DigitsDataModule())
+    trainer.test(model, DigitsDataModule(test_shift="knockout", shift_strength=0.5), verbose=False)
+    assert [(r["stage"], r["test"]) for r in outputs.results] == [
+        ("validate", "mmd"),
+        ("validate", "ks"),
+        ("test", "mmd"),
+        ("test", "ks"),
+    ]
+    assert all(r["n_reference"] == 500 for r in backbone.results)
+    assert any(r["drift"] for r in backbone.results if r["stage"] == "test")
+    assert not any(r["drift"] for r in backbone.results if r["stage"] == "validate")
+
+
+def test_predict_is_tested_in_windows_and_at_the_end(tmp_path: Path) -> None:
+    tracker = ShiftTracker(window_size=128, **FAST)
+    trainer = small_trainer(
+        [tracker], max_epochs=1, limit_train_batches=None, limit_predict_batches=None, default_root_dir=tmp_path
+    )
+    model = DigitsClassifier()
+    trainer.fit(model, DigitsDataModule())
+    trainer.predict(model, DigitsDataModule(test_shift="noise"))
+    predict = [r for r in tracker.results if r["stage"] == "predict"]
+    assert [r["window"] for r in predict] == [True, True, False]  # 297 samples: windows at 128 and 256, then 41
+    assert [r["n_current"] for r in predict] == [128, 128, 41]
+    [first] = [e for e in events(tmp_path, "shift_detected") if e["data"]["window"]][:1]
+    assert first["severity"] == "critical"  # predict's declared failure cost is high
+
+
+def test_test_only_run_takes_the_reference_from_the_training_loader(tmp_path: Path) -> None:
+    tracker = ShiftTracker(**FAST)
+    trainer = small_trainer([tracker], limit_test_batches=None, default_root_dir=tmp_path)
+    trainer.test(DigitsClassifier(), DigitsDataModule(test_shift="noise"), verbose=False)
+    [result] = tracker.results
+    assert result["n_reference"] == 500 and result["drift"]
+
+
+def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
+    trainer = small_trainer(
+        [ShiftTracker(**FAST)],
+        max_epochs=3,
+        limit_train_batches=20,
+        limit_val_batches=None,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=5,
+    )
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+    with open(Path(trainer.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    key = "phases/shift_tracker/"
+    rated = [r for r in rows if r.get(key + "shift_to_update_ratio")]
+    assert [int(r["step"]) for r in rated] == [40, 60]  # the 2nd and 3rd validations: rates need two
+    for row in rated:
+        assert float(row[key + "oversight_steps"]) == 20
+        assert float(row[key + "update_rate"]) > 0
+        ratio = float(row[key + "shift_rate"]) / float(row[key + "update_rate"])
+        assert float(row[key + "shift_to_update_ratio"]) == pytest.approx(ratio, rel=1e-4)
+    distance_steps = [r["step"] for r in rows if r.get(key + "shift_distance")]
+    assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmd_p_value")]
+    assert [int(s) for s in distance_steps] == [20, 40, 60]
+
+
+def test_unknown_module_name_lists_near_matches_before_any_step(tmp_path: Path) -> None:
+    trainer = small_trainer([ShiftTracker(features="backbon")], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"features='backbon' is not a submodule.*did you mean 'backbone'"):
+        trainer.fit(DigitsClassifier(), DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_features_that_change_dimension_fail_at_the_first_such_batch(tmp_path: Path) -> None:
+    calls = []
+
+    def ragged(batch: Any, outputs: Any) -> torch.Tensor:
+        calls.append(1)
+        return batch[0][:, : 10 + len(calls)]
+
+    trainer = small_trainer([ShiftTracker(features=ragged, **FAST)], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="changed dimension from 11 to 12"):
+        trainer.validate(DigitsClassifier(), DigitsDataModule(), verbose=False)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"reference_size": 1}, ["reference_size=1", "at least 2"]),
+        ({"alpha": 1.5}, ["alpha=1.5", "between 0 and 1"]),
+        ({"tests": ["mmd", "t-test"]}, ["tests", "'t-test'"]),
+        ({"reduce": "umap"}, ["reduce='umap'", "'pca'"]),
+        ({"reference_stage": "validate"}, ["reference_stage='validate'", "stages"]),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises((ValueError, TypeError)) as raised:
+        ShiftTracker(**kwargs)
+    for word in words:
+        assert word in str(raised.value)
