@@ -9,6 +9,7 @@ warning and never stops training.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -21,12 +22,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_phases.detectors.audit import suspended
 from lightning_phases.events import EVENT_LOG_NAME, FIELDS, EventLog, PhaseEvent
 from lightning_phases.phases import PhaseOverrides, PhaseTable, Stage
 from lightning_phases.report import REPORT_COLUMNS, REPORT_NAME, Observation, build_report, format_report, report_rows
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+def _unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a reporting method outside any active sandbox: reporting a violation is not one."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with suspended():
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class PhaseWarning(UserWarning):
@@ -329,6 +342,7 @@ class Reporter:
         if stage is not None and stage not in self.stages_run:
             self.stages_run.append(stage)
 
+    @_unjudged
     def emit(self, event: PhaseEvent) -> None:
         """Send ``event`` everywhere: disk first (fsync'd unless info), then loggers, W&B, console.
 
@@ -354,6 +368,7 @@ class Reporter:
         else:
             rank_zero_warn(text, category=PhaseWarning)
 
+    @_unjudged
     def log_metrics(self, callback: str, metrics: Mapping[str, float], step: int) -> None:
         """Send ``metrics`` to every attached Lightning logger under ``phases/<callback_snake>/<name>``.
 
@@ -368,6 +383,7 @@ class Reporter:
         for logger in self.trainer.loggers:
             self._guard(f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(keyed, step))
 
+    @_unjudged
     def log_table(self, callback: str, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """Log a table to W&B under ``phases/<callback_snake>/<name>`` (nothing without a ``WandbLogger``).
 
@@ -381,6 +397,7 @@ class Reporter:
         if self.is_writer and self.wandb is not None:
             self.wandb.table(metric_key(callback, name), columns, rows, step)
 
+    @_unjudged
     def save_plot(self, callback: str, name: str, draw: Callable[[Path], Path | None]) -> Path | None:
         """Draw a plot into the log directory (rank 0) and log it to W&B as an image.
 
@@ -415,6 +432,7 @@ class Reporter:
                 observations.append(Observation(obs.stage, obs.check, obs.verdict, obs.detail, source.name))
         return build_report(self.table, self.stages_run, observations, self.events)
 
+    @_unjudged
     def finish_call(self) -> None:
         """Write ``phase_report.json``, print the report, and log the W&B tables."""
         if not self.is_writer or self.log_dir is None:

@@ -38,3 +38,27 @@ def test_sandbox_violation_on_rank_one_reaches_the_event_log_of_rank_zero(tmp_pa
     assert [e["kind"] for e in rank1["held"]].count("sandbox_violation") == 1
     info = [e for e in events if e["kind"] == "sandbox_blind_spots"]
     assert any("torch.distributed process group (gloo)" in spot for spot in info[0]["data"]["blind_spots"])
+
+
+def test_shift_p_value_on_two_ranks_equals_the_single_process_p_value(tmp_path):
+    from digits import DigitsClassifier, DigitsDataModule
+    from helpers import small_trainer
+
+    from lightning_phases import ShiftTracker
+
+    run_script("ddp_shift.py", str(tmp_path), timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = ShiftTracker(reference_size=2000, n_permutations=500, track_rates=False)
+    trainer = small_trainer(
+        [single], limit_train_batches=None, limit_val_batches=None, default_root_dir=tmp_path / "one"
+    )
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+    [expected] = single.results
+    assert (expected["n_reference"], expected["n_current"]) == (1200, 300)
+    for results in ranks:  # every rank made the same test, on all the samples
+        [result] = results
+        assert (result["n_reference"], result["n_current"]) == (1200, 300)
+        assert result["p_value"] == expected["p_value"]
+        assert result["statistic"] == pytest.approx(expected["statistic"], rel=1e-6)
+    events = read_jsonl(tmp_path / "phase_events.jsonl")
+    assert [e["kind"] for e in events] == ["shift_test"]

@@ -73,6 +73,9 @@ class ShiftTracker(PhaseCallback):
             parameters, taken at each validation).
         seed: Seed of the reservoirs, the permutations and the random projection.
         phase_overrides: Changes to the declared-property table; see :class:`PhaseCallback`.
+
+    After each test, ``last_samples`` holds the ``(reference, current)`` rows it compared (gathered over
+    ranks, reduced if ``reduce`` is set), and ``results`` every test's outcome.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class ShiftTracker(PhaseCallback):
         self.results: list[dict[str, Any]] = []
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
+        self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -326,6 +330,7 @@ class ShiftTracker(PhaseCallback):
         if self.reduce is not None:
             project = fit_reduction(reference, self.reduce, self.reduce_dim, seed=self.seed)
             reference, current = project(reference), project(current)
+        self.last_samples = (reference, current)
         alpha_each = self.alpha / len(self.tests)
         distance = None
         for name in self.tests:

@@ -14,14 +14,18 @@ global rank 0 drains into the event log; each line is fsync'd before the operati
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import json
 import os
 import site
 import sys
 import sysconfig
+import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
@@ -31,7 +35,7 @@ from lightning_phases.exceptions import SandboxViolation
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PLUMBING = frozenset(
-    {"os", "tempfile", "shutil", "socket", "pathlib", "_pyio", "io", "contextlib", "genericpath", "posixpath"}
+    {"os", "tempfile", "shutil", "socket", "pathlib", "_pyio", "io", "codecs", "contextlib", "genericpath", "posixpath"}
 )
 _MULTIPROCESSING_DIR = os.path.dirname(os.path.abspath(__import__("multiprocessing").__file__))
 
@@ -126,7 +130,7 @@ class Session:
             frame: The frame that made the audited call.
         """
         escape = self.policy.check(event, args)
-        if escape is None or (escape.category == "write" and _library_write(frame, self.policy)):
+        if escape is None or (escape.category == "write" and _library_write(frame, self.policy, escape.target)):
             return None
         location, function = user_location(frame)
         in_child = os.getpid() != self.owner_pid
@@ -170,6 +174,21 @@ def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
         _busy.discard(ident)
     if judged is not None and judged[0].blocked:
         raise SandboxViolation(judged[0].message(), judged[1])
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Do not judge what this thread does inside the block: lightning-phases' own reporting (the event log,
+    loggers, W&B alerts and tables), which a sandboxed stage must not turn into violations of itself."""
+    ident = threading.get_ident()
+    if ident in _busy:
+        yield
+        return
+    _busy.add(ident)
+    try:
+        yield
+    finally:
+        _busy.discard(ident)
 
 
 def install() -> None:
@@ -253,12 +272,31 @@ def _owner(frame: FrameType | None) -> FrameType | None:
     return frame
 
 
-def _library_write(frame: FrameType | None, policy: SandboxPolicy) -> bool:
+@functools.cache
+def _package_dir(name: str) -> str:
+    """The installed package's directory (found without importing it), or a prefix no file has."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return "\0"
+    return os.path.dirname(os.path.realpath(spec.origin)) + os.sep
+
+
+def _wandb_staging_dirs() -> tuple[str, ...]:
+    """Where W&B stages tables, media and artifacts before its service uploads them (wandb is imported)."""
+    import wandb.env
+
+    dirs = [tempfile.gettempdir(), wandb.env.get_data_dir(), str(wandb.env.get_cache_dir())]
+    return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
+def _library_write(frame: FrameType | None, policy: SandboxPolicy, target: str) -> bool:
     """Whether a write outside the allowed directories is one the libraries make on the user's behalf.
 
-    Two are recognised, by the code that makes them, never by path alone: multiprocessing's own IPC temp
-    files (``pymp-*`` directories, the forkserver's socket), and fsspec's temp file for an atomic save
-    (Lightning's checkpoints) when the file it will become is under an allowed directory.
+    Three are recognised, by the code that makes them, never by path alone: multiprocessing's own IPC temp
+    files (``pymp-*`` directories, the forkserver's socket); fsspec's temp file for an atomic save
+    (Lightning's checkpoints) when the file it will become is under an allowed directory; and W&B's staging
+    of tables, media and artifacts in the system temp directory and its own data and cache directories,
+    from which its service uploads them.
     """
     owner = _owner(frame)
     if owner is None:
@@ -266,6 +304,8 @@ def _library_write(frame: FrameType | None, policy: SandboxPolicy) -> bool:
     filename = owner.f_code.co_filename
     if filename.startswith(_MULTIPROCESSING_DIR) and os.path.basename(filename) != "process.py":
         return True
+    if filename.startswith(_package_dir("wandb")):
+        return target.startswith(_wandb_staging_dirs())
     if filename.endswith(os.path.join("fsspec", "implementations", "local.py")):
         final = resolve_path(getattr(owner.f_locals.get("self"), "path", None))
         return final is not None and policy.write_allowed(final)

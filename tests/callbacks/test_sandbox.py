@@ -16,7 +16,7 @@ from helpers import read_jsonl, small_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_phases import SandboxCheck, SandboxViolation
+from lightning_phases import SandboxCheck, SandboxViolation, ShiftTracker
 
 
 class EscapeInStep(DigitsClassifier):
@@ -56,15 +56,17 @@ def test_clean_fit_validate_test_with_csv_wandb_and_checkpoints_has_no_violation
     sandbox = SandboxCheck()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     loggers = [WandbLogger(save_dir=tmp_path / "wandb", offline=True), CSVLogger(tmp_path / "csv")]
+    # ShiftTracker logs W&B tables inside the sandboxed stages, and so does the user's own code here.
     trainer = small_trainer(
-        [sandbox, checkpoints],
+        [sandbox, checkpoints, ShiftTracker(reference_size=100, n_permutations=50)],
         max_epochs=2,
         limit_train_batches=4,
         default_root_dir=tmp_path,
         logger=loggers,
         enable_checkpointing=True,
     )
-    model, data = DigitsClassifier(), DigitsDataModule(num_workers=2)
+    model = EscapeInStep(lambda: loggers[0].log_table("user_table", columns=["a"], data=[[1]]), where=("train",))
+    data = DigitsDataModule(num_workers=2)
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)
     trainer.test(model, data, verbose=False)
