@@ -172,6 +172,8 @@ class DigitsClassifier(pl.LightningModule):
             into blank border pixels, in training and validation (a label leak, for the demo); -1: never.
         tool_call: At the first validation batch of each run, call a local HTTP tool that the model starts
             in ``setup`` (a tool-using model reaching outside the sandbox, for the demo); logs ``val_tool_ok``.
+        mutate_in_test: At the first test batch, nudge the head's weights in place, as a buggy test step or
+            test-time adaptation left on by mistake would (for the demo).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class DigitsClassifier(pl.LightningModule):
         freeze_backbone: bool = False,
         leak_label_from_step: int = -1,
         tool_call: bool = False,
+        mutate_in_test: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -235,6 +238,9 @@ class DigitsClassifier(pl.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.hparams.mutate_in_test and batch_idx == 0:
+            with torch.no_grad():
+                self.head.weight.mul_(1.001)
         self._step(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

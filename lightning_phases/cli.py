@@ -1,0 +1,85 @@
+"""The ``lightning-phases`` command: ``lightning-phases report <run dir or phase_events.jsonl> [--html page.html]``.
+
+It prints a finished (or crashed) run's phase report and events, for users without W&B and for CI logs,
+and can write the same as one self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_phases.events import EVENT_LOG_NAME, read_events
+from lightning_phases.html_report import render_html
+from lightning_phases.report import REPORT_NAME, format_report
+
+
+def find_event_log(path: Path) -> Path:
+    """The event log at ``path``: the file itself, or the one log under a directory.
+
+    Args:
+        path: A ``phase_events.jsonl`` file or a run directory.
+    """
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a file nor a directory")
+    found = sorted(path.rglob(EVENT_LOG_NAME))
+    if not found:
+        raise FileNotFoundError(f"no {EVENT_LOG_NAME} under {path}")
+    if len(found) > 1:
+        listing = "\n  ".join(str(p) for p in found)
+        raise FileNotFoundError(f"{len(found)} event logs under {path}; name one of them:\n  {listing}")
+    return found[0]
+
+
+def report(path: Path, html_out: Path | None) -> str:
+    """The text of ``lightning-phases report``; writes the HTML page too when ``html_out`` is given.
+
+    Args:
+        path: A run directory or a ``phase_events.jsonl`` file.
+        html_out: Where to write the HTML page, or ``None``.
+    """
+    log = find_event_log(path)
+    events = read_events(log)
+    report_file = log.with_name(REPORT_NAME)
+    phase_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
+    lines = [format_report(phase_report) if phase_report else f"(no {REPORT_NAME} beside {log})", ""]
+    lines.append(f"Events ({len(events)}) from {log}")
+    for e in events:
+        lines.append(
+            f"{e.time}  {e.severity.upper():8} {e.callback} {e.kind} (stage={e.stage}, step={e.global_step}, "
+            f"rank={e.rank}): {e.message}"
+        )
+    if html_out is not None:
+        images = sorted(log.parent.glob("*.png"))
+        html_out.write_text(render_html(phase_report, events, images, title=str(log.parent)), encoding="utf-8")
+        lines.append(f"HTML report: {html_out}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-phases`` console script.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` by default).
+    """
+    parser = argparse.ArgumentParser(prog="lightning-phases", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("report", help="print a run's phase report and events; optionally write HTML")
+    show.add_argument("path", type=Path, help="a run directory or a phase_events.jsonl file")
+    show.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML page here")
+    args = parser.parse_args(argv)
+    try:
+        print(report(args.path, args.html))
+    except FileNotFoundError as error:
+        print(f"lightning-phases report: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
