@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import in_fresh_interpreter, median_step_seconds
+
 EVENTS = 1_000_000
 OPENS = 20_000
 STEPS = 400
@@ -52,64 +54,30 @@ MODELS = {"small": ({"hidden": 128}, {"batch_size": 32}), "wide": ({"hidden": 20
 
 
 def step_time(mode: str) -> dict[str, float]:
-    """Median seconds between consecutive training batch starts (the whole step), per model size.
+    """Median seconds per training step, per model size.
 
     ``mode`` is ``bare``, ``hook`` (audit hook installed, no sandbox active) or ``sandbox`` (SandboxCheck).
     """
-    import lightning.pytorch as pl
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from digits import DigitsClassifier, DigitsDataModule
-
     from lightning_phases import SandboxCheck
-
-    class StepClock(pl.Callback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-
-        def on_train_batch_start(self, *args: object) -> None:
-            self.starts.append(time.perf_counter())
 
     if mode == "hook":
         from lightning_phases.detectors import audit
 
         audit.install()
-    result = {}
-    for name, (model_args, data_args) in MODELS.items():
-        clock = StepClock()
-        callbacks: list[pl.Callback] = [clock] + ([SandboxCheck()] if mode == "sandbox" else [])
-        trainer = pl.Trainer(
-            max_steps=STEPS,
-            max_epochs=-1,
-            limit_val_batches=0,
-            logger=False,
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            default_root_dir=tempfile.mkdtemp(),
-        )
-        trainer.fit(DigitsClassifier(**model_args), DigitsDataModule(**data_args))
-        gaps = [b - a for a, b in zip(clock.starts[50:], clock.starts[51:], strict=False)]
-        result[name] = statistics.median(gaps)
-    return result
-
-
-def child(kind: str, mode: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, __file__, kind, mode], capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        name: median_step_seconds([SandboxCheck()] if mode == "sandbox" else [], model_args, data_args, STEPS)
+        for name, (model_args, data_args) in MODELS.items()
+    }
 
 
 def main() -> None:
     import torch
 
-    events = {mode: child("event", mode) for mode in ("none", "installed", "active")}
+    events = {mode: in_fresh_interpreter(__file__, "event", mode) for mode in ("none", "installed", "active")}
     runs: dict[str, list[dict[str, float]]] = {"bare": [], "hook": [], "sandbox": []}
     for _ in range(RUNS):
         for mode, results in runs.items():
-            results.append(child("step", mode))
+            results.append(in_fresh_interpreter(__file__, "step", mode))
 
     print(f"# SandboxCheck cost, Python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print()

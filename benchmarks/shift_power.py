@@ -75,9 +75,12 @@ def main() -> None:
                 detector = torchdrift.detectors.KernelMMDDriftDetector(n_perm=1000)
                 detector.fit(reference)
                 theirs.append(float(detector.compute_p_value(current)) < ALPHA)
-        table.append(
-            (name, statistics.mean(ours), statistics.mean(theirs) if theirs else None, statistics.mean(ks_output))
+        only = (
+            sum(a and not b for a, b in zip(ours, theirs, strict=False)),
+            sum(b and not a for a, b in zip(ours, theirs, strict=False)),
         )
+        rates = (statistics.mean(ours), statistics.mean(theirs) if theirs else None, statistics.mean(ks_output))
+        table.append((name, *rates, only))
 
     print(f"# Rejection rate at alpha={ALPHA}, n = m = 100, {repeats} Trainer runs per row; torch {torch.__version__}")
     print(
