@@ -22,6 +22,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+td:last-child { overflow-wrap: anywhere; width: 32%; font-family: monospace; font-size: 0.85em; }
 th { background: #f0f0f0; }
 tr.warning td { background: #fff6dd; } tr.critical td { background: #fde2e2; }
 .muted { color: #777; } img { max-width: 100%; border: 1px solid #ddd; }

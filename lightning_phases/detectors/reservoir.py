@@ -1,7 +1,8 @@
-"""A uniform reservoir sample of rows, kept on the device of the rows (Vitter's Algorithm R, batched)."""
+"""A uniform reservoir sample of rows, kept on the device of the rows (Vitter's Algorithm R)."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -10,9 +11,9 @@ import torch
 class Reservoir:
     """Keeps a uniform random sample of at most ``capacity`` of all rows ever added.
 
-    Each added row ends up in the sample with probability ``capacity / seen``, as in Algorithm R; a batch of
-    rows is placed with one vectorised draw (rows of one batch that pick the same slot keep the last, as the
-    sequential algorithm would).
+    Each added row ends up in the sample with probability ``capacity / seen``, as in Algorithm R. Rows are
+    copied in slices while the reservoir fills; after that, slots are drawn per row on the host (a few
+    microseconds for a batch) and the accepted rows are copied with one indexed assignment.
 
     Args:
         capacity: The most rows kept.
@@ -22,7 +23,7 @@ class Reservoir:
     def __init__(self, capacity: int, seed: int = 0) -> None:
         self.capacity = capacity
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self._random = random.Random(seed)
         self.rows: torch.Tensor | None = None
         self.seen = 0
 
@@ -46,29 +47,31 @@ class Reservoir:
             rows: The rows; their width must stay the same between calls.
         """
         rows = rows.detach()
-        if rows.shape[0] == 0:
+        count = rows.shape[0]
+        if count == 0:
             return
         if self.rows is None:
             self.rows = torch.empty((self.capacity, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-        index = torch.arange(self.seen, self.seen + rows.shape[0])
-        slot = (torch.rand(rows.shape[0], generator=self.generator, dtype=torch.float64) * (index + 1)).long()
-        slot = torch.where(index < self.capacity, index, slot)
-        keep = slot < self.capacity
-        slot, order = slot[keep], torch.arange(rows.shape[0])[keep]
-        if slot.numel():
-            ranked = torch.argsort(slot * rows.shape[0] + order)  # by slot, then arrival
-            slot, order = slot[ranked], order[ranked]
-            last = torch.ones_like(slot, dtype=torch.bool)
-            last[:-1] = slot[1:] != slot[:-1]
-            self.rows[slot[last].to(self.rows.device)] = rows[order[last].to(rows.device)].to(self.rows.dtype)
-        self.seen += rows.shape[0]
+        filled = min(max(self.capacity - self.seen, 0), count)
+        if filled:
+            self.rows[self.seen : self.seen + filled] = rows[:filled]
+        if filled < count:
+            chosen: dict[int, int] = {}  # slot -> row; a later row taking the same slot wins, as in Algorithm R
+            for index in range(filled, count):
+                slot = self._random.randrange(self.seen + index + 1)
+                if slot < self.capacity:
+                    chosen[slot] = index
+            if chosen:
+                slots = torch.tensor(list(chosen), device=self.rows.device)
+                self.rows[slots] = rows[torch.tensor(list(chosen.values()), device=rows.device)].to(self.rows.device)
+        self.seen += count
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the sample after a restart."""
         return {
             "rows": None if self.rows is None else self.sample.cpu(),
             "seen": self.seen,
-            "generator": self.generator.get_state(),
+            "random": self._random.getstate(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -78,7 +81,7 @@ class Reservoir:
             state: What :meth:`state_dict` returned.
         """
         self.seen = int(state["seen"])
-        self.generator.set_state(state["generator"])
+        self._random.setstate(state["random"])
         saved = state["rows"]
         self.rows = None
         if saved is not None:

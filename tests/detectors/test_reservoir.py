@@ -1,0 +1,39 @@
+"""The reservoir sample: uniform inclusion, slices while filling, and an exact continuation after a restart."""
+
+import torch
+
+from lightning_phases.detectors.reservoir import Reservoir
+
+
+def test_every_row_is_kept_with_probability_capacity_over_seen():
+    counts = torch.zeros(100)
+    runs = 3000
+    for seed in range(runs):
+        reservoir = Reservoir(10, seed=seed)
+        for start in range(0, 100, 7):  # uneven batches, the last one short
+            reservoir.add(torch.arange(start, min(start + 7, 100)).float()[:, None])
+        assert len(reservoir) == 10 and len(set(reservoir.sample[:, 0].tolist())) == 10
+        counts[reservoir.sample[:, 0].long()] += 1
+    expected = runs * 10 / 100  # 300, binomial standard deviation ~16.4
+    assert (counts - expected).abs().max() < 5 * 16.4
+    assert counts[:50].sum() / counts.sum() > 0.45  # early rows are not favoured or starved
+    assert counts[:50].sum() / counts.sum() < 0.55
+
+
+def test_rows_are_kept_in_order_until_the_reservoir_is_full():
+    reservoir = Reservoir(8)
+    reservoir.add(torch.arange(5).float()[:, None])
+    reservoir.add(torch.arange(5, 8).float()[:, None])
+    assert reservoir.sample[:, 0].tolist() == list(range(8)) and reservoir.seen == 8
+
+
+def test_state_dict_continues_exactly():
+    first, second = Reservoir(16, seed=3), Reservoir(16, seed=99)
+    batches = [torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    for batch in batches[:6]:
+        first.add(batch)
+    second.load_state_dict(first.state_dict())
+    for batch in batches[6:]:
+        first.add(batch)
+        second.add(batch)
+    assert torch.equal(first.sample, second.sample) and first.seen == second.seen == 72
