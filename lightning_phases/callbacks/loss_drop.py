@@ -123,10 +123,12 @@ class LossDropSentinel(PhaseCallback):
         self.flags: list[tuple[int, str, float]] = []
         self._warned_missing = False
         self._warned_plot = False
+        # Lightning asks for the key several times per step; it depends only on arguments fixed here.
+        self._state_key = self._generate_state_key(monitor=self.monitor, direction=self.direction)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, direction=self.direction)
+        return self._state_key
 
     # Collecting values --------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from lightning_phases.validation import check_choice
 
 Mode = Literal["block", "warn"]
 SPOOL_NAME = "sandbox_spool.jsonl"
+#: Seconds between two looks at the spool file during a stage.
+SPOOL_POLL_S = 1.0
 
 #: What an audit hook cannot see in any run.
 ALWAYS_BLIND = (
@@ -108,6 +111,7 @@ class SandboxCheck(PhaseCallback):
         self._spool_path: str | None = None
         self._spool: SpoolReader | None = None
         self._patched: Any = None
+        self._last_drain = 0.0
 
     # Lightning hooks ----------------------------------------------------------------------------------------
 
@@ -146,10 +150,10 @@ class SandboxCheck(PhaseCallback):
             self._activate(trainer, self._stack[-1])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._drain(trainer)
+        self._drain_now_and_then(trainer)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._drain(trainer)
+        self._drain_now_and_then(trainer)
 
     on_test_batch_end = on_validation_batch_end
     on_predict_batch_end = on_validation_batch_end
@@ -210,6 +214,15 @@ class SandboxCheck(PhaseCallback):
         if not trainer.is_global_zero and self._spool_path is not None:
             audit.write_spool(self._spool_path, violation)  # global rank 0 writes the event log
         return event
+
+    def _drain_now_and_then(self, trainer: pl.Trainer) -> None:
+        """Move other processes' violations into the event log at most once a second during a stage.
+
+        Stage ends, exceptions and teardown always drain, so nothing waits longer than that."""
+        now = time.monotonic()
+        if now - self._last_drain >= SPOOL_POLL_S:
+            self._last_drain = now
+            self._drain(trainer)
 
     def _drain(self, trainer: pl.Trainer) -> None:
         if self._spool is None:

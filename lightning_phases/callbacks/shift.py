@@ -130,11 +130,15 @@ class ShiftTracker(PhaseCallback):
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
+        name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
+        # Lightning asks for the key several times per step; it depends only on arguments fixed here.
+        self._state_key = self._generate_state_key(
+            features=name, reference_stage=self.reference_stage, stages=self.stages
+        )
 
     @property
     def state_key(self) -> str:
-        features = self.features if isinstance(self.features, str) else getattr(self.features, "__qualname__", "fn")
-        return self._generate_state_key(features=features, reference_stage=self.reference_stage, stages=self.stages)
+        return self._state_key
 
     # Lightning hooks ----------------------------------------------------------------------------------------
 
