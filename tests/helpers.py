@@ -116,16 +116,23 @@ def leet_records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a child Python process that must start its own W&B service.
+
+    W&B hands its service address to child processes in ``WANDB_SERVICE``; a child that used the parent's
+    service would write its run through a service that the parent's tests tear down.
+    """
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+
+
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run ``tests/scripts/<script>`` in a fresh interpreter; fail with its output if it fails."""
-    # W&B hands its service address to child processes in WANDB_SERVICE; a script must start its own.
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scripts" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=child_env(),
     )
     assert result.returncode == 0, f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, child_env
 from train import main
 
 import lightning_phases
@@ -26,6 +26,7 @@ def cli(*args, cwd=None):
         text=True,
         timeout=300,
         cwd=cwd,
+        env=child_env(),
     )
 
 

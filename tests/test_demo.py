@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, leet_records, read_jsonl, run_script, wandb_run_dir
+from helpers import ROOT, child_env, leet_records, read_jsonl, run_script, wandb_run_dir
 
 from lightning_phases.cli import main as report_main
 
@@ -42,6 +42,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         text=True,
         timeout=600,
         cwd=root,
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = wandb_run_dir(root)
