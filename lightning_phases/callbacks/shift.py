@@ -193,16 +193,7 @@ class ShiftTracker(PhaseCallback):
     ) -> None:
         self._collect(trainer, outputs, batch)
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collect(trainer, outputs, batch)
+    on_test_batch_end = on_validation_batch_end
 
     def on_predict_batch_end(
         self,
@@ -213,7 +204,7 @@ class ShiftTracker(PhaseCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(trainer, outputs, batch)
+        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         if self.window_size and current_stage(trainer) in self.stages and self._window_seen >= self.window_size:
             self._test(trainer, pl_module, "predict", window=True)
             self._current.reset()  # type: ignore[union-attr]
