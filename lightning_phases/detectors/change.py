@@ -37,6 +37,13 @@ _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units o
 _MIN_SIGMA = 1e-3  # in log units: a 0.1% relative wiggle; keeps perfectly smooth curves from dividing by 0
 
 
+def _median(values: list[float]) -> float:
+    """The median of a non-empty list (``statistics.median`` without its generality, on the hot path)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one update that found something.
@@ -157,10 +164,12 @@ class DropDetector:
     def _line(self, values: list[float]) -> tuple[float, float, float, float]:
         """Robust line through ``values``: slope, intercept, sigma (from the MAD) and the latest level."""
         half = len(values) // 2
-        slope = (statistics.median(values[-half:]) - statistics.median(values[:half])) / (len(values) - half)
-        intercept = statistics.median(v - slope * t for t, v in enumerate(values))
-        mad = statistics.median(abs(v - intercept - slope * t) for t, v in enumerate(values))
-        latest = statistics.median(values[-self.persistence :])
+        slope = (_median(values[-half:]) - _median(values[:half])) / (len(values) - half)
+        steps = range(len(values))
+        residuals = [v - slope * t for t, v in zip(steps, values, strict=True)]
+        intercept = _median(residuals)
+        mad = _median([abs(r - intercept) for r in residuals])
+        latest = _median(values[-self.persistence :])
         return slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest
 
     def _bounds(self, sigma: float) -> tuple[float, float]:
@@ -200,8 +209,8 @@ class DropDetector:
         slope, intercept, sigma, latest = self._fit()
         start = len(self.baseline)
         forecasts = [intercept + slope * (start + j) for j in range(len(self.recent))]
-        below = statistics.median(x - min(f, latest) for x, f in zip(self.recent, forecasts, strict=True))
-        above = statistics.median(x - max(f, latest) for x, f in zip(self.recent, forecasts, strict=True))
+        below = _median([x - min(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
+        above = _median([x - max(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
         standard_error = sigma * _MEDIAN_SE / math.sqrt(len(self.recent))
         below_bound, above_bound = self._bounds(sigma)
         dropped = below < -below_bound
