@@ -106,7 +106,8 @@ class SandboxCheck(PhaseCallback):
         self.blind_spots: list[str] = []
         self._trainer: weakref.ref[pl.Trainer] | None = None
         self._stack: list[Stage] = []
-        self._seen: Counter[tuple[str, ...]] = Counter()
+        self._seen: Counter[tuple[str, ...]] = Counter()  # this Trainer call's attempts, per escape
+        self._seen_before: Counter[tuple[str, ...]] = Counter()  # earlier calls' attempts, for the report
         self._started: Counter[Stage] = Counter()
         self._spool_path: str | None = None
         self._spool: SpoolReader | None = None
@@ -119,6 +120,8 @@ class SandboxCheck(PhaseCallback):
         super().setup(trainer, pl_module, stage)
         self._trainer = weakref.ref(trainer)
         self._stack.clear()
+        self._seen_before += self._seen  # each Trainer call reports each escape again
+        self._seen = Counter()
         self.policy.resolve_names()
         log_dir = self.reporter.log_dir if trainer.is_global_zero else None
         spool = trainer.strategy.broadcast(str(log_dir / SPOOL_NAME) if log_dir is not None else None, src=0)
@@ -177,7 +180,7 @@ class SandboxCheck(PhaseCallback):
             if not self._started[stage]:
                 continue
             events = [e for e in self.events if e.kind == "sandbox_violation" and e.stage == stage]
-            attempts = sum(n for key, n in self._seen.items() if key[-1] == stage)
+            attempts = sum(n for key, n in (self._seen_before + self._seen).items() if key[-1] == stage)
             verdict = "violated" if events else "verified"
             done = "blocked" if self.mode == "block" else "allowed (warn)"
             detail = f"audit hook ({self.mode}), {len(events)} violation(s)"

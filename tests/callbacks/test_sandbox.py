@@ -264,3 +264,14 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], error: type,
         SandboxCheck(**kwargs)
     for word in words:
         assert word in str(raised.value)
+
+
+def test_each_trainer_call_reports_the_escape_again(tmp_path: Path) -> None:
+    sandbox = SandboxCheck(mode="warn")
+    trainer = small_trainer([sandbox], default_root_dir=tmp_path / "root")
+    model = EscapeInStep(functools.partial(helpers.write_file, str(tmp_path / "outside.txt")))
+    trainer.validate(model, DigitsDataModule(), verbose=False)
+    trainer.validate(model, DigitsDataModule(), verbose=False)
+    assert [e.stage for e in sandbox.events if e.kind == "sandbox_violation"] == ["validate", "validate"]
+    [row] = sandbox.phase_observations()
+    assert "2 violation(s), 2 attempt(s)" in row.detail
