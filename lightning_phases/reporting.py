@@ -224,14 +224,8 @@ class WandbSink:
             step: The Trainer's global step.
         """
         rows = [[json.dumps(value) if name == "data" else value for name, value in e.to_dict().items()] for e in events]
-        self._guard(
-            "W&B events table",
-            lambda: self.logger.log_table("phases/events", columns=list(FIELDS), data=rows, step=step),
-        )
-        self._guard(
-            "W&B phase report table",
-            lambda: self.logger.log_table("phases/report", columns=REPORT_COLUMNS, data=report_rows(report), step=step),
-        )
+        self.table("phases/events", list(FIELDS), rows, step)
+        self.table("phases/report", REPORT_COLUMNS, report_rows(report), step)
 
 
 def resolve_log_dir(trainer: pl.Trainer) -> Path:

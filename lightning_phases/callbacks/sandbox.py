@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors import audit
-from lightning_phases.detectors.audit import SandboxedWorkerInit, Session, SpoolReader, Violation
+from lightning_phases.detectors.audit import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
 from lightning_phases.detectors.sandbox_policy import (
     SandboxPolicy,
     check_programs,
@@ -232,7 +232,7 @@ class SandboxCheck(PhaseCallback):
             return
         for record in self._spool.read_new():
             data = record["data"]
-            self._seen[(data["category"], data["target"], data["location"], data["process"], data["stage"])] += 1
+            self._seen[escape_key(data)] += 1
             self.emit(trainer, "sandbox_violation", record["message"], data, stage=data["stage"], rank=data["rank"])
 
     def _finish(self, trainer: pl.Trainer) -> None:

@@ -130,10 +130,11 @@ class ShiftTracker(PhaseCallback):
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
-        name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
+        self._features_name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
+        self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         # Lightning asks for the key several times per step; it depends only on arguments fixed here.
         self._state_key = self._generate_state_key(
-            features=name, reference_stage=self.reference_stage, stages=self.stages
+            features=self._features_name, reference_stage=self.reference_stage, stages=self.stages
         )
 
     @property
@@ -287,7 +288,12 @@ class ShiftTracker(PhaseCallback):
             self._reference_from_loader(trainer.datamodule.train_dataloader())  # test/predict without a fit
         local = self._reference.sample
         if local is not None and self._tap is not None:
-            local = self._recompute(pl_module, local)
+            # The same reference rows and weights give the same features: predict windows reuse them. Only
+            # this rank's work is cached; the gather below runs at every test on every rank alike.
+            key = (self._reference.version, trainer.global_step)
+            if self._reference_cache is None or self._reference_cache[0] != key:
+                self._reference_cache = (key, self._recompute(pl_module, local))
+            local = self._reference_cache[1]
         return _gather_rows(trainer, local)
 
     def _reference_from_loader(self, loader: Any) -> None:
@@ -336,6 +342,9 @@ class ShiftTracker(PhaseCallback):
             else:
                 result = ks_test(reference, current)
             self._report(trainer, stage, result, alpha_each, window)
+        columns = ["stage", "step", "test", "statistic", "p_value", "n_reference", "n_current", "drift"]
+        rows = [[r[c] for c in columns] for r in self.results]
+        self.reporter.log_table(self.name, "tests", columns, rows, trainer.global_step)
         if stage == "validate" and trainer.state.fn == TrainerFn.FITTING and self.track_rates:
             self._log_rates(trainer, pl_module, distance)
 
@@ -349,9 +358,7 @@ class ShiftTracker(PhaseCallback):
             "n_current": result.n_current,
             "drift": drift,
             "alpha": alpha_each,
-            "features": self.features
-            if isinstance(self.features, str)
-            else getattr(self.features, "__name__", "callable"),
+            "features": self._features_name,
             "window": window,
             "tests_so_far": self.n_tests,
         }
@@ -381,10 +388,6 @@ class ShiftTracker(PhaseCallback):
                 data,
                 stage=stage,
             )
-        columns = ["stage", "step", "test", "statistic", "p_value", "n_reference", "n_current", "drift"]
-        self.reporter.log_table(
-            self.name, "tests", columns, [[r[c] for c in columns] for r in self.results], trainer.global_step
-        )
 
     def _log_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule, distance: float | None) -> None:
         params = torch.cat([p.detach().flatten().float() for p in pl_module.parameters() if p.requires_grad])
@@ -404,7 +407,7 @@ class ShiftTracker(PhaseCallback):
                 metrics["shift_rate"] = shift_rate
                 if update_rate > 0:
                     metrics["shift_to_update_ratio"] = shift_rate / update_rate
-        self._params_snapshot = params.clone()
+        self._params_snapshot = params  # torch.cat made a copy
         self._last_validation = {"step": step, "distance": distance}
         if metrics:
             self.log_metrics(trainer, metrics)

@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
@@ -38,6 +38,12 @@ _PLUMBING = frozenset(
     {"os", "tempfile", "shutil", "socket", "pathlib", "_pyio", "io", "codecs", "contextlib", "genericpath", "posixpath"}
 )
 _MULTIPROCESSING_DIR = os.path.dirname(os.path.abspath(__import__("multiprocessing").__file__))
+
+
+def escape_key(data: Mapping[str, Any]) -> tuple[str, str, str, str, str]:
+    """What makes two violations the same escape, from their event ``data``: category, target, location,
+    process and stage."""
+    return (data["category"], data["target"], data["location"], data["process"], data["stage"])
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,8 @@ class Violation:
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
-        """What makes two violations the same escape: category, target, location, process and stage."""
-        return (self.escape.category, self.escape.target, self.location, self.process, self.stage)
+        """What makes two violations the same escape (see :func:`escape_key`)."""
+        return escape_key(self.data())
 
     def message(self) -> str:
         """One sentence: what, where, when, and how to allow it."""

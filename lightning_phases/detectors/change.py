@@ -24,7 +24,6 @@ whole series by a positive constant changes no decision:
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,7 +37,7 @@ _MIN_SIGMA = 1e-3  # in log units: a 0.1% relative wiggle; keeps perfectly smoot
 
 
 def _median(values: list[float]) -> float:
-    """The median of a non-empty list (``statistics.median`` without its generality, on the hot path)."""
+    """The median of a non-empty list (like ``statistics.median``, without its generality: this is the hot path)."""
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
@@ -218,9 +217,7 @@ class DropDetector:
             old_slope, old_intercept, old_sigma, old_latest = self._line(list(self.older))
             ahead = len(self.older) + start  # the recent values' positions, counted from the older window
             old_forecasts = [old_intercept + old_slope * (ahead + j) for j in range(len(self.recent))]
-            long_below = statistics.median(
-                x - min(f, old_latest) for x, f in zip(self.recent, old_forecasts, strict=True)
-            )
+            long_below = _median([x - min(f, old_latest) for x, f in zip(self.recent, old_forecasts, strict=True)])
             if long_below < -self._bounds(max(old_sigma, sigma))[0]:
                 dropped, below, forecasts = True, long_below, old_forecasts
         spiked = above > above_bound
@@ -236,7 +233,7 @@ class DropDetector:
         if kind is None:
             return None
         forecast_log = forecasts[-1]
-        level = math.exp(statistics.median(self.recent))
+        level = math.exp(_median(list(self.recent)))
         onset = self.seen - len(self.recent)
         verdict = Verdict(
             kind, value, math.exp(forecast_log), level, score, self.threshold, math.expm1(level_residual), onset

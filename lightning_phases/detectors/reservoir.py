@@ -26,6 +26,7 @@ class Reservoir:
         self._random = random.Random(seed)
         self.rows: torch.Tensor | None = None
         self.seen = 0
+        self.version = 0  # changes whenever the kept rows may have changed
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
@@ -39,6 +40,7 @@ class Reservoir:
         """Forget every row (the draws continue from where they were)."""
         self.rows = None
         self.seen = 0
+        self.version += 1
 
     def add(self, rows: torch.Tensor) -> None:
         """Offer a batch of rows ``(b, d)`` to the sample.
@@ -65,6 +67,7 @@ class Reservoir:
                 slots = torch.tensor(list(chosen), device=self.rows.device)
                 self.rows[slots] = rows[torch.tensor(list(chosen.values()), device=rows.device)].to(self.rows.device)
         self.seen += count
+        self.version += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the sample after a restart."""
@@ -81,6 +84,7 @@ class Reservoir:
             state: What :meth:`state_dict` returned.
         """
         self.seen = int(state["seen"])
+        self.version += 1
         self._random.setstate(state["random"])
         saved = state["rows"]
         self.rows = None
