@@ -29,6 +29,10 @@ ACTIONS = ("alert", "checkpoint", "suspend", "raise")
 STEP_DEFAULTS: dict[str, Any] = {"window": 50, "persistence": 8, "warmup": 100, "long_horizon": False}
 VALIDATION_DEFAULTS: dict[str, Any] = {"window": 12, "persistence": 2, "warmup": 6, "long_horizon": True}
 CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkpoints)
+# A learning rate counts as changed once some param group's rate moved by more than this (relative) from the
+# last recorded rates: a step cut or a restart does, the small per-step moves of a long cosine or linear
+# schedule do not (until they add up to it).
+LR_CHANGE = 0.1
 
 
 class LossDropSentinel(PhaseCallback):
@@ -37,9 +41,10 @@ class LossDropSentinel(PhaseCallback):
     Each value is judged by a robust, trend-aware, scale-free detector
     (:class:`lightning_phases.detectors.change.DropDetector`): in log space, against a robust line through
     recent history, with persistence and a warm-up, so the fast descent at the start of training, ordinary
-    noise and a spike's recovery are never flagged. A flagged drop says what coincided with it: a change of
-    any optimizer param group's learning rate, or of the set of trainable parameters (an unfreeze), since
-    the deviation began. Values are kept on the device and checked every ``check_every_n_steps`` steps,
+    noise and a spike's recovery are never flagged. A flagged drop says what coincided with it, within the
+    detection window: a change of any optimizer param group's learning rate by more than 10% (a step cut, a
+    restart; not the small per-step moves of a long cosine schedule), or of the set of trainable parameters
+    (an unfreeze). Values are kept on the device and checked every ``check_every_n_steps`` steps,
     averaged over all ranks first, so every rank makes the same decision with one host synchronisation
     per check.
 
@@ -115,7 +120,8 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric: Any = None
         self._context: deque[tuple[int, int]] = deque()  # (value index, global step) of recent values
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
-        self._last_rates: tuple[float, ...] | None = None
+        self._last_rates: tuple[float, ...] | None = None  # the rates at the last recorded change
+        self._rates_now: tuple[float, ...] = ()
         self._last_trainable: int | None = None
         self._quiet_until: dict[str, int] = {}
         self.checked = 0
@@ -151,11 +157,13 @@ class LossDropSentinel(PhaseCallback):
             self._check(trainer, pl_module, "step", "train")
 
     def _note_rates(self, trainer: pl.Trainer) -> None:
-        """Record a learning-rate change with its step (host-side floats: no synchronisation)."""
-        rates = _learning_rates(trainer)
-        if self._last_rates is not None and rates != self._last_rates:
+        """Record a learning-rate change of more than ``LR_CHANGE`` with its step (host-side floats: no sync)."""
+        rates = self._rates_now = _learning_rates(trainer)
+        if self._last_rates is None:
+            self._last_rates = rates
+        elif rates != self._last_rates and _rates_moved(self._last_rates, rates):
             self._changes.append((trainer.global_step, "lr", self._last_rates, rates))
-        self._last_rates = rates
+            self._last_rates = rates
 
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record a change of the number of trainable tensors (checked once per check, not per step)."""
@@ -279,13 +287,14 @@ class LossDropSentinel(PhaseCallback):
         return next((c for c in self._context if c[0] >= index), self._context[0])
 
     def _explain(self, onset: int) -> dict[str, Any]:
-        """Learning-rate and trainable-set changes since shortly before the deviation began, until now.
+        """Learning-rate and trainable-set changes within the detection window, until now.
 
-        The onset is where the evidence window of the decision begins, a few values after the true onset;
-        changes from ``2 * persistence`` values before it count as coinciding.
+        The onset is where the evidence window of the decision begins; a drop that unfolds over several
+        values is decided some values after it began. Changes since ``window`` values before the onset (the
+        span the forecast was fitted on) count as coinciding.
         """
         assert self.detector is not None
-        since = self._context_at(onset - 2 * self.detector.persistence)[1]
+        since = self._context_at(onset - self.detector.window)[1]
         recent = [change for change in self._changes if change[0] >= since]
         rates = [change for change in recent if change[1] == "lr"]
         trainable = [change for change in recent if change[1] == "trainable"]
@@ -297,7 +306,7 @@ class LossDropSentinel(PhaseCallback):
                 f"a change of the trainable parameters ({trainable[0][2]} -> {trainable[-1][3]} tensors) "
                 f"at step {trainable[0][0]}"
             )
-        current_rates, current_trainable = list(self._last_rates or ()), self._last_trainable
+        current_rates, current_trainable = list(self._rates_now), self._last_trainable
         return {
             "lr_changed": bool(rates),
             "lr_old": list(rates[0][2]) if rates else current_rates,
@@ -397,6 +406,13 @@ def _as_scalar(value: Tensor, device: torch.device) -> Tensor:
 
 def _learning_rates(trainer: pl.Trainer) -> tuple[float, ...]:
     return tuple(float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups)
+
+
+def _rates_moved(before: tuple[float, ...], after: tuple[float, ...]) -> bool:
+    """Whether some param group's learning rate moved by more than ``LR_CHANGE`` (or the groups changed)."""
+    if len(before) != len(after):
+        return True
+    return any(abs(new - old) > LR_CHANGE * abs(old) for old, new in zip(before, after, strict=True))
 
 
 def _trainable(pl_module: pl.LightningModule) -> int:

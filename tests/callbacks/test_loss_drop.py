@@ -273,3 +273,92 @@ def test_a_drop_coinciding_with_an_unfreeze_is_explained(tmp_path):
     assert event.kind == "loss_drop" and event.data["trainable_changed"] is True
     assert (event.data["trainable_old"], event.data["trainable_new"]) == (2, 6)
     assert event.data["lr_changed"] is False and "trainable parameters" in event.message
+
+
+class TeacherStudent(pl.LightningModule):
+    """A student MLP learns a fixed teacher network's classes with SGD at a high learning rate, which keeps it
+    jittering above what it could reach; a step schedule cuts the rate tenfold at ``cut_at`` (a real
+    ``MultiStepLR``), and the validation loss falls by about 40% within a few validations.
+
+    Args:
+        cut_at: Global step of the cut; beyond the run for a clean one.
+        cosine: Anneal the rate every step over ``cosine`` steps instead (a smooth schedule, no cut).
+    """
+
+    dim, batch = 32, 512
+
+    def __init__(self, cut_at=1000, cosine=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.teacher = nn.Sequential(nn.Linear(self.dim, 64), nn.Tanh(), nn.Linear(64, 10)).requires_grad_(False)
+        for parameter in self.teacher.parameters():
+            parameter.mul_(2)
+        self.student = nn.Sequential(nn.Linear(self.dim, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.cut_at, self.cosine = cut_at, cosine
+        self.inputs = torch.Generator().manual_seed(1)
+
+    def labelled(self, x):
+        return x, self.teacher(x).argmax(1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.labelled(torch.randn(self.batch, self.dim, generator=self.inputs))  # a fresh sample each step
+        return nn.functional.cross_entropy(self.student(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = self.labelled(batch[0])
+        self.log("val_loss", nn.functional.cross_entropy(self.student(x), y))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.student.parameters(), lr=2.0, momentum=0.9)
+        schedule = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cosine)
+            if self.cosine
+            else torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[self.cut_at], gamma=0.1)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def fit_teacher_student(sentinel, model, tmp_path, steps=1300):
+    pl.seed_everything(0)
+    steps_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(steps, 1)))
+    held_out = torch.randn(4096, TeacherStudent.dim, generator=torch.Generator().manual_seed(123))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(held_out), batch_size=4096)
+    trainer = small_trainer(
+        [sentinel], max_steps=steps, limit_train_batches=1.0, limit_val_batches=1.0, val_check_interval=20,
+        num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, steps_loader, val_loader)
+    return trainer
+
+
+def test_a_learning_rate_cut_gives_an_explained_drop(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss", actions=["alert", "raise"], ignore_explained=True)
+    fit_teacher_student(sentinel, TeacherStudent(cut_at=1000), tmp_path)  # explained: no raise
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.severity == "info" and event.stage == "validate"
+    assert 1000 < event.global_step <= 1200 and event.data["change"] < -0.2
+    assert event.data["lr_changed"] is True and event.data["trainable_changed"] is False
+    assert event.data["lr_old"] == [pytest.approx(2.0)] and event.data["lr_new"] == [pytest.approx(0.2)]
+    assert "learning-rate change [2.0] -> [0.2" in event.message
+
+
+def test_the_same_run_without_the_cut_is_silent(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss", direction="both")
+    fit_teacher_student(sentinel, TeacherStudent(cut_at=10**9), tmp_path)
+    assert sentinel.events == [] and sentinel.checked == 1300 // 20
+
+
+def test_a_smooth_schedule_does_not_explain_a_leak(tmp_path):
+    sentinel = LossDropSentinel()
+    model = Scripted(leak_label_from_step=400)
+    model.configure_optimizers = lambda: {  # a long cosine schedule: the rate moves a little every step
+        "optimizer": (optimizer := torch.optim.AdamW(model.parameters(), lr=3e-3)),
+        "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20_000),
+            "interval": "step",
+        },
+    }
+    fit(sentinel, model, tmp_path)
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.severity == "warning" and event.data["lr_changed"] is False
+    assert 0.9 * 3e-3 < event.data["lr_new"][0] < 3e-3  # the rate did move, by less than 10%
