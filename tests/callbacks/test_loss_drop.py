@@ -324,8 +324,13 @@ def fit_teacher_student(sentinel, model, tmp_path, steps=1300):
     held_out = torch.randn(4096, TeacherStudent.dim, generator=torch.Generator().manual_seed(123))
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(held_out), batch_size=4096)
     trainer = small_trainer(
-        [sentinel], max_steps=steps, limit_train_batches=1.0, limit_val_batches=1.0, val_check_interval=20,
-        num_sanity_val_steps=0, default_root_dir=tmp_path,
+        [sentinel],
+        max_steps=steps,
+        limit_train_batches=1.0,
+        limit_val_batches=1.0,
+        val_check_interval=20,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, steps_loader, val_loader)
     return trainer
