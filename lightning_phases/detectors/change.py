@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from lightning_phases.validation import check_choice, check_positive
 
@@ -41,6 +41,21 @@ def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+class _Trend(NamedTuple):
+    """A robust line through a window of log values (see :meth:`DropDetector._trend`)."""
+
+    slope: float
+    intercept: float  # at the window's first position
+    latest: float  # the median of its last ``persistence`` values
+    residuals: list[float]
+
+
+def _robust_sigma(trend: _Trend) -> float:
+    """Sigma of the residuals around the line, from their median absolute deviation."""
+    mad = _median([abs(r - trend.intercept) for r in trend.residuals])
+    return max(_MAD_TO_SIGMA * mad, _MIN_SIGMA)
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ class DropDetector:
             raise ValueError(f"min_change={min_change!r} must be below 1 (a relative change, e.g. 0.2 for 20%).")
         self.warmup = check_positive("warmup", warmup, allow_zero=True, integer=True)
         self.long_horizon = bool(long_horizon)
+        self._least_below, self._least_above = -math.log1p(-self.min_change), math.log1p(self.min_change)
         self.reset()
 
     def reset(self) -> None:
@@ -116,7 +132,8 @@ class DropDetector:
         self.recent: deque[float] = deque(maxlen=self.persistence)
         self.held = 0
         self.spike_armed = True
-        self._fitted: tuple[int, tuple[float, float, float, float]] | None = None
+        self._fitted: tuple[int, _Trend] | None = None
+        self._spread: tuple[int, float] | None = None
         self._version = 0  # bumped whenever the baseline changes, so a fit is computed once per baseline
 
     # The series ------------------------------------------------------------------------------------
@@ -152,32 +169,29 @@ class DropDetector:
     def _changed(self) -> None:
         self._version += 1
 
-    def _fit(self) -> tuple[float, float, float, float]:
-        """Slope, intercept (at the baseline's first position), robust sigma and latest level of the baseline."""
-        if self._fitted is not None and self._fitted[0] == self._version:
-            return self._fitted[1]
-        fit = self._line(list(self.baseline))
-        self._fitted = (self._version, fit)
-        return fit
+    def _fit(self) -> _Trend:
+        """The baseline's robust line (computed once per baseline)."""
+        if self._fitted is None or self._fitted[0] != self._version:
+            self._fitted = (self._version, self._trend(list(self.baseline)))
+        return self._fitted[1]
 
-    def _line(self, values: list[float]) -> tuple[float, float, float, float]:
-        """Robust line through ``values``: slope, intercept, sigma (from the MAD) and the latest level."""
+    def _sigma(self) -> float:
+        """The baseline's robust sigma; asked for only where the fixed ``min_change`` bound does not decide."""
+        if self._spread is None or self._spread[0] != self._version:
+            self._spread = (self._version, _robust_sigma(self._fit()))
+        return self._spread[1]
+
+    def _trend(self, values: list[float]) -> _Trend:
+        """Robust line through ``values``: slope, intercept, the latest level and the residuals."""
         half = len(values) // 2
         slope = (_median(values[-half:]) - _median(values[:half])) / (len(values) - half)
-        steps = range(len(values))
-        residuals = [v - slope * t for t, v in zip(steps, values, strict=True)]
-        intercept = _median(residuals)
-        mad = _median([abs(r - intercept) for r in residuals])
-        latest = _median(values[-self.persistence :])
-        return slope, intercept, max(_MAD_TO_SIGMA * mad, _MIN_SIGMA), latest
+        residuals = [v - slope * t for t, v in enumerate(values)]
+        return _Trend(slope, _median(residuals), _median(values[-self.persistence :]), residuals)
 
     def _bounds(self, sigma: float) -> tuple[float, float]:
         """How far (in log units) the recent median must lie below / above the forecast to count."""
-        standard_error = sigma * _MEDIAN_SE / math.sqrt(self.persistence)
-        return (
-            max(self.threshold * standard_error, -math.log1p(-self.min_change)),
-            max(self.threshold * standard_error, math.log1p(self.min_change)),
-        )
+        beyond_noise = self.threshold * sigma * _MEDIAN_SE / math.sqrt(self.persistence)
+        return max(beyond_noise, self._least_below), max(beyond_noise, self._least_above)
 
     def _admit(self, x: float) -> None:
         """Move a value leaving the recent window into the baseline, unless it lies beyond a decision bound.
@@ -189,10 +203,11 @@ class DropDetector:
             self.baseline.append(x)
             self._changed()
             return
-        slope, intercept, sigma, latest = self._fit()
+        slope, intercept, latest, _ = self._fit()
         forecast = intercept + slope * len(self.baseline)
-        below, above = self._bounds(sigma)
-        if x - min(forecast, latest) < -below or x - max(forecast, latest) > above:
+        low, high = x - min(forecast, latest), x - max(forecast, latest)
+        # within the min_change bounds the value is admitted whatever the noise (the bounds are never smaller)
+        if (low < -self._least_below or high > self._least_above) and self._beyond(low, high):
             self.held += 1
             if self.held < self.window:
                 return
@@ -204,26 +219,29 @@ class DropDetector:
         self.baseline.append(x)
         self._changed()
 
+    def _beyond(self, low: float, high: float) -> bool:
+        below, above = self._bounds(self._sigma())
+        return low < -below or high > above
+
     def _judge(self, value: float) -> Verdict | None:
-        slope, intercept, sigma, latest = self._fit()
+        # The noise (a MAD: a list and a sort) is computed only where the fixed min_change bounds, which the
+        # decision bounds never undercut, leave the decision open: on most values of a quiet series, never.
+        slope, intercept, latest, _ = self._fit()
         start = len(self.baseline)
         forecasts = [intercept + slope * (start + j) for j in range(len(self.recent))]
         below = _median([x - min(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
         above = _median([x - max(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
-        standard_error = sigma * _MEDIAN_SE / math.sqrt(len(self.recent))
-        below_bound, above_bound = self._bounds(sigma)
-        dropped = below < -below_bound
+        dropped = below < -self._least_below and below < -self._bounds(self._sigma())[0]
         if not dropped and self.long_horizon and len(self.older) == self.window:
-            old_slope, old_intercept, old_sigma, old_latest = self._line(list(self.older))
+            old = self._trend(list(self.older))
             ahead = len(self.older) + start  # the recent values' positions, counted from the older window
-            old_forecasts = [old_intercept + old_slope * (ahead + j) for j in range(len(self.recent))]
-            long_below = _median([x - min(f, old_latest) for x, f in zip(self.recent, old_forecasts, strict=True)])
-            if long_below < -self._bounds(max(old_sigma, sigma))[0]:
+            old_forecasts = [old.intercept + old.slope * (ahead + j) for j in range(len(self.recent))]
+            long_below = _median([x - min(f, old.latest) for x, f in zip(self.recent, old_forecasts, strict=True)])
+            noise = max(_robust_sigma(old), self._sigma()) if long_below < -self._least_below else 0.0
+            if noise and long_below < -self._bounds(noise)[0]:
                 dropped, below, forecasts = True, long_below, old_forecasts
-        spiked = above > above_bound
-        level_residual = below if dropped or not spiked else above
-        score = level_residual / standard_error
-        if not spiked and above < above_bound / 2:
+        spiked = above > self._least_above and above > self._bounds(self._sigma())[1]
+        if not self.spike_armed and not spiked and above < self._bounds(self._sigma())[1] / 2:
             self.spike_armed = True  # back near the forecast: a later spike is a new one
         kind = None
         if dropped and self.direction in ("drop", "both"):
@@ -232,6 +250,8 @@ class DropDetector:
             kind = "spike"
         if kind is None:
             return None
+        level_residual = below if dropped or not spiked else above
+        score = level_residual / (self._sigma() * _MEDIAN_SE / math.sqrt(len(self.recent)))
         forecast_log = forecasts[-1]
         level = math.exp(_median(list(self.recent)))
         onset = self.seen - len(self.recent)
