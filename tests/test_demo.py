@@ -69,6 +69,38 @@ def test_demo_flags_each_of_the_four_kinds_for_real(demo: dict[str, Any]) -> Non
     assert list((demo["root"] / "runs" / "phase_checkpoints").glob("*.ckpt"))  # LossDropSentinel kept the model
 
 
+def test_demo_with_every_switch_off_is_clean(tmp_path: Path) -> None:
+    """The README's off switches, from the command line: the same run then has nothing to flag, and no
+    callback raises a false alarm (only info events: shift tests, the sandbox's blind-spot notice)."""
+    switches = [
+        "--model.leak_label_from_step=-1",
+        "--model.tool_call=false",
+        "--model.mutate_in_test=false",
+        "--data.test_shift=none",
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train.py"),
+            "fit",
+            "--config",
+            str(ROOT / "examples" / "config.yaml"),
+            *switches,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_jsonl(wandb_run_dir(tmp_path) / "files" / "phase_events.jsonl")
+    assert [e for e in events if e["severity"] != "info"] == []
+    stages_tested = {e["stage"] for e in events if e["kind"] == "shift_test"}
+    assert stages_tested == {"validate", "test"}  # the test after fit ran, and its shift test passed
+    assert not list((tmp_path / "runs" / "phase_checkpoints").glob("*.ckpt"))
+
+
 def test_demo_run_shows_summary_counters_and_alerts_in_wandb(demo: dict[str, Any]) -> None:
     records = leet_records(demo["run_dir"])
     summary: dict[str, Any] = {}
