@@ -13,7 +13,8 @@ class Reservoir:
 
     Each added row ends up in the sample with probability ``capacity / seen``, as in Algorithm R. Rows are
     copied in slices while the reservoir fills; after that, slots are drawn per row on the host (a few
-    microseconds for a batch) and the accepted rows are copied with one indexed assignment.
+    microseconds for a batch) and the accepted rows are copied with one indexed copy, with no host-device
+    synchronisation.
 
     Args:
         capacity: The most rows kept.
@@ -64,8 +65,11 @@ class Reservoir:
                 if slot < self.capacity:
                     chosen[slot] = index
             if chosen:
-                slots = torch.tensor(list(chosen), device=self.rows.device)
-                self.rows[slots] = rows[torch.tensor(list(chosen.values()), device=rows.device)].to(self.rows.device)
+                # Index tensors are built on the host and sent without waiting (a blocking copy to a GPU would
+                # synchronise the host with the device at every batch).
+                slots = torch.tensor(list(chosen)).to(self.rows.device, non_blocking=True)
+                picked = torch.tensor(list(chosen.values())).to(rows.device, non_blocking=True)
+                self.rows.index_copy_(0, slots, rows.index_select(0, picked).to(self.rows.device, non_blocking=True))
         self.seen += count
         self.version += 1
 
