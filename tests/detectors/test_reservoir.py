@@ -37,3 +37,21 @@ def test_state_dict_continues_exactly():
         first.add(batch)
         second.add(batch)
     assert torch.equal(first.sample, second.sample) and first.seen == second.seen == 72
+
+
+def test_skipping_stays_uniform_far_beyond_the_capacity():
+    """Algorithm L skips most rows once seen >> capacity; every stretch of the stream must still be kept
+    equally often (here 100 rows per kept one, in batches that straddle the draws)."""
+    runs, capacity, total = 4000, 4, 400
+    counts = torch.zeros(total)
+    for seed in range(runs):
+        reservoir = Reservoir(capacity, seed=seed)
+        for start in range(0, total, 33):
+            reservoir.add(torch.arange(start, min(start + 33, total)).float()[:, None])
+        kept = reservoir.sample[:, 0].long()
+        assert len(set(kept.tolist())) == capacity
+        counts[kept] += 1
+    per_stretch = counts.reshape(10, 40).sum(1)  # ten stretches of 40 rows, each expected 1,600 times
+    expected = runs * capacity / 10
+    deviation = (expected * (1 - 0.1)) ** 0.5  # binomial standard deviation, ~38
+    assert (per_stretch - expected).abs().max() < 5 * deviation, per_stretch.tolist()
