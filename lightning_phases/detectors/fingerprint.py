@@ -15,8 +15,8 @@ read as signed 32-bit words (a 1-3 byte tail as one more word) in logical elemen
 
 The sum is computed on the tensor's own device. On CUDA with Triton installed it is one fused kernel
 that reads the tensor once. Elsewhere it runs in blocks of :data:`BLOCK_WORDS` words with plain torch
-operations, so the extra memory is a fixed workspace (8 MiB), not a copy of the weights; each block's
-weighted sum uses ``(2(rB + j) + 1) = (2rB + 1) + 2j`` so the weights of a row are one cached vector.
+operations, so the extra memory is a fixed workspace (8 MiB), not a copy of the weights; the weighted
+sum is taken from row and column sums (see :func:`_blocked_sum`), so it needs no per-word multiply.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ BLOCK_ROWS = 1 << 8
 BLOCK_WORDS = ROW_WORDS * BLOCK_ROWS
 
 _column_weights: dict[torch.device, Tensor] = {}
+_cpu_workspace: list[Tensor] = []  # kept: a fresh 8 MiB CPU buffer costs its page faults at every tensor
+
+
+def _workspace(n_rows: int, device: torch.device) -> Tensor:
+    """An int64 ``(n_rows, ROW_WORDS)`` scratch block (CUDA's caching allocator already reuses memory)."""
+    if device.type != "cpu":
+        return torch.empty(n_rows, ROW_WORDS, dtype=torch.int64, device=device)
+    if not _cpu_workspace:
+        _cpu_workspace.append(torch.empty(BLOCK_ROWS, ROW_WORDS, dtype=torch.int64))
+    return _cpu_workspace[0][:n_rows]
 
 
 def _weights(device: torch.device) -> Tensor:
@@ -96,23 +106,28 @@ def _tail_term(n_words: int, tail: Tensor) -> Tensor:
 
 
 def _blocked_sum(words: Tensor) -> Tensor:
-    """``sum_i words[i] * (2i + 1) mod 2**64`` as an int64 scalar, block by block, with torch operations."""
+    """``sum_i words[i] * (2i + 1) mod 2**64`` as an int64 scalar, block by block, with torch operations.
+
+    The words are read as rows of :data:`ROW_WORDS`; with ``i = r * ROW_WORDS + c`` the sum splits into
+    ``sum_r (2 r ROW_WORDS + 1) * rowsum_r + sum_c 2c * colsum_c``. Both are plain sums over a widened
+    block, so no 64-bit multiply touches every word (CPUs without AVX-512 have no vector 64-bit multiply).
+    """
     device = words.device
-    weights = _weights(device)
     total = torch.zeros((), dtype=torch.int64, device=device)
     n_rows = words.numel() // ROW_WORDS
     if n_rows:
         rows = words[: n_rows * ROW_WORDS].view(n_rows, ROW_WORDS)
-        workspace = torch.empty(min(n_rows, BLOCK_ROWS), ROW_WORDS, dtype=torch.int64, device=device)
+        workspace = _workspace(min(n_rows, BLOCK_ROWS), device)
+        column_sums = torch.zeros(ROW_WORDS, dtype=torch.int64, device=device)
         for first in range(0, n_rows, BLOCK_ROWS):
             block = rows[first : first + BLOCK_ROWS]
             wide = workspace[: block.shape[0]]
             wide.copy_(block)
-            plain = wide.sum(dim=1)
-            weighted = wide.mul_(weights).sum(dim=1)
             row_base = torch.arange(first, first + block.shape[0], dtype=torch.int64, device=device)
             row_base.mul_(2 * ROW_WORDS).add_(1)
-            total += plain.mul_(row_base).add_(weighted).sum()
+            total += wide.sum(dim=1).mul_(row_base).sum()
+            column_sums += wide.sum(dim=0)
+        total += column_sums.mul_(_weights(device)).sum()
     rest = words[n_rows * ROW_WORDS :]
     if rest.numel():
         index = torch.arange(n_rows * ROW_WORDS, words.numel(), dtype=torch.int64, device=device)

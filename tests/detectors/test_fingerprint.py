@@ -1,11 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_phases.detectors.fingerprint import ROW_WORDS, fingerprint, fingerprints
+from lightning_phases.detectors.fingerprint import BLOCK_WORDS, ROW_WORDS, fingerprint, fingerprints
 
 DTYPES = [
     torch.float32,
@@ -95,6 +96,30 @@ def test_large_tensor_lowest_bit_in_the_last_block():
     before = fingerprint(big)
     big.view(torch.int32)[-1] ^= 1
     assert fingerprint(big) != before
+
+
+def test_matches_the_definition_across_blocks_rows_and_a_byte_tail():
+    """The row/column-sum evaluation equals sum_i x_i (2i + 1) mod 2**64 computed the plain way (numpy's
+    int64 arithmetic wraps mod 2**64), for a tensor spanning several blocks, a partial row and a tail."""
+    n_bytes = 4 * (2 * BLOCK_WORDS + 3 * ROW_WORDS + 17) + 3
+    raw = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    words = raw[: n_bytes // 4 * 4].view(torch.int32).numpy().astype(np.int64)
+    tail = raw[n_bytes // 4 * 4 :].numpy().astype(np.int64)
+    with np.errstate(over="ignore"):
+        expected = (words * (2 * np.arange(words.size, dtype=np.int64) + 1)).sum()
+        expected += int((tail << (8 * np.arange(tail.size))).sum()) * (2 * words.size + 1)
+    assert int(fingerprint(raw)) == int(expected)
+
+
+def test_a_swap_of_equal_columns_in_distant_rows_changes_the_fingerprint():
+    """Two words in the same column of different rows share their column weight: only the row weight
+    tells them apart, and it must."""
+    tensor = torch.randn(BLOCK_WORDS + 5 * ROW_WORDS)
+    words = tensor.view(torch.int32)
+    before = fingerprint(tensor)
+    i, j = 3, BLOCK_WORDS + 4 * ROW_WORDS + 3
+    words[[i, j]] = words[[j, i]]
+    assert fingerprint(tensor) != before
 
 
 def test_non_contiguous_zero_size_and_meta():
