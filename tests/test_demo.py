@@ -26,25 +26,27 @@ CHROMIUM_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The README's demo command as it is, run in a temporary directory (its paths are relative)."""
-    root = tmp_path_factory.mktemp("demo")
+def run_demo(cwd: Path, *switches: str) -> subprocess.CompletedProcess[str]:
+    """The README's demo command as it is (plus ``switches``), run in ``cwd`` (its paths are relative)."""
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "train.py"),
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "config.yaml"),
+    ]
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "train.py"),
-            "fit",
-            "--config",
-            str(ROOT / "examples" / "config.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-        env=child_env(),
+        [*command, *switches], capture_output=True, text=True, timeout=600, cwd=cwd, env=child_env()
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The README's demo command, run once for the tests below."""
+    root = tmp_path_factory.mktemp("demo")
+    result = run_demo(root)
     run_dir = wandb_run_dir(root)
     return {
         "root": root,
@@ -78,22 +80,7 @@ def test_demo_with_every_switch_off_is_clean(tmp_path: Path) -> None:
         "--model.mutate_in_test=false",
         "--data.test_shift=none",
     ]
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "train.py"),
-            "fit",
-            "--config",
-            str(ROOT / "examples" / "config.yaml"),
-            *switches,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=child_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_demo(tmp_path, *switches)
     events = read_jsonl(wandb_run_dir(tmp_path) / "files" / "phase_events.jsonl")
     assert [e for e in events if e["severity"] != "info"] == []
     stages_tested = {e["stage"] for e in events if e["kind"] == "shift_test"}
