@@ -55,6 +55,9 @@ class Reservoir:
     def _advance(self) -> None:
         """Draw the next row that enters: lower W by a new key, then skip a geometric number of rows."""
         self._weight *= math.exp(math.log(self._uniform()) / self.capacity)
+        self._skip()
+
+    def _skip(self) -> None:
         keep_out = min(self._weight, 1.0 - 2.0**-53)  # W is below 1 but for a draw of exactly 1.0
         self._next += math.floor(math.log(self._uniform()) / math.log1p(-keep_out)) + 1
 
@@ -101,13 +104,24 @@ class Reservoir:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s result.
 
+        A state written before the skips were kept (by Algorithm R, whose sample is just as uniform)
+        continues exactly: W is drawn from its distribution given ``seen`` rows, Beta(capacity, seen -
+        capacity + 1) (the capacity-th smallest of ``seen`` uniform keys), and the next skip from there.
+
         Args:
             state: What :meth:`state_dict` returned.
         """
         self.seen = int(state["seen"])
         self.version += 1
         self._random.setstate(state["random"])
-        self._weight, self._next = float(state["weight"]), int(state["next"])
+        if "next" in state:
+            self._weight, self._next = float(state["weight"]), int(state["next"])
+        else:
+            self._weight, self._next = 1.0, -1
+            if self.seen >= self.capacity:
+                self._weight = self._random.betavariate(self.capacity, self.seen - self.capacity + 1)
+                self._next = self.seen - 1
+                self._skip()
         saved = state["rows"]
         self.rows = None
         if saved is not None:

@@ -55,3 +55,23 @@ def test_skipping_stays_uniform_far_beyond_the_capacity():
     expected = runs * capacity / 10
     deviation = (expected * (1 - 0.1)) ** 0.5  # binomial standard deviation, ~38
     assert (per_stretch - expected).abs().max() < 5 * deviation, per_stretch.tolist()
+
+
+def test_a_state_saved_without_skips_continues_uniformly():
+    """A checkpoint written before Algorithm L (no ``weight``/``next``) resumes with the same uniformity."""
+    runs, capacity, total, saved_at = 4000, 4, 400, 198
+    counts = torch.zeros(total)
+    for seed in range(runs):
+        first = Reservoir(capacity, seed=seed)
+        for start in range(0, saved_at, 33):
+            first.add(torch.arange(start, min(start + 33, saved_at)).float()[:, None])
+        state = first.state_dict()
+        del state["weight"], state["next"]
+        resumed = Reservoir(capacity, seed=0)
+        resumed.load_state_dict(state)
+        for start in range(saved_at, total, 33):
+            resumed.add(torch.arange(start, min(start + 33, total)).float()[:, None])
+        counts[resumed.sample[:, 0].long()] += 1
+    per_stretch = counts.reshape(10, 40).sum(1)
+    expected = runs * capacity / 10
+    assert (per_stretch - expected).abs().max() < 5 * (expected * 0.9) ** 0.5, per_stretch.tolist()
