@@ -223,3 +223,28 @@ def touch_marker(path: str, worker_id: int) -> None:
     """A user's ``worker_init_fn``: writes ``path``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(str(worker_id))
+
+
+class ForbidSync(pl.Callback):
+    """Placed just before the callback under test: host synchronisation in the training-batch hooks that
+    follow it (until :class:`AllowSync`) is an error, on every step or those where ``when(trainer)`` holds.
+
+    Args:
+        when: Which steps to arm; ``None`` arms all.
+    """
+
+    def __init__(self, when: Callable[[pl.Trainer], bool] | None = None) -> None:
+        self.when = when
+        self.armed_steps = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.when is None or self.when(trainer):
+            torch.cuda.set_sync_debug_mode("error")
+            self.armed_steps += 1
+
+
+class AllowSync(pl.Callback):
+    """Placed just after the callback under test: back to normal for Lightning's own work."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        torch.cuda.set_sync_debug_mode("default")

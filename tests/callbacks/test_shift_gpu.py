@@ -1,40 +1,21 @@
 """GPU check of ShiftTracker: collecting the reference sample never synchronises the host with the device
 (skipped without CUDA)."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
-from helpers import small_trainer
+from helpers import AllowSync, ForbidSync, small_trainer
 
 from lightning_phases import ShiftTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class SyncIsAnError(pl.Callback):
-    """Placed just before the tracker: any host synchronisation in its training-batch hook is an error."""
-
-    def __init__(self):
-        self.armed = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.set_sync_debug_mode("error")
-        self.armed += 1
-
-
-class SyncIsAllowed(pl.Callback):
-    """Placed just after the tracker: back to normal for Lightning's own work."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def test_reference_collection_has_no_host_synchronisation():
     tracker = ShiftTracker(reference_size=1000, stages=["test"])
-    guard = SyncIsAnError()
+    guard = ForbidSync()
     trainer = small_trainer(
-        [guard, tracker, SyncIsAllowed()],
+        [guard, tracker, AllowSync()],
         accelerator="gpu",
         devices=1,
         max_epochs=3,
@@ -47,7 +28,7 @@ def test_reference_collection_has_no_host_synchronisation():
         trainer.fit(DigitsClassifier(), DigitsDataModule())
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert guard.armed == trainer.global_step  # every training batch ran with synchronisation forbidden
+    assert guard.armed_steps == trainer.global_step  # every training batch ran with synchronisation forbidden
     assert tracker._reference.seen > 1000 and tracker._reference.rows.is_cuda
     trainer.test(DigitsClassifier(), DigitsDataModule(test_shift="noise"))
     assert [e.kind for e in tracker.events if e.kind != "shift_test"] == ["shift_detected"]
