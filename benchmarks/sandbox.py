@@ -30,8 +30,8 @@ RUNS = 5
 
 def per_event(mode: str) -> dict[str, float]:
     """Seconds per unwatched audit event and per read-only ``open`` (a watched event that is allowed)."""
-    from lightning_phases.detectors import audit
-    from lightning_phases.detectors.sandbox_policy import SandboxPolicy
+    from lightning_phases.sandbox import audit_hook as audit
+    from lightning_phases.sandbox.policy import SandboxPolicy
 
     with tempfile.NamedTemporaryFile() as handle:  # made before the sandbox: it forbids /tmp writes
         if mode != "none":
@@ -64,7 +64,7 @@ def step_time(mode: str) -> dict[str, float]:
     from lightning_phases import SandboxCheck
 
     if mode == "hook":
-        from lightning_phases.detectors import audit
+        from lightning_phases.sandbox import audit_hook as audit
 
         audit.install()
     return {

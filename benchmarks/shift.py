@@ -5,7 +5,7 @@
 
 n = m = 1000 samples, 1000 permutations, d = 64 and d = 784 (digits-sized and MNIST-sized rows). Each
 implementation runs in a fresh interpreter (so its peak resident memory can be read), twice, and the
-faster time is kept. Ratios are against ``lightning_phases.stats.mmd_test``.
+faster time is kept. Ratios are against ``lightning_phases.detectors.two_sample.mmd_test``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_one(method: str, d: int) -> dict[str, float]:
 
     x, y = samples(d)
     if method == "lightning_phases":
-        from lightning_phases.stats import mmd_test
+        from lightning_phases.detectors.two_sample import mmd_test
 
         def test() -> float:
             return mmd_test(x, y, n_permutations=PERMUTATIONS, seed=0).p_value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_phases.events import PhaseEvent
+from lightning_phases.reporting.events import PhaseEvent
 
 
 class PhaseViolation(RuntimeError):

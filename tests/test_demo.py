@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from helpers import ROOT, child_env, leet_records, read_jsonl, run_script, wandb_run_dir
 
-from lightning_phases.cli import main as report_main
+from lightning_phases.reporting.cli import main as report_main
 
 FLAGS = {"loss_drop", "param_changed", "sandbox_violation", "shift_detected"}
 CHROMIUM_FLAGS = [

@@ -14,10 +14,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_phases.events import PhaseEvent
 from lightning_phases.phases import PhaseOverrides, Severity, Stage, check_overrides, check_stages, current_stage
-from lightning_phases.report import Observation
-from lightning_phases.reporting import Reporter
+from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.report_model import Observation
+from lightning_phases.reporting.reporter import Reporter
 
 
 class PhaseCallback(Callback):

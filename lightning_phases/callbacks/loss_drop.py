@@ -15,12 +15,12 @@ from torch import Tensor
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.change import DropDetector, Verdict
-from lightning_phases.events import PhaseEvent
 from lightning_phases.exceptions import LossDropDetected
 from lightning_phases.phases import Stage
-from lightning_phases.plots import plot_series
-from lightning_phases.report import Observation
-from lightning_phases.reporting import PhaseWarning
+from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.plots import plot_series
+from lightning_phases.reporting.report_model import Observation
+from lightning_phases.reporting.reporter import PhaseWarning
 from lightning_phases.validation import check_choice, check_choices, check_positive
 
 Action = Literal["alert", "checkpoint", "suspend", "raise"]

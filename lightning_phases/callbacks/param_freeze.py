@@ -17,8 +17,8 @@ from lightning_phases.detectors.fingerprint import fingerprints
 from lightning_phases.detectors.freeze import FreezeBaseline, Snapshot, TensorChange, match_patterns, named_tensors
 from lightning_phases.exceptions import ParameterChangedError
 from lightning_phases.phases import Stage, current_stage
-from lightning_phases.report import Observation
-from lightning_phases.reporting import PhaseWarning
+from lightning_phases.reporting.report_model import Observation
+from lightning_phases.reporting.reporter import PhaseWarning
 from lightning_phases.validation import check_choice, check_positive
 
 

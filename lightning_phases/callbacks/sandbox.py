@@ -17,17 +17,17 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
 from lightning_phases.callbacks.base import PhaseCallback
-from lightning_phases.detectors import audit
-from lightning_phases.detectors.audit import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
-from lightning_phases.detectors.sandbox_policy import (
+from lightning_phases.phases import PhaseOverrides, Stage, current_stage
+from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.report_model import Observation
+from lightning_phases.sandbox import audit_hook as audit
+from lightning_phases.sandbox.audit_hook import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
+from lightning_phases.sandbox.policy import (
     SandboxPolicy,
     check_programs,
     check_write_dirs,
     parse_host_rule,
 )
-from lightning_phases.events import PhaseEvent
-from lightning_phases.phases import PhaseOverrides, Stage, current_stage
-from lightning_phases.report import Observation
 from lightning_phases.validation import check_choice
 
 Mode = Literal["block", "warn"]

@@ -14,9 +14,9 @@ from torch import nn
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.features import FeatureTap, as_rows, batch_input, resolve_module
 from lightning_phases.detectors.reservoir import Reservoir
+from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
 from lightning_phases.phases import PhaseOverrides, Stage, check_stages, current_stage
-from lightning_phases.report import Observation
-from lightning_phases.stats import TestResult, fit_reduction, ks_test, mmd_test
+from lightning_phases.reporting.report_model import Observation
 from lightning_phases.validation import check_choice, check_choices, check_positive
 
 TestName = Literal["mmd", "ks"]

@@ -9,8 +9,8 @@ from digits import DigitsClassifier, DigitsDataModule
 from helpers import EmitAtSteps, leet_records, read_jsonl, run_script, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_phases.events import FIELDS
-from lightning_phases.reporting import AlertLimiter, PhaseWarning, metric_key, snake_case
+from lightning_phases.reporting.events import FIELDS
+from lightning_phases.reporting.reporter import AlertLimiter, PhaseWarning, metric_key, snake_case
 
 
 def fit(callbacks, logger, **kwargs):

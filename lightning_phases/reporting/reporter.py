@@ -22,10 +22,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_phases.detectors.audit import suspended
-from lightning_phases.events import EVENT_LOG_NAME, FIELDS, EventLog, PhaseEvent
 from lightning_phases.phases import PhaseOverrides, PhaseTable, Stage
-from lightning_phases.report import REPORT_COLUMNS, REPORT_NAME, Observation, build_report, format_report, report_rows
+from lightning_phases.reporting.events import EVENT_LOG_NAME, FIELDS, EventLog, PhaseEvent
+from lightning_phases.reporting.report_model import (
+    REPORT_COLUMNS,
+    REPORT_NAME,
+    Observation,
+    build_report,
+    format_report,
+    report_rows,
+)
+from lightning_phases.sandbox.audit_hook import suspended
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -220,7 +227,7 @@ class WandbSink:
 
         Args:
             events: All events of the run so far.
-            report: The phase report (see :func:`lightning_phases.report.build_report`).
+            report: The phase report (see :func:`lightning_phases.reporting.report_model.build_report`).
             step: The Trainer's global step.
         """
         rows = [[json.dumps(value) if name == "data" else value for name, value in e.to_dict().items()] for e in events]

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_phases.events import EVENT_LOG_NAME, read_events
-from lightning_phases.html_report import render_html
-from lightning_phases.report import REPORT_NAME, format_report
+from lightning_phases.reporting.events import EVENT_LOG_NAME, read_events
+from lightning_phases.reporting.html import render_html
+from lightning_phases.reporting.report_model import REPORT_NAME, format_report
 
 
 def find_event_log(path: Path) -> Path:

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_phases.events import PhaseEvent, utc_now
 from lightning_phases.phases import STAGES, PhaseTable, Stage
+from lightning_phases.reporting.events import PhaseEvent, utc_now
 
 REPORT_NAME = "phase_report.json"
 

@@ -9,7 +9,7 @@ import torch
 from helpers import read_jsonl
 
 from lightning_phases import PhaseEvent, read_events
-from lightning_phases.events import FIELDS, EventLog, to_jsonable
+from lightning_phases.reporting.events import FIELDS, EventLog, to_jsonable
 
 
 def make_event(i=0, severity="warning", **data):

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_phases.events import PhaseEvent
-from lightning_phases.report import REPORT_COLUMNS, report_rows
+from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.report_model import REPORT_COLUMNS, report_rows
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

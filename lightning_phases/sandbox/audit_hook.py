@@ -2,7 +2,7 @@
 
 PEP 578 hooks cannot be removed, so one hook is installed per process and gated by a module global: with
 no active :class:`Session` (outside sandboxed stages) it returns after one set look-up. With a session it
-asks the :class:`~lightning_phases.detectors.sandbox_policy.SandboxPolicy` whether the operation escapes,
+asks the :class:`~lightning_phases.sandbox.policy.SandboxPolicy` whether the operation escapes,
 recognises the few writes that Python's and the libraries' own machinery makes on the user's behalf
 (multiprocessing's IPC temp files, fsspec's temp file for an atomic checkpoint save into an allowed
 directory), finds the user's line of code, reports, and in ``block`` mode raises before the operation runs.
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
-from lightning_phases.detectors.sandbox_policy import WATCHED_EVENTS, Escape, SandboxPolicy, resolve_path
 from lightning_phases.exceptions import SandboxViolation
+from lightning_phases.sandbox.policy import WATCHED_EVENTS, Escape, SandboxPolicy, resolve_path
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PLUMBING = frozenset(

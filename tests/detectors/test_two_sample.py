@@ -7,7 +7,7 @@ import torch
 from scipy import stats as scipy_stats
 from sklearn.datasets import load_digits
 
-from lightning_phases.stats import PERMUTATION_CHUNK, canonical_order, gaussian_kernel, ks_test, mmd_test
+from lightning_phases.detectors.two_sample import PERMUTATION_CHUNK, canonical_order, gaussian_kernel, ks_test, mmd_test
 
 
 def digits() -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_mmd_p_value_depends_on_the_samples_not_their_row_order() -> None:
 
 @pytest.mark.parametrize("method", ["pca", "random"])
 def test_reductions_keep_a_shift_detectable(method: str) -> None:
-    from lightning_phases.stats import fit_reduction
+    from lightning_phases.detectors.two_sample import fit_reduction
 
     pool = digits()
     x, y = pool[:300], pool[300:600] + 0.3 * torch.randn(300, 64, generator=torch.Generator().manual_seed(0))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_phases.detectors import audit
-from lightning_phases.detectors.sandbox_policy import SandboxPolicy, parse_host_rule
 from lightning_phases.exceptions import SandboxViolation
+from lightning_phases.sandbox import audit_hook as audit
+from lightning_phases.sandbox.policy import SandboxPolicy, parse_host_rule
 
 
 def policy(**kwargs: object) -> SandboxPolicy:
@@ -113,7 +113,7 @@ def test_hook_blocks_only_while_a_session_is_active_and_names_the_users_line(tmp
     target.write_text("yes")  # no session: allowed
     assert target.read_text() == "yes"
     [violation] = events
-    assert violation.location.endswith(f"test_sandbox_policy.py:{line}") and violation.function.startswith("test_hook")
+    assert violation.location.endswith(f"test_policy.py:{line}") and violation.function.startswith("test_hook")
     assert raised.value.event == "event"
 
 
