@@ -3,15 +3,16 @@
 A Lightning run moves through stages (``sanity_check``, ``train``, ``validate``, ``test``, ``predict``).
 The words "training", "test" and "deployment" carry assumptions about each stage: are the parameters
 fixed, is the stage sandboxed, what does a failure cost, how does its data relate to the training data.
-This module writes those assumptions down as a table with defaults that users can override, so that the
-callbacks verify declared properties instead of trusting stage names.
+This module writes those assumptions down as a table with defaults that users can override (with the
+:class:`~lightning_phases.Phases` callback), and the table decides which stages each callback checks, so
+that the callbacks verify declared properties instead of trusting stage names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from lightning_phases.validation import check_choice, check_choices
 
@@ -27,6 +28,18 @@ SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 PARAMETERS = ("updated", "fixed")
 FAILURE_COSTS = ("low", "high")
 DATA_ROLES = ("reference", "held_out", "fixed_shift", "live")
+
+
+class StageDeclaration(TypedDict, total=False):
+    """The properties a user declares for one stage; each is optional (unset ones keep their default).
+
+    LightningCLI reads this type, so a misspelled property or value in YAML is a usage error.
+    """
+
+    parameters: Literal["updated", "fixed"]
+    sandboxed: bool
+    failure_cost: Literal["low", "high"]
+    data: Literal["reference", "held_out", "fixed_shift", "live"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ DEFAULT_PROPERTIES: Mapping[Stage, StageProperties] = {
     "predict": StageProperties(parameters="fixed", sandboxed=False, failure_cost="high", data="live"),
 }
 
-PhaseOverrides = Mapping[str, Mapping[str, Any]]
+PhaseOverrides = Mapping[Stage, StageDeclaration]
 
 
 def check_stages(argument: str, stages: Any, *, allow_empty: bool = False) -> tuple[Stage, ...]:
@@ -126,17 +139,45 @@ class PhaseTable:
             overrides: ``{stage: {property: value}}`` to add.
             source: Who declares them, named in the error if they conflict with earlier ones.
         """
-        for stage, changes in check_overrides("phase_overrides", overrides).items():
+        for stage, changes in check_overrides("overrides", overrides).items():
             current = self._overrides.setdefault(stage, {})
             for name, value in changes.items():
                 if name in current and current[name] != value:
                     earlier = self._declared_by[(stage, name)]
                     raise ValueError(
-                        f"phase_overrides: {source} declares {stage}.{name}={value!r} but {earlier} declared "
+                        f"overrides: {source} declares {stage}.{name}={value!r} but {earlier} declared "
                         f"{stage}.{name}={current[name]!r}; declare each stage property once."
                     )
                 current[name] = value
                 self._declared_by[(stage, name)] = source
+
+    @classmethod
+    def from_declarations(cls, declarations: list[tuple[str, PhaseOverrides]]) -> PhaseTable:
+        """The table of the defaults plus every ``(source, overrides)`` declaration, merged in order.
+
+        Args:
+            declarations: ``(who declares, overrides)`` pairs, e.g. from each ``Phases`` callback of a Trainer.
+        """
+        table = cls()
+        for source, overrides in declarations:
+            table.merge(overrides, source=source)
+        return table
+
+    def stages_where(self, **properties: Any) -> tuple[Stage, ...]:
+        """The stages, in run order, whose declared properties have all the given values.
+
+        Args:
+            properties: ``property=value`` pairs, e.g. ``parameters="fixed"``; a tuple value matches any of it.
+        """
+        found = []
+        for stage in STAGES:
+            declared = self[stage]
+            if all(
+                getattr(declared, name) in value if isinstance(value, tuple) else getattr(declared, name) == value
+                for name, value in properties.items()
+            ):
+                found.append(stage)
+        return tuple(found)
 
     def __getitem__(self, stage: Stage) -> StageProperties:
         return replace(DEFAULT_PROPERTIES[stage], **self._overrides.get(stage, {}))

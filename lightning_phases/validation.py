@@ -8,11 +8,20 @@ file fails before any training step.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterable
+import math
+import os
+import re
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 
-def _suggestion(value: Any, allowed: Iterable[str]) -> str:
+def suggestion(value: Any, allowed: Iterable[str]) -> str:
+    """`` (did you mean ...?)`` with the closest of ``allowed`` to ``value``, or an empty string.
+
+    Args:
+        value: What the user wrote.
+        allowed: The accepted values.
+    """
     if not isinstance(value, str):
         return ""
     close = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.6)
@@ -29,7 +38,7 @@ def check_choice(argument: str, value: Any, allowed: Collection[str]) -> str:
     """
     if value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{argument}={value!r} is not allowed; choose one of {choices}{_suggestion(value, allowed)}.")
+        raise ValueError(f"{argument}={value!r} is not allowed; choose one of {choices}{suggestion(value, allowed)}.")
     return value
 
 
@@ -58,7 +67,7 @@ def check_choices(
         if item not in allowed:
             raise ValueError(
                 f"{argument}={list(items)!r}: {item!r} is not allowed; choose from {choices}"
-                f"{_suggestion(item, allowed)}."
+                f"{suggestion(item, allowed)}."
             )
     duplicates = sorted({item for item in items if items.count(item) > 1})
     if duplicates:
@@ -67,7 +76,7 @@ def check_choices(
 
 
 def check_positive(argument: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> Any:
-    """Return ``value`` if it is a positive number (or zero with ``allow_zero``); otherwise raise.
+    """Return ``value`` if it is a finite positive number (or zero with ``allow_zero``); otherwise raise.
 
     Args:
         argument: The argument's name as the user wrote it.
@@ -75,11 +84,134 @@ def check_positive(argument: str, value: Any, *, allow_zero: bool = False, integ
         allow_zero: Whether zero is accepted.
         integer: Whether only whole numbers are accepted.
     """
+    return check_number(argument, value, low=0, low_inclusive=allow_zero, integer=integer)
+
+
+def check_number(
+    argument: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> Any:
+    """Return ``value`` if it is a finite number (a whole one with ``integer``) within the bounds; else raise.
+
+    Booleans and strings are refused with a ``TypeError``; NaN, infinities and values outside the bounds with
+    a ``ValueError``.
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+        low: Smallest value accepted, or ``None`` for no lower bound.
+        high: Largest value accepted, or ``None`` for no upper bound.
+        low_inclusive: Whether ``low`` itself is accepted.
+        high_inclusive: Whether ``high`` itself is accepted.
+        integer: Whether only whole numbers (``int``) are accepted.
+    """
     kind = "an integer" if integer else "a number"
     valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not valid_type:
-        raise TypeError(f"{argument}={value!r} must be {kind}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{argument}={value!r} must be {kind} {bound}.")
+        raise TypeError(f"{argument}={value!r} must be {kind}, not {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{argument}={value!r} must be a finite number.")
+    too_low = low is not None and (value < low or (value == low and not low_inclusive))
+    too_high = high is not None and (value > high or (value == high and not high_inclusive))
+    if too_low or too_high:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>=' if low_inclusive else '>'} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<=' if high_inclusive else '<'} {high:g}")
+        raise ValueError(f"{argument}={value!r} must be {kind} {' and '.join(bounds)}.")
+    return value
+
+
+def check_bool(argument: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``; strings and numbers are refused (``"no"`` is not false).
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{argument}={value!r} must be true or false, not {type(value).__name__}.")
+    return value
+
+
+def check_text(argument: str, value: Any, what: str = "a non-empty string") -> str:
+    """Return ``value`` if it is a non-empty string.
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+        what: What is expected, for the message.
+    """
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{argument}={value!r} must be {what}.")
+    return value
+
+
+def check_texts(argument: str, values: Any, example: str) -> tuple[str, ...]:
+    """Return ``values`` as a tuple if it is a list of non-empty strings (a lone string is refused).
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        values: The value the user gave.
+        example: An example of a valid list, for the message, e.g. ``"['backbone.*']"``.
+    """
+    if isinstance(values, str) or not isinstance(values, Iterable) or isinstance(values, Mapping):
+        raise TypeError(f"{argument}={values!r} must be a list of non-empty strings, e.g. {example}.")
+    items = tuple(values)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"{argument}={list(items)!r}: {item!r} is not a non-empty string; e.g. {example}.")
+    return items
+
+
+def check_path(argument: str, value: Any) -> str | None:
+    """Return ``value`` as a string path, ``None`` for no path; other types are refused.
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+    """
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{argument}={value!r} must be a directory path (a string), or null.")
+    return value
+
+
+def check_seed(argument: str, value: Any) -> int:
+    """Return ``value`` if it is a whole number in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` takes).
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+    """
+    return check_number(argument, value, low=0, high=2**63 - 1, integer=True)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_name(argument: str, value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a name usable in metric keys and file names.
+
+    Args:
+        argument: The argument's name as the user wrote it.
+        value: The value the user gave.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{argument}={value!r} must be a non-empty name of letters, digits, '_', '.' and '-' "
+            "(it becomes part of metric keys and file names)."
+        )
     return value

@@ -4,27 +4,33 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.change import DropDetector, Verdict
 from lightning_phases.exceptions import LossDropDetected
-from lightning_phases.phases import Stage
+from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.plots import plot_series
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.reporting.reporter import PhaseWarning
-from lightning_phases.validation import check_choice, check_choices, check_positive
+from lightning_phases.validation import (
+    check_bool,
+    check_choice,
+    check_number,
+    check_path,
+    check_positive,
+    check_text,
+    suggestion,
+)
 
-Action = Literal["alert", "checkpoint", "suspend", "raise"]
-ACTIONS = ("alert", "checkpoint", "suspend", "raise")
+OnViolation = Literal["warn", "checkpoint", "suspend", "raise"]
 # Detector settings by where the values come from: per training step, or once per validation.
 STEP_DEFAULTS: dict[str, Any] = {"window": 50, "persistence": 8, "warmup": 100, "long_horizon": False}
 VALIDATION_DEFAULTS: dict[str, Any] = {"window": 12, "persistence": 2, "warmup": 6, "long_horizon": True}
@@ -54,10 +60,14 @@ class LossDropSentinel(PhaseCallback):
             ``trainer.callback_metrics``, checked after each training batch if it is logged per step, or when
             validation ends if it is logged in validation.
         direction: ``"drop"``, ``"spike"`` or ``"both"``.
-        actions: Any of ``"alert"`` (event and W&B alert), ``"checkpoint"`` (save a full checkpoint named
-            after the step first), ``"suspend"`` (checkpoint, then stop cleanly; resuming from that checkpoint
-            with ``ckpt_path`` continues without flagging the same drop again), ``"raise"`` (checkpoint, then
-            raise ``LossDropDetected``). Apply to drops and spikes; non-finite values are always an event.
+        on_violation: What a flagged drop or spike does besides its event (a ``warning``, ``critical`` where
+            the declared failure cost is high, and a W&B alert): ``"warn"`` nothing more; ``"checkpoint"``
+            saves a full checkpoint named after the step; ``"suspend"`` checkpoints, then stops cleanly
+            (resuming from that checkpoint with ``ckpt_path`` continues without flagging the same drop again);
+            ``"raise"`` checkpoints, then raises ``LossDropDetected``. Non-finite values are always an event.
+        strict: When the monitored metric has not been logged by the end of a training epoch in which
+            validation ran (or of the first epoch, when there is no validation), raise a ``ValueError`` that
+            lists the logged metrics; ``False`` warns once instead (as ``EarlyStopping(strict=...)``).
         threshold: How many standard errors of the recent median (from the baseline's robust spread, in log
             space) a deviation must exceed.
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
@@ -74,14 +84,19 @@ class LossDropSentinel(PhaseCallback):
             events with no action.
         checkpoint_dir: Where ``checkpoint``/``suspend``/``raise`` save; default
             ``<default_root_dir>/phase_checkpoints``.
-        phase_overrides: Changes to the declared-property table, ``{stage: {property: value}}``.
+        name: This instance's name in events, metric keys, alerts, plots and report rows; by default the class
+            name, or ``LossDropSentinel-<monitor>`` when a Trainer holds several.
     """
+
+    violation_choices: ClassVar[tuple[str, ...]] = ("warn", "checkpoint", "suspend", "raise")
+    violation_error = LossDropDetected
 
     def __init__(
         self,
         monitor: str = "loss",
         direction: Literal["drop", "spike", "both"] = "drop",
-        actions: Sequence[Action] = ("alert",),
+        on_violation: OnViolation = "warn",
+        strict: bool = True,
         threshold: float = 7.0,
         min_change: float = 0.2,
         window: int | None = None,
@@ -92,26 +107,30 @@ class LossDropSentinel(PhaseCallback):
         cooldown: int = 50,
         ignore_explained: bool = False,
         checkpoint_dir: str | None = None,
-        phase_overrides: dict[str, dict[str, Any]] | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(("train", "validate"), phase_overrides)
-        if not isinstance(monitor, str) or not monitor:
-            raise TypeError(f"monitor={monitor!r} must be 'loss' or the name of a logged metric.")
-        self.monitor = monitor
+        super().__init__(on_violation=on_violation, name=name)
+        self.monitor = check_text("monitor", monitor, "'loss' or the name of a logged metric")
         self.direction = check_choice("direction", direction, ("drop", "spike", "both"))
-        self.actions = check_choices("actions", actions, ACTIONS, allow_empty=True)
-        self.detector_options = {
-            "threshold": threshold,
-            "min_change": min_change,
-            **{
-                k: v for k, v in (("window", window), ("persistence", persistence), ("warmup", warmup)) if v is not None
-            },
+        self.strict = check_bool("strict", strict)
+        self.detector_options: dict[str, Any] = {
+            "threshold": check_positive("threshold", threshold),
+            "min_change": check_number(
+                "min_change", min_change, low=0, low_inclusive=False, high=1, high_inclusive=False
+            ),
         }
-        DropDetector(direction=self.direction, **self.detector_options)  # validate the numbers now
+        for option, value in (("window", window), ("persistence", persistence), ("warmup", warmup)):
+            if value is not None:
+                self.detector_options[option] = check_positive(
+                    option, value, allow_zero=option == "warmup", integer=True
+                )
+        if long_horizon is not None:
+            self.detector_options["long_horizon"] = check_bool("long_horizon", long_horizon)
+        DropDetector(direction=self.direction, **self.detector_options)  # their combination is valid
         self.check_every_n_steps = check_positive("check_every_n_steps", check_every_n_steps, integer=True)
         self.cooldown = check_positive("cooldown", cooldown, allow_zero=True, integer=True)
-        self.ignore_explained = bool(ignore_explained)
-        self.checkpoint_dir = checkpoint_dir
+        self.ignore_explained = check_bool("ignore_explained", ignore_explained)
+        self.checkpoint_dir = check_path("checkpoint_dir", checkpoint_dir)
         self.detector: DropDetector | None = None
         self.source: str | None = None  # "step" or "validation", fixed by the first value
         self._pending: list[Tensor] = []
@@ -127,20 +146,34 @@ class LossDropSentinel(PhaseCallback):
         self.checked = 0
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
         self.flags: list[tuple[int, str, float]] = []
-        self._warned_missing = False
-        self._warned_plot = False
-        # Lightning asks for the key several times per step; it depends only on arguments fixed here.
-        self._state_key = self._generate_state_key(monitor=self.monitor, direction=self.direction)
+        self._validated_this_epoch = False
 
-    @property
-    def state_key(self) -> str:
-        return self._state_key
+    @override
+    def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        return ("train", "validate")  # where values come from; the declared failure cost sets the severity
+
+    @override
+    def describe(self) -> str:
+        return self.monitor if self.direction == "drop" else f"{self.monitor}-{self.direction}"
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "direction": self.direction}
 
     # Collecting values --------------------------------------------------------------------------------
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    @override
+    def on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: Stage,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
+        if stage != "train":
+            return
         self._note_rates(trainer)
         value = self._step_value(trainer, outputs)
         if value is not None:
@@ -182,14 +215,16 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric = value
         return value if isinstance(value, Tensor) else torch.tensor(float(value))
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending:  # a run that stopped between checks (max_steps, should_stop)
+    @override
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage == "train" and self._pending:  # a run that stopped between checks (max_steps, should_stop)
             self._check(trainer, pl_module, "step", "train")
-        super().on_train_end(trainer, pl_module)
+        elif stage == "validate":
+            self._validated_this_epoch = True
+            self._validation_value(trainer, pl_module)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if trainer.sanity_checking or self.monitor == "loss":
+    def _validation_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor == "loss":
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None or value is self._last_metric:
@@ -200,15 +235,26 @@ class LossDropSentinel(PhaseCallback):
         self._pending_steps.append(trainer.global_step)
         self._check(trainer, pl_module, "validation", "validate")
 
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated_this_epoch = False
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.source is None and not self._warned_missing and self.monitor != "loss":
-            self._warned_missing = True
-            known = ", ".join(sorted(trainer.callback_metrics)) or "none yet"
-            rank_zero_warn(
-                f"LossDropSentinel(monitor={self.monitor!r}): no such metric was logged in this epoch; "
-                f"logged metrics are: {known}. Log it with self.log({self.monitor!r}, ...) or fix the name.",
-                category=PhaseWarning,
-            )
+        """A monitor never logged is judged missing once validation had its chance to log it."""
+        if self.source is not None or self.monitor == "loss" or self.monitor in trainer.callback_metrics:
+            return
+        if trainer.enable_validation and not self._validated_this_epoch:
+            return  # validation did not run this epoch (check_val_every_n_epoch): it may log the metric later
+        logged = sorted(trainer.callback_metrics)
+        message = (
+            f"monitor={self.monitor!r} was not logged by the end of epoch {trainer.current_epoch}"
+            f"{suggestion(self.monitor, logged)}; logged metrics are: {', '.join(logged) or 'none'}. "
+            f"Log it with self.log({self.monitor!r}, ...) or fix the name."
+        )
+        if self.strict:  # callback_metrics are the same on every rank, so every rank raises
+            raise ValueError(f"{self.name}: {message}")
+        self.warn_once("missing monitor", message + " (strict=False: the sentinel watches nothing until it is)")
 
     # Checking -----------------------------------------------------------------------------------------
 
@@ -268,8 +314,7 @@ class LossDropSentinel(PhaseCallback):
         explained = data["lr_changed"] or data["trainable_changed"]
         self.flags.append((trainer.global_step, kind, verdict.value))
         quiet = explained and self.ignore_explained
-        acting = () if quiet else self.actions
-        if any(action in acting for action in ("checkpoint", "suspend", "raise")):
+        if not quiet and self.on_violation != "warn":
             data["checkpoint"] = self._save_checkpoint(trainer, kind)
         word = "dropped" if kind == "loss_drop" else "spiked"
         message = (
@@ -279,8 +324,10 @@ class LossDropSentinel(PhaseCallback):
         ) + f"(now {verdict.level:.4g}, score {verdict.score:.1f}, threshold {verdict.threshold:g})"
         if explained:
             message += "; it coincides with " + " and ".join(data["explained_by"])
-        event = self.emit(trainer, kind, message, data, severity="info" if quiet else None, stage=stage)
-        self._act(trainer, event, acting)
+        if quiet:
+            self.emit(trainer, kind, message, data, severity="info", stage=stage)
+        else:
+            self.violation(trainer, kind, message, data, stage=stage)
 
     def _context_at(self, index: int) -> tuple[int, int]:
         """(value index, global step) of value ``index``, or of the oldest value still remembered."""
@@ -323,41 +370,34 @@ class LossDropSentinel(PhaseCallback):
         trainer.save_checkpoint(path)  # a collective in multi-process runs: every rank is here, by design
         return str(path)
 
-    def _act(self, trainer: pl.Trainer, event: PhaseEvent, actions: Sequence[str]) -> None:
-        if "raise" in actions:
-            raise LossDropDetected(f"{event.message} (event written to the phase event log)", event)
-        if "suspend" in actions:
+    @override
+    def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:
+        if self.on_violation == "suspend":
             trainer.should_stop = True
+        super().act(trainer, event)
 
     # Plot ---------------------------------------------------------------------------------------------
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._plot()
-        super().teardown(trainer, pl_module, stage)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._plot()
-        super().on_exception(trainer, pl_module, exception)
-
-    def _plot(self) -> None:
-        """``loss_drop_sentinel_<monitor>_curve.png`` beside the event log, with every flag marked; W&B image."""
-        if not self.curve or self._reporter is None:
+    @override
+    def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
+        """``<name>_<monitor>_curve.png`` beside the event log, with every flag marked; W&B image."""
+        if not self.curve:
             return
-        name = f"{self.monitor.replace('/', '_')}_curve"
+        name = f"{key_segment(self.monitor)}_curve"
         title = f"{self.monitor}: {len(self.flags)} flag(s), {self.checked} values checked"
         path = self.reporter.save_plot(
             self.name, name, lambda path: plot_series(list(self.curve), self.flags, title, self.monitor, path)
         )
-        if path is None and self.reporter.is_writer and not self._warned_plot:
-            self._warned_plot = True
-            rank_zero_warn(
-                "LossDropSentinel: no plot written; install matplotlib (pip install "
-                "'lightning-phases[plot]') to get a PNG of the curve with its flags.",
-                category=PhaseWarning,
+        if path is None and self.reporter.is_writer:
+            self.warn_once(
+                "no plot",
+                "no plot written; install matplotlib (pip install 'lightning-phases[plot]') to get a PNG of the "
+                "curve with its flags.",
             )
 
     # Checkpoint state ---------------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -368,6 +408,7 @@ class LossDropSentinel(PhaseCallback):
             "flags": list(self.flags),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.source = state_dict["source"]
         self._quiet_until = dict(state_dict["quiet_until"])
@@ -381,6 +422,7 @@ class LossDropSentinel(PhaseCallback):
 
     # Report -------------------------------------------------------------------------------------------
 
+    @override
     def phase_observations(self) -> list[Observation]:
         if self.source is None:
             return []

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.fingerprint import fingerprints
 from lightning_phases.detectors.freeze import FreezeBaseline, Snapshot, TensorChange, match_patterns, named_tensors
 from lightning_phases.exceptions import ParameterChangedError
-from lightning_phases.phases import Stage, current_stage
+from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.reporting.reporter import PhaseWarning
-from lightning_phases.validation import check_choice, check_positive
+from lightning_phases.validation import check_bool, check_choice, check_positive, check_texts
 
 
 @dataclass
@@ -30,17 +29,31 @@ class _Tally:
     buffer_syncs: int = 0
 
 
+@dataclass
+class _StageRun:
+    """The baselines of one running stage: ``fixed`` (every tensor) or ``frozen`` (the frozen ones only)."""
+
+    scope: str
+    names: list[str] | None  # None: every tensor
+    outer: FreezeBaseline  # from the stage's start
+    inner: FreezeBaseline | None = None  # from the last in-stage check
+    reported: set[str] = field(default_factory=set)
+
+
 class ParamFreezeAssertion(PhaseCallback):
     """Verify that parameters and buffers do not change, bit for bit, in stages declared fixed.
 
-    When a listed stage starts, every parameter (and buffer) is fingerprinted on its own device with a
+    When a checked stage starts, every parameter (and buffer) is fingerprinted on its own device with a
     position-weighted 64-bit sum of its bits: no copy of the weights, one host synchronisation per check.
     When the stage ends (and every ``check_every_n_batches`` batches) the fingerprints are compared; any
     changed bit in any element (``-0.0`` vs ``0.0``, NaN payloads, two swapped elements) is reported by
     tensor name. In multi-process runs every rank's findings are gathered, so all ranks emit the same event
     and raise together, and parameters are compared across data-parallel replicas.
 
-    During ``fit``, tensors matching ``frozen`` must not change at all; at the start of training, frozen
+    Which stages are checked comes from the declared phase table (:class:`~lightning_phases.Phases`): every
+    tensor in the stages declared ``parameters: fixed`` (by default ``sanity_check``, ``validate``, ``test``,
+    ``predict``), and the tensors matching ``frozen`` in the stages declared ``updated`` (``train``; and e.g.
+    ``predict`` for online learning, ``test`` for test-time adaptation). At the start of training, frozen
     parameters that still have ``requires_grad=True`` or are still held by an optimizer are reported, and
     frozen BatchNorm layers left in train mode are warned about.
 
@@ -50,10 +63,11 @@ class ParamFreezeAssertion(PhaseCallback):
     in-stage checks (``check_every_n_batches``) compare with the weights in use at the stage's first batch.
 
     Args:
-        stages: Stages whose parameters must stay fixed. Default: every stage declared ``parameters:
-            fixed`` by default (``sanity_check``, ``validate``, ``test``, ``predict``).
-        frozen: Name patterns (``fnmatch``, or a module prefix) of tensors that must stay fixed for the whole
-            of ``fit`` too, e.g. ``["backbone.*"]``. A pattern that matches nothing is warned about once.
+        stages: Narrow the checked stages to these; ``None`` (default): every stage declared ``parameters:
+            fixed``, and, when ``frozen`` is set, every stage declared ``updated``.
+        frozen: Name patterns (``fnmatch``, or a module prefix) of tensors that must stay fixed in the stages
+            declared ``updated`` too, e.g. ``["backbone.*"]``. A pattern that matches nothing is warned about
+            once.
         include_buffers: Also check buffers (BatchNorm ``running_mean``, ``running_var``,
             ``num_batches_tracked``, and any other floating or integer buffer).
         on_violation: ``"raise"`` raises ``ParameterChangedError`` on every rank once the event is on disk;
@@ -63,61 +77,68 @@ class ParamFreezeAssertion(PhaseCallback):
             also keeps a copy of the weights there, so a violation reports the number of changed elements
             and the largest absolute difference, and ``restore`` can put the weights back.
         restore: Copy the snapshot back into changed tensors after reporting them (needs a ``snapshot``).
-        check_replicas: In DDP runs, verify that parameters are identical on all ranks at every check and
-            report ``replica_mismatch``. Not done for sharded strategies (FSDP, DeepSpeed), whose ranks hold
-            different shards.
-        phase_overrides: Changes to the declared-property table, ``{stage: {property: value}}``; e.g.
-            ``{"test": {"failure_cost": "high"}}`` makes violations in ``test`` critical.
+        check_replicas: In DDP runs, verify that parameters are identical on all ranks at every check of a
+            fixed stage and report ``replica_mismatch``. Not done for sharded strategies (FSDP, DeepSpeed),
+            whose ranks hold different shards.
+        name: This instance's name in events, metric keys, alerts and report rows; by default the class name
+            (made distinct when a Trainer holds several).
     """
+
+    violation_error = ParameterChangedError
+    declared_property: ClassVar[str] = "parameters"
 
     def __init__(
         self,
-        stages: Sequence[Stage] = ("sanity_check", "validate", "test", "predict"),
+        stages: Sequence[Stage] | None = None,
         frozen: Sequence[str] = (),
         include_buffers: bool = True,
-        on_violation: Literal["raise", "warn"] = "raise",
+        on_violation: Literal["warn", "raise"] = "raise",
         check_every_n_batches: int = 0,
         snapshot: Literal["none", "cpu", "device"] = "none",
         restore: bool = False,
         check_replicas: bool = True,
-        phase_overrides: dict[str, dict[str, Any]] | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, phase_overrides)
-        if isinstance(frozen, str) or not all(isinstance(p, str) and p for p in frozen):
-            raise TypeError(f"frozen={frozen!r} must be a list of non-empty name patterns, e.g. ['backbone.*'].")
-        self.frozen = tuple(frozen)
-        self.include_buffers = bool(include_buffers)
-        self.on_violation = check_choice("on_violation", on_violation, ("raise", "warn"))
+        self.frozen = check_texts("frozen", frozen, "['backbone.*']")
+        super().__init__(stages=stages, on_violation=on_violation, name=name)
+        self.include_buffers = check_bool("include_buffers", include_buffers)
         self.check_every_n_batches = check_positive(
             "check_every_n_batches", check_every_n_batches, allow_zero=True, integer=True
         )
         self.snapshot: Snapshot = check_choice("snapshot", snapshot, ("none", "cpu", "device"))  # type: ignore[assignment]
-        if restore and self.snapshot == "none":
+        self.restore = check_bool("restore", restore)
+        if self.restore and self.snapshot == "none":
             raise ValueError("restore=True needs a copy to restore from; set snapshot='cpu' or snapshot='device'.")
-        self.restore = bool(restore)
-        self.check_replicas = bool(check_replicas)
-        self._outer: FreezeBaseline | None = None
-        self._inner: FreezeBaseline | None = None
-        self._frozen_baseline: FreezeBaseline | None = None
+        self.check_replicas = check_bool("check_replicas", check_replicas)
+        self._runs: dict[Stage, _StageRun] = {}
         self._frozen_names: list[str] = []
-        self._warned_patterns = False
-        self._warned_bn = False
         self._tally: dict[tuple[Stage, str], _Tally] = {}
-        self._reported: set[str] = set()
+
+    @override
+    def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        return table.stages_where(parameters=("fixed", "updated") if self.frozen else "fixed")
+
+    @override
+    def describe(self) -> str:
+        return "frozen" if self.frozen else "fixed"
+
+    def _scope(self, stage: Stage) -> str:
+        return "fixed" if self.table[stage].parameters == "fixed" else "frozen"
 
     # Setup and fit-time frozen checks ------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._runs.clear()
         names = named_tensors(pl_module, self.include_buffers)
         self._frozen_names, unused = match_patterns(names, self.frozen)
-        if unused and not self._warned_patterns:
-            self._warned_patterns = True
+        if unused:
             example = ", ".join(list(names)[:5])
-            rank_zero_warn(
-                f"ParamFreezeAssertion(frozen=...): pattern(s) {', '.join(map(repr, unused))} match no parameter "
-                f"or buffer of {type(pl_module).__name__}; names look like: {example}.",
-                category=PhaseWarning,
+            self.warn_once(
+                "unused patterns",
+                f"frozen pattern(s) {', '.join(map(repr, unused))} match no parameter or buffer of "
+                f"{type(pl_module).__name__}; names look like: {example}.",
             )
 
     def _tensors(self, pl_module: pl.LightningModule, names: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -162,8 +183,8 @@ class ParamFreezeAssertion(PhaseCallback):
             and module.training
             and any(f"{name}.{p}" in frozen for p, _ in module.named_parameters(recurse=False))
         ]
-        if training:
-            self._warned_bn = True
+        if training and "frozen batchnorm" not in self._warned:
+            self._warned.add("frozen batchnorm")
             self.emit(
                 trainer,
                 "frozen_batchnorm_training",
@@ -176,105 +197,94 @@ class ParamFreezeAssertion(PhaseCallback):
 
     # Stage checks -------------------------------------------------------------------------------------
 
+    @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if stage == "train" and self._frozen_names:
-            self._check_frozen_setup(trainer, pl_module)
-            self._frozen_baseline = FreezeBaseline(self._tensors(pl_module, self._frozen_names), self.snapshot)
-        if stage in self.stages:
-            self._outer = FreezeBaseline(self._tensors(pl_module), self.snapshot)
-            self._inner = None
-            self._reported = set()
-            self._check_replicas(trainer, pl_module, stage)
-
-    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if stage in self.stages and self._outer is not None:
-            outer, self._outer, self._inner = self._outer, None, None
-            self._verify(trainer, pl_module, stage, outer, "stage end")
-            self._check_replicas(trainer, pl_module, stage)
-        if stage == "train" and self._frozen_baseline is not None:
-            self._verify_frozen(trainer, pl_module, "end of training")
-            self._frozen_baseline = None
-
-    def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
-        stage = current_stage(trainer)
-        if stage == "train" and self._frozen_names and batch_idx == 0 and not self._warned_bn:
-            self._check_frozen_batchnorm(trainer, pl_module)
-        if self.check_every_n_batches and stage in self.stages and self._outer is not None and self._inner is None:
-            self._inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)
-
-    def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
-        n = self.check_every_n_batches
-        if not n or (batch_idx + 1) % n:
+        if stage not in self.stages:
             return
-        stage = current_stage(trainer)
-        if stage in self.stages and self._inner is not None:
-            changed = self._verify(trainer, pl_module, stage, self._inner, f"batch {batch_idx}")
-            if changed:  # follow the new values, so one change is reported once
-                self._inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)
-        if stage == "train" and self._frozen_baseline is not None:
-            self._verify_frozen(trainer, pl_module, f"batch {batch_idx}")
+        scope = self._scope(stage)
+        if scope == "frozen":
+            if not self._frozen_names:
+                return
+            if stage == "train":
+                self._check_frozen_setup(trainer, pl_module)
+        names = self._frozen_names if scope == "frozen" else None
+        self._runs[stage] = _StageRun(scope, names, FreezeBaseline(self._tensors(pl_module, names), self.snapshot))
+        if scope == "fixed":
+            self._check_replicas(trainer, pl_module, stage)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._frozen_baseline is not None:
-            self._verify_frozen(trainer, pl_module, "epoch end")
+    @override
+    def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        run = self._runs.pop(stage, None)
+        if run is None:
+            return
+        self._verify(
+            trainer, pl_module, stage, run, run.outer, "stage end" if run.scope == "fixed" else f"end of {stage}"
+        )
+        if run.scope == "fixed":
+            self._check_replicas(trainer, pl_module, stage)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    @override
+    def on_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_start(trainer, pl_module, batch_idx)
+        run = self._runs.get(stage)
+        if run is None:
+            return
+        if run.scope == "frozen" and stage == "train" and batch_idx == 0:
+            self._check_frozen_batchnorm(trainer, pl_module)
+        if self.check_every_n_batches and run.scope == "fixed" and run.inner is None:
+            run.inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_end(trainer, pl_module, batch_idx)
-
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start(trainer, pl_module, batch_idx)
-
-    def on_validation_batch_end(
+    @override
+    def on_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
+        stage: Stage,
         outputs: Any,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end(trainer, pl_module, batch_idx)
+        n = self.check_every_n_batches
+        run = self._runs.get(stage)
+        if run is None or not n or (batch_idx + 1) % n:
+            return
+        if run.scope == "fixed" and run.inner is not None:
+            if self._verify(trainer, pl_module, stage, run, run.inner, f"batch {batch_idx}"):
+                run.inner = FreezeBaseline(self._tensors(pl_module), self.snapshot)  # one change, one report
+        elif run.scope == "frozen":
+            self._verify(trainer, pl_module, stage, run, run.outer, f"batch {batch_idx}")
 
-    # Test and predict batches are checked exactly like validation batches.
-    on_test_batch_start = on_validation_batch_start
-    on_test_batch_end = on_validation_batch_end
-    on_predict_batch_start = on_validation_batch_start
-    on_predict_batch_end = on_validation_batch_end
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = self._runs.get("train")
+        if run is not None and run.scope == "frozen":
+            self._verify(trainer, pl_module, "train", run, run.outer, "epoch end")
 
     # Verification, agreed across ranks -----------------------------------------------------------------
-
-    def _verify_frozen(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        assert self._frozen_baseline is not None
-        changed = self._verify(trainer, pl_module, "train", self._frozen_baseline, when, frozen=True)
-        if changed and not self.restore:  # follow the new values, so one movement is reported once
-            self._frozen_baseline = FreezeBaseline(self._tensors(pl_module, self._frozen_names), self.snapshot)
 
     def _verify(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         stage: Stage,
+        run: _StageRun,
         baseline: FreezeBaseline,
         when: str,
-        frozen: bool = False,
     ) -> bool:
-        """Compare with ``baseline``; report, restore and act on changes. Returns whether any changed."""
-        current = self._tensors(pl_module, list(baseline.tensors) if frozen else None)
+        """Compare with ``baseline``; report, restore and act on changes. Returns whether any changed.
+
+        In a fixed stage a tensor is reported once per stage run; frozen tensors are followed after a change
+        (unless restored), so each further movement is reported again.
+        """
+        frozen = run.scope == "frozen"
+        current = self._tensors(pl_module, run.names)
         local = baseline.compare(current)
         changes, ranks, synced = self._gather_changes(trainer, pl_module, list(baseline.tensors), local)
-        if not frozen:  # a change already reported in this stage run is not reported again at its end
-            changes = [change for change in changes if change.name not in self._reported]
-            self._reported.update(change.name for change in changes)
-        tally = self._tally.setdefault((stage, "frozen" if frozen else "fixed"), _Tally())
+        if not frozen:
+            changes = [change for change in changes if change.name not in run.reported]
+            run.reported.update(change.name for change in changes)
+        tally = self._tally.setdefault((stage, run.scope), _Tally())
         tally.checks += 1
         tally.unverifiable = len(baseline.unverifiable)
         tally.changes += len(changes)
@@ -284,6 +294,8 @@ class ParamFreezeAssertion(PhaseCallback):
             return False
         names = [change.name for change in changes]
         restored = baseline.restore(current, names) if self.restore else []
+        if frozen and not self.restore:
+            run.outer = FreezeBaseline(self._tensors(pl_module, run.names), self.snapshot)
         what = "frozen tensor(s)" if frozen else "tensor(s)"
         data: dict[str, Any] = {
             "tensors": names,
@@ -296,7 +308,7 @@ class ParamFreezeAssertion(PhaseCallback):
         if trainer.world_size > 1:
             data["ranks"] = {name: ranks[name] for name in names}
         message = f"{len(names)} {what} changed during {stage} ({when}): {_names(names)}"
-        self._act(self.emit(trainer, "param_changed", message, data))
+        self.violation(trainer, "param_changed", message, data, stage=stage)
         return True
 
     def _gather_changes(
@@ -367,20 +379,17 @@ class ParamFreezeAssertion(PhaseCallback):
             return
         tally.changes += len(mismatched)
         names = list(mismatched)
-        event = self.emit(
+        self.violation(
             trainer,
             "replica_mismatch",
             f"{len(names)} parameter(s) differ between data-parallel ranks during {stage}: {_names(names)}",
             {"tensors": names, "stage": stage, "rank_groups": mismatched},
+            stage=stage,
         )
-        self._act(event)
-
-    def _act(self, event: Any) -> None:
-        if self.on_violation == "raise":
-            raise ParameterChangedError(f"{event.message} (event written to the phase event log)", event)
 
     # Report -------------------------------------------------------------------------------------------
 
+    @override
     def phase_observations(self) -> list[Observation]:
         labels = {"fixed": "parameters fixed", "frozen": "frozen parameters fixed", "replicas": "replicas identical"}
         rows = []

@@ -9,28 +9,26 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
-from lightning_phases.phases import PhaseOverrides, Stage, current_stage
+from lightning_phases.exceptions import SandboxViolation
+from lightning_phases.phases import PhaseTable, Stage, current_stage
 from lightning_phases.reporting.events import PhaseEvent
+from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.sandbox import audit_hook as audit
 from lightning_phases.sandbox.audit_hook import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
-from lightning_phases.sandbox.policy import (
-    SandboxPolicy,
-    check_programs,
-    check_write_dirs,
-    parse_host_rule,
-)
-from lightning_phases.validation import check_choice
+from lightning_phases.sandbox.policy import SandboxPolicy, check_programs, check_write_dirs, parse_host_rule
+from lightning_phases.validation import check_bool
 
-Mode = Literal["block", "warn"]
+OnViolation = Literal["warn", "block", "raise"]
 SPOOL_NAME = "sandbox_spool.jsonl"
 #: Seconds between two looks at the spool file during a stage.
 SPOOL_POLL_S = 1.0
@@ -54,7 +52,7 @@ _STAGE_OF_LOADER = {
 class SandboxCheck(PhaseCallback):
     """Detect or block network, DNS, subprocess and file-write escapes in the stages declared sandboxed.
 
-    A PEP 578 audit hook, installed once per process and switched on only while a listed stage runs, sees
+    A PEP 578 audit hook, installed once per process and switched on only while a sandboxed stage runs, sees
     ``socket.connect``/``sendto``/``sendmsg`` to IP addresses, DNS look-ups, ``http.client`` and ``urllib``
     requests, ``subprocess``, ``os.system``, ``os.exec*``, ``os.posix_spawn*``, file opens for writing and
     ``os``/``shutil`` file operations. Allowed without asking: AF_UNIX sockets (W&B's service,
@@ -64,14 +62,22 @@ class SandboxCheck(PhaseCallback):
     inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the user's); their
     violations reach the main process's event log.
 
+    The sandboxed stages are those the phase table declares ``sandboxed: true`` (by default every stage but
+    ``predict``; declare more or fewer with :class:`~lightning_phases.Phases`). Several ``SandboxCheck``
+    callbacks may be active at once: each judges every operation with its own allowances.
+
     What no audit hook sees is reported at setup as an info event and in the phase report: native code
     (``torch.save`` to a path, torch.distributed's gloo/NCCL/TCPStore sockets, ctypes), writes on
     descriptors opened earlier, and what allowed subprocesses do.
 
     Args:
-        stages: The sandboxed stages, from ``sanity_check``, ``train``, ``validate``, ``test``, ``predict``.
-        mode: ``"block"`` raises :class:`~lightning_phases.SandboxViolation` (a ``PermissionError``) before the
-            operation runs, after the event is on disk; ``"warn"`` records the event and lets it proceed.
+        stages: Narrow the sandboxed stages to these; ``None`` (default): every stage declared sandboxed.
+        on_violation: ``"block"`` (default) raises :class:`~lightning_phases.SandboxViolation` (a
+            ``PermissionError``) inside the operation, before it runs, after the event is on disk; code that
+            catches it goes on. ``"raise"`` blocks too, and then stops the run: the callback raises
+            ``SandboxViolation`` at the end of the batch (or stage) in which any rank's sandbox was violated,
+            even if the user's code caught the first error. ``"warn"`` records the event and lets the
+            operation proceed.
         allow_hosts: Hosts that may be reached: names (``"api.example.com"``, ``"*.example.com"``), IP
             addresses or CIDR ranges (``"10.0.0.0/8"``), each with an optional port (``"127.0.0.1:8080"``,
             ``"[::1]:80"``). Names are looked up once at setup, so connections to their addresses pass.
@@ -79,29 +85,31 @@ class SandboxCheck(PhaseCallback):
         allow_subprocess: Programs that may be run, by name (``"git"``) or absolute path. What they do is
             not seen.
         allow_temp: Also allow writes under the system temporary directory.
-        phase_overrides: Changes to the declared-property table; see :class:`PhaseCallback`.
+        name: This instance's name in events, metric keys, alerts and report rows; by default the class name
+            (made distinct when a Trainer holds several).
     """
+
+    violation_choices: ClassVar[tuple[str, ...]] = ("warn", "block", "raise")
+    violation_error = SandboxViolation
+    declared_property: ClassVar[str] = "sandboxed"
 
     def __init__(
         self,
-        stages: Sequence[Stage] = ("sanity_check", "train", "validate", "test"),
-        mode: Mode = "block",
+        stages: Sequence[Stage] | None = None,
+        on_violation: OnViolation = "block",
         allow_hosts: Sequence[str] = (),
         allow_write_dirs: Sequence[str] = (),
         allow_subprocess: Sequence[str] = (),
         allow_temp: bool = False,
-        phase_overrides: PhaseOverrides | None = None,
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, phase_overrides)
-        self.mode: Mode = check_choice("mode", mode, ("block", "warn"))  # type: ignore[assignment]
-        if isinstance(allow_hosts, str):
+        super().__init__(stages=stages, on_violation=on_violation, name=name)
+        if isinstance(allow_hosts, str) or not isinstance(allow_hosts, (list, tuple)):
             raise TypeError(f"allow_hosts={allow_hosts!r} must be a list (write [{allow_hosts!r}] for one host).")
-        if not isinstance(allow_temp, bool):
-            raise TypeError(f"allow_temp={allow_temp!r} must be true or false.")
         self.allow_hosts = tuple(parse_host_rule(host, "allow_hosts") for host in allow_hosts)
         self.allow_write_dirs = check_write_dirs("allow_write_dirs", allow_write_dirs)
         self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)
-        self.allow_temp = allow_temp
+        self.allow_temp = check_bool("allow_temp", allow_temp)
         self.policy = SandboxPolicy(self.allow_hosts, self.allow_write_dirs, self.allow_subprocess, allow_temp)
         self.blind_spots: list[str] = []
         self._trainer: weakref.ref[pl.Trainer] | None = None
@@ -113,18 +121,35 @@ class SandboxCheck(PhaseCallback):
         self._spool: SpoolReader | None = None
         self._patched: Any = None
         self._last_drain = 0.0
+        self._unraised: list[PhaseEvent] = []  # violations not yet raised by on_violation="raise"
+
+    @property
+    def mode(self) -> str:
+        """What the audit hook does with an escape: ``"block"`` (for ``block`` and ``raise``) or ``"warn"``."""
+        return "warn" if self.on_violation == "warn" else "block"
+
+    @override
+    def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        return table.stages_where(sandboxed=True)
+
+    @override
+    def describe(self) -> str:
+        return "+".join(self.stages) or "none"
 
     # Lightning hooks ----------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._trainer = weakref.ref(trainer)
         self._stack.clear()
+        self._unraised.clear()
         self._seen_before += self._seen  # each Trainer call reports each escape again
         self._seen = Counter()
         self.policy.resolve_names()
         log_dir = self.reporter.log_dir if trainer.is_global_zero else None
-        spool = trainer.strategy.broadcast(str(log_dir / SPOOL_NAME) if log_dir is not None else None, src=0)
+        spool_name = SPOOL_NAME if self.name == type(self).__name__ else f"sandbox_spool-{key_segment(self.name)}.jsonl"
+        spool = trainer.strategy.broadcast(str(log_dir / spool_name) if log_dir is not None else None, src=0)
         self._spool_path = spool
         if trainer.is_global_zero and spool is not None:
             self._spool = SpoolReader(spool)
@@ -135,40 +160,51 @@ class SandboxCheck(PhaseCallback):
         self.emit(
             trainer,
             "sandbox_blind_spots",
-            "audit hook active for " + ", ".join(self.stages) + "; it cannot see: " + "; ".join(self.blind_spots),
-            {"stages": list(self.stages), "mode": self.mode, "blind_spots": self.blind_spots},
+            "audit hook active for "
+            + (", ".join(self.stages) or "no stage")
+            + "; it cannot see: "
+            + "; ".join(self.blind_spots),
+            {"stages": list(self.stages), "on_violation": self.on_violation, "blind_spots": self.blind_spots},
             severity="info",
         )
 
+    @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._stack.append(stage)
         self._activate(trainer, stage)
 
+    @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        audit.activate(None)
+        audit.activate(None, id(self))
         self._drain(trainer)
         if self._stack:
             self._stack.pop()
         if self._stack:
             self._activate(trainer, self._stack[-1])
+        if stage in self.stages:
+            self._raise_if_violated(trainer)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._drain_now_and_then(trainer)
+    @override
+    def on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: Stage,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.on_violation == "raise" and stage in self.stages:
+            self._drain(trainer)
+            self._raise_if_violated(trainer)
+        else:
+            self._drain_now_and_then(trainer)
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._drain_now_and_then(trainer)
-
-    on_test_batch_end = on_validation_batch_end
-    on_predict_batch_end = on_validation_batch_end
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @override
+    def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
         self._finish(trainer)
-        super().teardown(trainer, pl_module, stage)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._finish(trainer)
-        super().on_exception(trainer, pl_module, exception)
-
+    @override
     def phase_observations(self) -> list[Observation]:
         rows = []
         spots = "blind spots: native code, pre-opened descriptors"
@@ -183,7 +219,7 @@ class SandboxCheck(PhaseCallback):
             attempts = sum(n for key, n in (self._seen_before + self._seen).items() if key[-1] == stage)
             verdict = "violated" if events else "verified"
             done = "blocked" if self.mode == "block" else "allowed (warn)"
-            detail = f"audit hook ({self.mode}), {len(events)} violation(s)"
+            detail = f"audit hook ({self.on_violation}), {len(events)} violation(s)"
             if events:
                 detail += f", {attempts} attempt(s) {done}"
             rows.append(Observation(stage, "sandboxed", verdict, f"{detail}; {spots}"))
@@ -193,10 +229,25 @@ class SandboxCheck(PhaseCallback):
 
     def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
         if stage not in self.stages:
-            audit.activate(None)
+            audit.activate(None, id(self))
             return
         self._started[stage] += 1
-        audit.activate(self._session(trainer, stage, report=self._report))
+        audit.activate(self._session(trainer, stage, report=self._report), id(self))
+
+    def _raise_if_violated(self, trainer: pl.Trainer) -> None:
+        """With ``on_violation="raise"``: stop the run once any rank's sandbox was violated (agreed by all)."""
+        if self.on_violation != "raise":
+            return
+        violated = bool(self._unraised)
+        if trainer.world_size > 1:  # rank 0 alone sees other processes' violations (the spool)
+            violated = trainer.strategy.reduce_boolean_decision(violated, all=False)
+        if not violated:
+            return
+        events, self._unraised = self._unraised, []
+        first = events[0].message if events else "a violation on another rank (in rank 0's event log)"
+        raise SandboxViolation(
+            f"{len(events) or 1} sandbox violation(s) in this stage; the first: {first}", events[0] if events else None
+        )
 
     def _session(self, trainer: pl.Trainer, stage: str, report: Callable[[Violation], Any] | None) -> Session:
         return Session(
@@ -214,6 +265,7 @@ class SandboxCheck(PhaseCallback):
         if trainer is None:
             raise RuntimeError("SandboxCheck lost its Trainer")
         event = self.emit(trainer, "sandbox_violation", violation.message(), violation.data(), stage=violation.stage)
+        self._unraised.append(event)
         if not trainer.is_global_zero and self._spool_path is not None:
             audit.write_spool(self._spool_path, violation)  # global rank 0 writes the event log
         return event
@@ -233,41 +285,40 @@ class SandboxCheck(PhaseCallback):
         for record in self._spool.read_new():
             data = record["data"]
             self._seen[escape_key(data)] += 1
-            self.emit(trainer, "sandbox_violation", record["message"], data, stage=data["stage"], rank=data["rank"])
+            event = self.emit(
+                trainer, "sandbox_violation", record["message"], data, stage=data["stage"], rank=data["rank"]
+            )
+            self._unraised.append(event)
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        audit.activate(None)
+        audit.activate(None, id(self))
         self._stack.clear()
         self._drain(trainer)
         if self._patched is not None:
-            if "process_dataloader" in self._patched.__dict__:
-                del self._patched.process_dataloader  # the class's method is visible again
+            patched = self._patched.__dict__.get("process_dataloader")
+            if isinstance(patched, _SandboxedLoaders):
+                if self in patched.checks:
+                    patched.checks.remove(self)
+                if not patched.checks:
+                    del self._patched.process_dataloader  # the class's method is visible again
             self._patched = None
 
     def _wrap_dataloaders(self, trainer: pl.Trainer) -> None:
-        """Sandbox DataLoader workers: wrap ``worker_init_fn`` of each loader the strategy processes."""
+        """Sandbox DataLoader workers: wrap ``worker_init_fn`` of each loader the strategy processes.
+
+        One wrapper per strategy serves every ``SandboxCheck`` of the Trainer; each one that sandboxes the
+        stage a loader serves adds its session to the worker.
+        """
         strategy = trainer.strategy
-        if "process_dataloader" in strategy.__dict__:
-            return
-        original = strategy.process_dataloader
-
-        def process_dataloader(dataloader: object) -> object:
-            dataloader = original(dataloader)
-            loader_stage = _STAGE_OF_LOADER.get(current_stage(trainer) or "")
-            if isinstance(dataloader, DataLoader) and dataloader.num_workers > 0 and loader_stage in self.stages:
-                user_fn = dataloader.worker_init_fn
-                if isinstance(user_fn, SandboxedWorkerInit):
-                    user_fn = user_fn.user_fn
-                elif user_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
-                    from lightning.fabric.utilities.seed import pl_worker_init_function
-
-                    user_fn = partial(pl_worker_init_function, rank=trainer.global_rank)  # as Lightning would
-                session = self._session(trainer, loader_stage, report=None)
-                dataloader.worker_init_fn = SandboxedWorkerInit(user_fn, session)
-            return dataloader
-
-        strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
+        patched = strategy.__dict__.get("process_dataloader")
+        if isinstance(patched, _SandboxedLoaders):
+            patched.checks.append(self)
+        else:
+            strategy.process_dataloader = _SandboxedLoaders(strategy.process_dataloader, trainer, [self])  # type: ignore[method-assign]
         self._patched = strategy
+
+    def _worker_session(self, trainer: pl.Trainer, stage: Stage) -> Session | None:
+        return self._session(trainer, stage, report=None) if stage in self.stages else None
 
     def _active_blind_spots(self) -> list[str]:
         spots = []
@@ -277,6 +328,40 @@ class SandboxCheck(PhaseCallback):
         if self.allow_subprocess:
             spots.append("what the allowed subprocesses (" + ", ".join(self.allow_subprocess) + ") do")
         return spots
+
+
+class _SandboxedLoaders:
+    """The strategy's ``process_dataloader``, wrapped: workers of each loader get every active sandbox.
+
+    Args:
+        original: The strategy's own ``process_dataloader``.
+        trainer: The Trainer.
+        checks: The ``SandboxCheck`` callbacks whose sandboxes workers get.
+    """
+
+    def __init__(self, original: Callable[[object], object], trainer: pl.Trainer, checks: list[SandboxCheck]) -> None:
+        self.original = original
+        self.trainer = weakref.ref(trainer)
+        self.checks = checks
+
+    def __call__(self, dataloader: object) -> object:
+        dataloader = self.original(dataloader)
+        trainer = self.trainer()
+        stage = _STAGE_OF_LOADER.get((current_stage(trainer) if trainer is not None else None) or "")
+        if trainer is None or stage is None or not isinstance(dataloader, DataLoader) or dataloader.num_workers == 0:
+            return dataloader
+        sessions = {id(check): check._worker_session(trainer, stage) for check in self.checks}
+        sessions = {owner: session for owner, session in sessions.items() if session is not None}
+        if sessions:
+            user_fn = dataloader.worker_init_fn
+            if isinstance(user_fn, SandboxedWorkerInit):
+                user_fn = user_fn.user_fn
+            elif user_fn is None and int(os.environ.get("PL_SEED_WORKERS", 0)):
+                from lightning.fabric.utilities.seed import pl_worker_init_function
+
+                user_fn = partial(pl_worker_init_function, rank=trainer.global_rank)  # as Lightning would
+            dataloader.worker_init_fn = SandboxedWorkerInit(user_fn, sessions)
+        return dataloader
 
 
 def run_write_dirs(trainer: pl.Trainer) -> list[Path]:

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.features import FeatureTap, as_rows, batch_input, resolve_module
 from lightning_phases.detectors.reservoir import Reservoir
 from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
-from lightning_phases.phases import PhaseOverrides, Stage, check_stages, current_stage
+from lightning_phases.exceptions import ShiftDetected
+from lightning_phases.phases import PhaseTable, Stage, check_stages
+from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.validation import check_choice, check_choices, check_positive
+from lightning_phases.reporting.reporter import declared_table
+from lightning_phases.validation import (
+    check_bool,
+    check_choice,
+    check_choices,
+    check_number,
+    check_positive,
+    check_seed,
+)
 
 TestName = Literal["mmd", "ks"]
 Reduction = Literal["pca", "random"]
@@ -30,12 +41,15 @@ RECOMPUTE_CHUNK = 512
 class ShiftTracker(PhaseCallback):
     """Calibrated two-sample tests of each stage's data against the training reference, and shift rates.
 
-    During ``reference_stage`` (the training data of the last training epoch, by default) a uniform
-    reservoir sample of ``reference_size`` samples is kept. When a stage in ``stages`` ends, its samples
-    (a reservoir of ``current_size``) are tested against the reference: a kernel MMD test with a Gaussian
-    kernel (median-heuristic bandwidth) and a permutation p-value, all permutations in one batched product,
-    and for softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs are also tested
-    in sliding windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value below
+    During the reference stage (the stage the phase table declares ``data: reference``: the training data of
+    the last training epoch, by default) a uniform reservoir sample of ``reference_size`` samples is kept.
+    The stages declared ``held_out`` or ``live`` (``validate``, ``test``, ``predict`` by default) are tested
+    against it; a stage declared ``fixed_shift`` (chosen to differ, e.g. a corrupted test set) is measured
+    too, and its shift is reported as expected (an info event, no ``shift_detected``). When a tested stage
+    ends, its samples (a reservoir of ``current_size``) are tested against the reference: a kernel MMD test
+    with a Gaussian kernel (median-heuristic bandwidth) and a permutation p-value, all permutations in one
+    batched product, and for softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs
+    are also tested in sliding windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value below
     ``alpha`` (divided by the number of tests run together) is a ``shift_detected`` event.
 
     Features from a module (a submodule name or ``"output"``) are computed again on the reference *inputs*
@@ -43,7 +57,9 @@ class ShiftTracker(PhaseCallback):
     and both sides are computed in the same (eval) mode. Under DDP each rank keeps
     ``reference_size / world_size`` reference samples and the samples are gathered before testing; tests
     see the rows in a canonical order, so the p-value on N processes equals the single-process one on the
-    same samples and seed.
+    same samples and seed. A checkpoint holds every rank's reference rows (gathered when the reference stage
+    ends), and each rank of a resumed run takes every ``world_size``-th of them, so a run resumed, tested or
+    predicted on another number of processes tests against the same reference.
 
     In-fit validation also logs the shift distance (sqrt of MMD²) over time, its rate per optimizer step,
     the parameter update rate (relative norm of the change of the trainable parameters per step), the
@@ -57,9 +73,11 @@ class ShiftTracker(PhaseCallback):
         features: What is compared: ``"input"`` (the batch's input tensor, flattened), a submodule's name
             (its output, e.g. a backbone's last layer), ``"output"`` (the model's output; softmax over the last
             dimension for 2-d outputs when ``output_softmax``), or a callable ``(batch, outputs) -> Tensor``.
-        reference_stage: The stage whose data is the reference (its last epoch's data, for ``train``).
+        reference_stage: The stage whose data is the reference (its last epoch's data, for ``train``);
+            ``None`` (default): the one stage the phase table declares ``data: reference``.
         reference_size: Reference samples kept (at least 2).
-        stages: Stages whose data is tested against the reference.
+        stages: Narrow the tested stages to these; ``None`` (default): every stage declared ``held_out``,
+            ``live`` or ``fixed_shift`` (the sanity check is never tested: it runs before any reference).
         alpha: Significance level of a run of tests.
         tests: ``"mmd"`` and/or ``"ks"``; by default ``["mmd"]``, plus ``"ks"`` when ``features="output"``.
         n_permutations: Permutations of the MMD test; the smallest p-value is ``1 / (1 + n_permutations)``.
@@ -72,18 +90,28 @@ class ShiftTracker(PhaseCallback):
         track_rates: Log the shift, update and oversight rates in fit (keeps a copy of the trainable
             parameters, taken at each validation).
         seed: Seed of the reservoirs, the permutations and the random projection.
-        phase_overrides: Changes to the declared-property table; see :class:`PhaseCallback`.
+        on_violation: What a detected shift (in a stage not declared ``fixed_shift``) does besides its
+            ``shift_detected`` event: ``"warn"`` nothing more; ``"stop"`` stops ``fit`` cleanly after that
+            validation (``trainer.should_stop``, as ``EarlyStopping``; outside ``fit`` the stage ends anyway
+            and nothing more happens); ``"raise"`` raises ``ShiftDetected``. Every rank decides alike (the
+            test runs on the gathered samples with the same seed).
+        name: This instance's name in events, metric keys, tables, alerts and report rows; by default the
+            class name, or ``ShiftTracker-<features>`` when a Trainer holds several.
 
     After each test, ``last_samples`` holds the ``(reference, current)`` rows it compared (gathered over
     ranks, reduced if ``reduce`` is set), and ``results`` every test's outcome.
     """
 
+    violation_choices: ClassVar[tuple[str, ...]] = ("warn", "stop", "raise")
+    violation_error = ShiftDetected
+    declared_property: ClassVar[str] = "data"
+
     def __init__(
         self,
         features: str | FeatureFn = "input",
-        reference_stage: Stage = "train",
+        reference_stage: Stage | None = None,
         reference_size: int = 1000,
-        stages: Sequence[Stage] = ("validate", "test", "predict"),
+        stages: Sequence[Stage] | None = None,
         alpha: float = 0.05,
         tests: Sequence[TestName] | None = None,
         n_permutations: int = 1000,
@@ -94,33 +122,40 @@ class ShiftTracker(PhaseCallback):
         output_softmax: bool = True,
         track_rates: bool = True,
         seed: int = 0,
-        phase_overrides: PhaseOverrides | None = None,
+        on_violation: Literal["warn", "stop", "raise"] = "warn",
+        name: str | None = None,
     ) -> None:
-        super().__init__(stages, phase_overrides)
         if not (callable(features) or (isinstance(features, str) and features)):
             raise TypeError(f"features={features!r} must be 'input', 'output', a module name or a callable.")
         self.features = features
-        self.reference_stage: Stage = check_stages("reference_stage", [reference_stage])[0]
-        if self.reference_stage in self.stages:
-            raise ValueError(f"reference_stage={reference_stage!r} cannot also be one of stages={list(self.stages)}.")
-        if isinstance(reference_size, bool) or not isinstance(reference_size, int) or reference_size < 2:
-            raise ValueError(f"reference_size={reference_size!r} must be an integer of at least 2.")
-        self.reference_size = reference_size
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-            raise ValueError(f"alpha={alpha!r} must be a number strictly between 0 and 1.")
-        self.alpha = float(alpha)
+        self._features_name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
+        self._reference_stage_arg: Stage | None = (
+            None if reference_stage is None else check_stages("reference_stage", [reference_stage])[0]
+        )
+        self.reference_stage: Stage = self._resolve_reference(PhaseTable())
+        super().__init__(stages=stages, on_violation=on_violation, name=name)
+        if self.requested_stages is not None and self.reference_stage in self.requested_stages:
+            raise ValueError(
+                f"reference_stage={self.reference_stage!r} cannot also be one of stages={list(self.requested_stages)}."
+            )
+        self.reference_size = check_number("reference_size", reference_size, low=2, integer=True)
+        self.alpha = float(check_number("alpha", alpha, low=0, high=1, low_inclusive=False, high_inclusive=False))
         default_tests: tuple[str, ...] = ("mmd", "ks") if features == "output" else ("mmd",)
         self.tests = check_choices("tests", tests if tests is not None else default_tests, ("mmd", "ks"))
         self.n_permutations = check_positive("n_permutations", n_permutations, integer=True)
-        self.current_size = check_positive("current_size", current_size or reference_size, integer=True)
+        self.current_size = (
+            reference_size if current_size is None else check_positive("current_size", current_size, integer=True)
+        )
         self.window_size = None if window_size is None else check_positive("window_size", window_size, integer=True)
         self.reduce = None if reduce is None else check_choice("reduce", reduce, ("pca", "random"))
         self.reduce_dim = check_positive("reduce_dim", reduce_dim, integer=True)
-        self.output_softmax = output_softmax
-        self.track_rates = track_rates
-        self.seed = seed
+        self.output_softmax = check_bool("output_softmax", output_softmax)
+        self.track_rates = check_bool("track_rates", track_rates)
+        self.seed = check_seed("seed", seed)
 
         self._reference: Reservoir | None = None
+        self._reference_all: torch.Tensor | None = None  # every rank's reference rows, for the checkpoint
+        self._restored: torch.Tensor | None = None  # reference rows from a checkpoint (any world size)
         self._current: Reservoir | None = None
         self._tap: FeatureTap | None = None
         self._dim: int | None = None
@@ -130,43 +165,76 @@ class ShiftTracker(PhaseCallback):
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._features_name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
         self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
-        # Lightning asks for the key several times per step; it depends only on arguments fixed here.
-        self._state_key = self._generate_state_key(
-            features=self._features_name, reference_stage=self.reference_stage, stages=self.stages
-        )
 
-    @property
-    def state_key(self) -> str:
-        return self._state_key
+    def _resolve_reference(self, table: PhaseTable) -> Stage:
+        if self._reference_stage_arg is not None:
+            return self._reference_stage_arg
+        declared = table.stages_where(data="reference")
+        if len(declared) != 1:
+            raise ValueError(
+                f"ShiftTracker needs one reference stage, but the phase table declares data='reference' for "
+                f"{list(declared) or 'no stage'}; pass reference_stage=... or declare exactly one with "
+                "Phases(overrides={<stage>: {'data': 'reference'}})."
+            )
+        return declared[0]
+
+    @override
+    def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        tested = table.stages_where(data=("held_out", "live", "fixed_shift"))
+        return tuple(stage for stage in tested if stage not in ("sanity_check", self.reference_stage))
+
+    @override
+    def describe(self) -> str:
+        return self._features_name
+
+    @override
+    def state_key_fields(self) -> dict[str, Any]:
+        return {"features": self._features_name, "reference_stage": self._reference_stage_arg}
 
     # Lightning hooks ----------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        reference = self._resolve_reference(declared_table(trainer.callbacks))
+        if reference != self.reference_stage:
+            self.reference_stage, self._reference = reference, None
         super().setup(trainer, pl_module, stage)
+        declared = self.table[self.reference_stage].data
+        if self._reference_stage_arg is not None and declared != "reference":
+            self.warn_once(
+                "reference not declared",
+                f"reference_stage={self.reference_stage!r} is declared data={declared!r} in the phase table; it is "
+                "used as the reference as asked. Declare it with Phases(overrides={"
+                f"{self.reference_stage!r}: {{'data': 'reference'}}}}) to make the two agree.",
+            )
         if self._tap is None and isinstance(self.features, str) and self.features != "input":
             module = pl_module if self.features == "output" else resolve_module(pl_module, self.features)
             self._tap = FeatureTap(module, softmax=self.features == "output" and self.output_softmax)
         per_rank = math.ceil(self.reference_size / trainer.world_size)
-        if self._reference is None:
+        if self._reference is None or self._reference.capacity != per_rank:
             self._reference = Reservoir(per_rank, seed=self.seed + 7919 * trainer.global_rank)
         self._current = Reservoir(
             math.ceil(self.current_size / trainer.world_size), seed=self.seed + 1 + trainer.global_rank
         )
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close_tap()
-        super().teardown(trainer, pl_module, stage)
+    @override
+    def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close_tap()
-        super().on_exception(trainer, pl_module, exception)
-
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.reference_stage == "train" and self._reference is not None:
             self._reference.reset()  # the reference is the data of the last training epoch
 
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reference_stage == "train":
+            self._keep_reference(trainer)
+
+    @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if stage == self.reference_stage and stage != "train" and self._reference is not None:
             self._reference.reset()
@@ -174,61 +242,57 @@ class ShiftTracker(PhaseCallback):
             self._current.reset()
             self._window_seen = 0
 
+    @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage == self.reference_stage and stage != "train":
+            self._keep_reference(trainer)
         if stage in self.stages and self._current is not None:
             self._test(trainer, pl_module, stage, window=False)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._collect(trainer, outputs, batch)
-
-    def on_validation_batch_end(
+    @override
+    def on_batch_end(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
+        stage: Stage,
         outputs: Any,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
     ) -> None:
-        self._collect(trainer, outputs, batch)
-
-    on_test_batch_end = on_validation_batch_end
-
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        if self.window_size and current_stage(trainer) in self.stages and self._window_seen >= self.window_size:
-            self._test(trainer, pl_module, "predict", window=True)
+        self._collect(stage, outputs, batch)
+        if stage == "predict" and self.window_size and stage in self.stages and self._window_seen >= self.window_size:
+            self._test(trainer, pl_module, stage, window=True)
             self._current.reset()  # type: ignore[union-attr]
             self._window_seen = 0
 
+    def _keep_reference(self, trainer: pl.Trainer) -> None:
+        """Gather every rank's reference rows (every rank is here), so a checkpoint holds the whole reference."""
+        if (self._reference is not None and self._reference.sample is not None) or trainer.world_size > 1:
+            local = self._reference.sample if self._reference is not None else None
+            self._reference_all = _gather_rows(trainer, local)
+            self._restored = None
+
+    @override
     def state_dict(self) -> dict[str, Any]:
+        rows = self._reference_all if self._reference_all is not None else self._restored
         return {
-            "reference": None if self._reference is None else self._reference.state_dict(),
+            "reference_rows": None if rows is None else rows.detach().cpu(),
             "n_tests": self.n_tests,
             "results": self.results,
             "dim": self._dim,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.n_tests = int(state_dict.get("n_tests", 0))
         self.results = list(state_dict.get("results", []))
         self._dim = state_dict.get("dim")
-        saved = state_dict.get("reference")
-        if saved is not None:
-            if self._reference is None:
-                self._reference = Reservoir(self.reference_size, seed=self.seed)
-            self._reference.load_state_dict(saved)
+        rows = state_dict.get("reference_rows")
+        self._restored = rows if isinstance(rows, torch.Tensor) and rows.shape[0] >= 2 else None
+        if self._restored is not None and self._reference is not None:
+            self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
 
+    @override
     def phase_observations(self) -> list[Observation]:
         rows = []
         for stage in self.stages:
@@ -236,7 +300,10 @@ class ShiftTracker(PhaseCallback):
             if not done:
                 continue
             drifts = [r for r in done if r["drift"]]
-            verdict = "shift detected" if drifts else "no shift"
+            if self.table[stage].data == "fixed_shift":
+                verdict = "shift measured (declared fixed_shift)" if drifts else "declared shift not found"
+            else:
+                verdict = "shift detected" if drifts else "no shift"
             names = "/".join(sorted({r["test"] for r in done}))
             smallest = min(r["p_value"] for r in done)
             detail = (
@@ -248,9 +315,8 @@ class ShiftTracker(PhaseCallback):
 
     # Collecting ---------------------------------------------------------------------------------------------
 
-    def _collect(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
+    def _collect(self, stage: Stage, outputs: Any, batch: Any) -> None:
         tapped = self._tap.take() if self._tap is not None else None
-        stage = current_stage(trainer)
         if stage == self.reference_stage and self._reference is not None:
             # Module features are recomputed from the reference inputs at test time (never stale).
             rows = as_rows(batch_input(batch)) if self._tap is not None else self._rows(batch, outputs, tapped)
@@ -283,22 +349,36 @@ class ShiftTracker(PhaseCallback):
             )
 
     def _reference_rows(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """Every rank's reference rows (features recomputed with today's weights), gathered in rank order.
+
+        The reference is what this call collected; else the checkpoint's (each rank takes every
+        ``world_size``-th row, so any world size restores the same set); else, for a ``train`` reference, a
+        sample of the datamodule's ``train_dataloader()`` (test or predict without a fit).
+        """
         assert self._reference is not None
-        if self._reference.sample is None and trainer.datamodule is not None and self.reference_stage == "train":
-            self._reference_from_loader(trainer.datamodule.train_dataloader())  # test/predict without a fit
-        local = self._reference.sample
+        local, version = self._reference.sample, self._reference.version
+        if local is None and self._restored is not None:
+            local, version = self._restored[trainer.global_rank :: trainer.world_size], -1
+        elif local is None and trainer.datamodule is not None and self.reference_stage == "train":
+            self._reference_from_loader(trainer, trainer.datamodule.train_dataloader())
+            local, version = self._reference.sample, self._reference.version
+        if local is not None:
+            local = local.to(trainer.strategy.root_device)
         if local is not None and self._tap is not None:
             # The same reference rows and weights give the same features: predict windows reuse them. Only
             # this rank's work is cached; the gather below runs at every test on every rank alike.
-            key = (self._reference.version, trainer.global_step)
+            key = (version, trainer.global_step)
             if self._reference_cache is None or self._reference_cache[0] != key:
                 self._reference_cache = (key, self._recompute(pl_module, local))
             local = self._reference_cache[1]
         return _gather_rows(trainer, local)
 
-    def _reference_from_loader(self, loader: Any) -> None:
+    def _reference_from_loader(self, trainer: pl.Trainer, loader: Any) -> None:
+        """Each rank samples its share of the loader's batches (every ``world_size``-th), so ranks differ."""
         assert self._reference is not None
-        for batch in loader:
+        for index, batch in enumerate(loader):
+            if index % trainer.world_size != trainer.global_rank:
+                continue
             self._reference.add(as_rows(batch_input(batch)) if self._tap is not None else self._rows(batch, None, None))
             if self._reference.seen >= 4 * self._reference.capacity:
                 break
@@ -334,6 +414,7 @@ class ShiftTracker(PhaseCallback):
         self.last_samples = (reference, current)
         alpha_each = self.alpha / len(self.tests)
         distance = None
+        detected = []
         for name in self.tests:
             self.n_tests += 1
             if name == "mmd":
@@ -341,14 +422,28 @@ class ShiftTracker(PhaseCallback):
                 distance = math.sqrt(max(result.statistic, 0.0))
             else:
                 result = ks_test(reference, current)
-            self._report(trainer, stage, result, alpha_each, window)
+            event = self._report(trainer, stage, result, alpha_each, window)
+            if event is not None:
+                detected.append(event)
         columns = ["stage", "step", "test", "statistic", "p_value", "n_reference", "n_current", "drift"]
         rows = [[r[c] for c in columns] for r in self.results]
         self.reporter.log_table(self.name, "tests", columns, rows, trainer.global_step)
         if stage == "validate" and trainer.state.fn == TrainerFn.FITTING and self.track_rates:
             self._log_rates(trainer, pl_module, distance)
+        if detected:  # every test of this stage has run and is reported before any stop or raise
+            self.act(trainer, detected[0])
 
-    def _report(self, trainer: pl.Trainer, stage: Stage, result: TestResult, alpha_each: float, window: bool) -> None:
+    @override
+    def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:
+        if self.on_violation == "stop" and trainer.state.fn == TrainerFn.FITTING:
+            trainer.should_stop = True
+        super().act(trainer, event)
+
+    def _report(
+        self, trainer: pl.Trainer, stage: Stage, result: TestResult, alpha_each: float, window: bool
+    ) -> PhaseEvent | None:
+        """Emit the test's ``shift_test`` event, and ``shift_detected`` when it found an unexpected shift."""
+        expected = self.table[stage].data == "fixed_shift"
         drift = result.p_value < alpha_each
         data = {
             "test": result.test,
@@ -361,16 +456,22 @@ class ShiftTracker(PhaseCallback):
             "features": self._features_name,
             "window": window,
             "tests_so_far": self.n_tests,
+            "expected_shift": expected,
         }
         if result.bandwidth is not None:
             data.update(bandwidth=result.bandwidth, n_permutations=result.n_permutations)
         self.results.append({"stage": stage, "step": trainer.global_step, **data})
         where = f"{stage} window" if window else stage
+        declared = ""
+        if expected:
+            found = "measured" if drift else "not found at this alpha"
+            declared = f"; {stage} is declared fixed_shift, so the shift is expected ({found}), not an alarm"
         self.emit(
             trainer,
             "shift_test",
             f"{result.test.upper()} test of {where} data against the {self.reference_stage} reference: "
-            f"statistic {result.statistic:.4g}, p={result.p_value:.4g} (n={result.n_reference}, m={result.n_current})",
+            f"statistic {result.statistic:.4g}, p={result.p_value:.4g} (n={result.n_reference}, m={result.n_current})"
+            + declared,
             data,
             severity="info",
             stage=stage,
@@ -379,15 +480,16 @@ class ShiftTracker(PhaseCallback):
             trainer,
             {f"{stage}_{result.test}_p_value": result.p_value, f"{stage}_{result.test}_statistic": result.statistic},
         )
-        if drift:
-            self.emit(
-                trainer,
-                "shift_detected",
-                f"{where} data differ from the {self.reference_stage} reference: {result.test.upper()} "
-                f"p={result.p_value:.4g} < alpha={alpha_each:.4g}",
-                data,
-                stage=stage,
-            )
+        if not drift or expected:
+            return None
+        return self.emit(
+            trainer,
+            "shift_detected",
+            f"{where} data differ from the {self.reference_stage} reference: {result.test.upper()} "
+            f"p={result.p_value:.4g} < alpha={alpha_each:.4g}",
+            data,
+            stage=stage,
+        )
 
     def _log_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule, distance: float | None) -> None:
         params = torch.cat([p.detach().flatten().float() for p in pl_module.parameters() if p.requires_grad])
@@ -411,11 +513,6 @@ class ShiftTracker(PhaseCallback):
         self._last_validation = {"step": step, "distance": distance}
         if metrics:
             self.log_metrics(trainer, metrics)
-
-    def _close_tap(self) -> None:
-        if self._tap is not None:
-            self._tap.close()
-            self._tap = None
 
 
 def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from lightning_phases.validation import check_choice, check_positive
+from lightning_phases.validation import check_bool, check_choice, check_positive
 
 Direction = Literal["drop", "spike", "both"]
 _MAD_TO_SIGMA = 1.4826
@@ -119,7 +119,7 @@ class DropDetector:
         if self.min_change >= 1:
             raise ValueError(f"min_change={min_change!r} must be below 1 (a relative change, e.g. 0.2 for 20%).")
         self.warmup = check_positive("warmup", warmup, allow_zero=True, integer=True)
-        self.long_horizon = bool(long_horizon)
+        self.long_horizon = check_bool("long_horizon", long_horizon)
         self._least_below, self._least_above = -math.log1p(-self.min_change), math.log1p(self.min_change)
         self.reset()
 

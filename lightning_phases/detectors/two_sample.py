@@ -128,7 +128,8 @@ def mmd_test(
         x: The reference sample, ``(n, d)`` (or ``(n,)``).
         y: The current sample, ``(m, d)`` (or ``(m,)``).
         n_permutations: Permutations of the pooled sample; the smallest p-value is ``1 / (1 + n_permutations)``.
-        seed: Seed of the permutations; the same seed and data give the same p-value.
+        seed: Seed of the permutations; the same seed and data give the same p-value. ``None`` draws a
+            non-deterministic seed for a private generator; torch's global RNG is never touched.
         bandwidth: The Gaussian kernel's bandwidth; by default the median pairwise distance of the pooled sample.
     """
     if not isinstance(n_permutations, int) or n_permutations < 1:
@@ -142,8 +143,13 @@ def mmd_test(
     weights = torch.cat([torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), -1.0 / m, dtype=dtype)]).to(device)
     observed = weights @ kernel @ weights
 
+    # A private generator: the test never reads or reseeds torch's global RNG (nor CUDA's), so calling it
+    # leaves the user's random stream exactly where it was.
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     exceed = 0
     for start in range(0, n_permutations, PERMUTATION_CHUNK):
         count = min(PERMUTATION_CHUNK, n_permutations - start)

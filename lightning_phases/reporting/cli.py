@@ -12,28 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_phases.reporting.events import EVENT_LOG_NAME, read_events
+from lightning_phases.reporting.events import find_event_log, read_events
 from lightning_phases.reporting.html import render_html
 from lightning_phases.reporting.report_model import REPORT_NAME, format_report
-
-
-def find_event_log(path: Path) -> Path:
-    """The event log at ``path``: the file itself, or the one log under a directory.
-
-    Args:
-        path: A ``phase_events.jsonl`` file or a run directory.
-    """
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a file nor a directory")
-    found = sorted(path.rglob(EVENT_LOG_NAME))
-    if not found:
-        raise FileNotFoundError(f"no {EVENT_LOG_NAME} under {path}")
-    if len(found) > 1:
-        listing = "\n  ".join(str(p) for p in found)
-        raise FileNotFoundError(f"{len(found)} event logs under {path}; name one of them:\n  {listing}")
-    return found[0]
 
 
 def report(path: Path, html_out: Path | None) -> str:

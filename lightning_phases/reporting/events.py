@@ -129,24 +129,27 @@ class EventLog:
     """Append-only JSONL file of :class:`PhaseEvent` lines, shared by every writer in the process.
 
     Use :meth:`open` rather than the constructor, so that all writers of one path share one descriptor
-    and one lock.
+    and one lock, and pair every :meth:`open` with one :meth:`release`: the registry counts the users of
+    each log and closes its descriptor when the last one releases it, so a process that runs many
+    Trainers one after another (a sweep) does not keep one descriptor per run.
 
     Args:
         path: The file to append to; its directory is created if needed.
     """
 
     _registry: dict[str, EventLog] = {}
-    _registry_lock = threading.Lock()
+    _registry_lock = threading.Lock()  # guards _registry and every log's _users; taken before a log's _lock
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
+        self._users = 0
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> EventLog:
-        """The process-wide log for ``path``, opened on first use.
+        """The process-wide log for ``path``, opened on first use; counts one more user of it.
 
         Args:
             path: The event log file.
@@ -156,7 +159,23 @@ class EventLog:
             log = cls._registry.get(key)
             if log is None or log._fd < 0:
                 log = cls._registry[key] = cls(key)
+            log._users += 1
             return log
+
+    def release(self) -> None:
+        """Drop one user of this log (one :meth:`open`); the last one closes the descriptor.
+
+        Once closed, the log leaves the registry, and a later :meth:`open` of the path opens a new one.
+        Releasing a log nobody holds any more (or one made with the constructor) just closes it.
+        """
+        with self._registry_lock:
+            self._users = max(self._users - 1, 0)
+            if self._users > 0:
+                return
+            key = str(self.path)
+            if self._registry.get(key) is self:
+                del self._registry[key]
+            self.close()
 
     def write(self, event: PhaseEvent) -> None:
         """Append ``event`` as one line; ``fsync`` it when its severity is warning or critical.
@@ -173,18 +192,47 @@ class EventLog:
                 os.fsync(self._fd)
 
     def close(self) -> None:
-        """Close the descriptor; a later :meth:`open` of the same path reopens it."""
+        """Close the descriptor now, whoever still holds the log; a later :meth:`open` of the path reopens it."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
 
 
-def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
-    """Read every event from an event log file, or from the ``phase_events.jsonl`` inside a directory.
+def find_event_log(path: str | os.PathLike[str]) -> Path:
+    """The event log at ``path``: the file itself, or the one ``phase_events.jsonl`` under a directory.
+
+    A directory is searched recursively. When it holds several logs (one per logger version, say), none is
+    picked for the user: the error lists them all so the user can name one.
 
     Args:
-        path: A ``phase_events.jsonl`` file or a directory that holds one (searched recursively).
+        path: A ``phase_events.jsonl`` file or a run directory.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a file nor a directory")
+    found = sorted(path.rglob(EVENT_LOG_NAME))
+    if not found:
+        raise FileNotFoundError(f"no {EVENT_LOG_NAME} under {path}")
+    if len(found) > 1:
+        listing = "\n  ".join(str(p) for p in found)
+        raise FileNotFoundError(f"{len(found)} event logs under {path}; name one of them:\n  {listing}")
+    return found[0]
+
+
+def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
+    """Read every event from an event log file, or from the one ``phase_events.jsonl`` inside a directory.
+
+    Args:
+        path: A ``phase_events.jsonl`` file or a directory that holds exactly one (see :func:`find_event_log`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
     """
     return list(iter_events(path))
 
@@ -192,15 +240,19 @@ def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
 def iter_events(path: str | os.PathLike[str]) -> Iterator[PhaseEvent]:
     """Yield the events of :func:`read_events` one by one.
 
+    The log is looked up when this is called, so a missing or ambiguous log raises here, not at the first
+    ``next``.
+
     Args:
-        path: A ``phase_events.jsonl`` file or a directory that holds one (searched recursively).
+        path: A ``phase_events.jsonl`` file or a directory that holds exactly one (see :func:`find_event_log`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.rglob(EVENT_LOG_NAME))
-        if not found:
-            raise FileNotFoundError(f"no {EVENT_LOG_NAME} under {path}")
-        path = found[0]
+    return _iter_lines(find_event_log(path))
+
+
+def _iter_lines(path: Path) -> Iterator[PhaseEvent]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():

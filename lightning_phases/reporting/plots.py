@@ -25,13 +25,15 @@ def plot_series(
         path: Where to write the PNG.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure on its own Agg canvas: no pyplot, so the user's backend (a notebook's inline or
+        # widget backend, say) is never switched and no figure is left in pyplot's registry.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    figure, axes = plt.subplots(figsize=(8, 3.6), dpi=110)
+    figure = Figure(figsize=(8, 3.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
     steps, values = zip(*points, strict=True) if points else ((), ())
     axes.plot(steps, values, lw=0.8, color="tab:blue", label=ylabel)
     if values and min(values) > 0:
@@ -49,5 +51,4 @@ def plot_series(
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
-    plt.close(figure)
     return path

@@ -159,7 +159,8 @@ class Session:
         return violation, event
 
 
-_session: Session | None = None
+_sessions: dict[int, Session] = {}
+_active: tuple[Session, ...] = ()
 _busy: set[int] = set()
 _installed = False
 
@@ -167,19 +168,25 @@ _installed = False
 def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
     if event not in WATCHED_EVENTS:
         return
-    session = _session
-    if session is None:
+    sessions = _active
+    if not sessions:
         return
     ident = threading.get_ident()
     if ident in _busy:
         return  # our own reporting (the event log, W&B) must not judge itself
     _busy.add(ident)
+    blocked: Violation | None = None
+    blocked_event = None
     try:
-        judged = session.judge(event, args, sys._getframe(1))
+        frame = sys._getframe(1)
+        for session in sessions:  # every active sandbox judges; the first that blocks names the error
+            judged = session.judge(event, args, frame)
+            if judged is not None and judged[0].blocked and blocked is None:
+                blocked, blocked_event = judged
     finally:
         _busy.discard(ident)
-    if judged is not None and judged[0].blocked:
-        raise SandboxViolation(judged[0].message(), judged[1])
+    if blocked is not None:
+        raise SandboxViolation(blocked.message(), blocked_event)
 
 
 @contextlib.contextmanager
@@ -205,21 +212,28 @@ def install() -> None:
         _installed = True
 
 
-def activate(session: Session | None) -> None:
-    """Make ``session`` the active sandbox of this process, or switch the sandbox off with ``None``.
+def activate(session: Session | None, owner: int = 0) -> None:
+    """Make ``session`` the active sandbox of ``owner`` in this process, or switch it off with ``None``.
+
+    Several owners (two ``SandboxCheck`` callbacks) may each have an active session; every active session
+    judges every operation.
 
     Args:
         session: The session, or ``None``.
+        owner: Who activates it (a callback's ``id``); ``0`` for a process's only sandbox (a worker).
     """
-    global _session
+    global _active
     if session is not None:
         install()
-    _session = session
+        _sessions[owner] = session
+    else:
+        _sessions.pop(owner, None)
+    _active = tuple(_sessions.values())
 
 
-def active_session() -> Session | None:
-    """The active sandbox of this process, if any."""
-    return _session
+def active_sessions() -> tuple[Session, ...]:
+    """The active sandboxes of this process."""
+    return _active
 
 
 # Attribution ----------------------------------------------------------------------------------------------
@@ -371,14 +385,16 @@ class SandboxedWorkerInit:
 
     Args:
         user_fn: The loader's previous ``worker_init_fn`` (kept and called), or ``None``.
-        session: The sandbox for the worker (its stage is the stage the loader serves).
+        sessions: The sandboxes for the worker by owner (one per ``SandboxCheck`` that sandboxes the stage the
+            loader serves).
     """
 
-    def __init__(self, user_fn: Callable[[int], Any] | None, session: Session) -> None:
+    def __init__(self, user_fn: Callable[[int], Any] | None, sessions: Mapping[int, Session]) -> None:
         self.user_fn = user_fn
-        self.session = replace(session, report=None, seen=Counter())
+        self.sessions = {owner: replace(session, report=None, seen=Counter()) for owner, session in sessions.items()}
 
     def __call__(self, worker_id: int) -> None:
-        activate(replace(self.session, process=f"dataloader worker {worker_id}", owner_pid=os.getpid()))
+        for owner, session in self.sessions.items():
+            activate(replace(session, process=f"dataloader worker {worker_id}", owner_pid=os.getpid()), owner)
         if self.user_fn is not None:
             self.user_fn(worker_id)

@@ -7,7 +7,14 @@ import torch
 from scipy import stats as scipy_stats
 from sklearn.datasets import load_digits
 
-from lightning_phases.detectors.two_sample import PERMUTATION_CHUNK, canonical_order, gaussian_kernel, ks_test, mmd_test
+from lightning_phases.detectors.two_sample import (
+    PERMUTATION_CHUNK,
+    canonical_order,
+    fit_reduction,
+    gaussian_kernel,
+    ks_test,
+    mmd_test,
+)
 
 
 def digits() -> torch.Tensor:
@@ -116,10 +123,51 @@ def test_mmd_p_value_depends_on_the_samples_not_their_row_order() -> None:
 
 @pytest.mark.parametrize("method", ["pca", "random"])
 def test_reductions_keep_a_shift_detectable(method: str) -> None:
-    from lightning_phases.detectors.two_sample import fit_reduction
-
     pool = digits()
     x, y = pool[:300], pool[300:600] + 0.3 * torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
     reduce = fit_reduction(x, method, 8)
     assert reduce(x).shape == (300, 8)
     assert mmd_test(reduce(x), reduce(y), n_permutations=200, seed=0).p_value < 0.01
+
+
+def _global_draws_after(call) -> torch.Tensor:
+    """Three draws from torch's global RNG seeded with 123, after ``call()``."""
+    torch.manual_seed(123)
+    call()
+    return torch.rand(3)
+
+
+def test_unseeded_mmd_leaves_the_global_rng_alone() -> None:
+    gen = torch.Generator().manual_seed(10)
+    x, y = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
+    untouched = _global_draws_after(lambda: None)
+    assert torch.equal(_global_draws_after(lambda: mmd_test(x, y, 50, seed=None)), untouched)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    result = mmd_test(x, y, 50, seed=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 1 / 51 <= result.p_value <= 1.0 and result.n_permutations == 50
+
+
+def test_unseeded_mmd_still_draws_fresh_permutations() -> None:
+    # Near the null every p-value is possible, so 20 unseeded calls agree only if the permutations never change.
+    gen = torch.Generator().manual_seed(11)
+    x, y = torch.randn(15, 2, generator=gen), torch.randn(15, 2, generator=gen)
+    assert len({mmd_test(x, y, 30, seed=None).p_value for _ in range(20)}) > 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: mmd_test(x, y, 50, seed=3),
+        lambda x, y: ks_test(x, y),
+        lambda x, y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "random", 4, seed=5),
+        lambda x, y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "pca", 4),
+        lambda x, y: canonical_order(x),
+    ],
+    ids=["mmd_seeded", "ks", "random_reduction", "pca_reduction", "canonical_order"],
+)
+def test_the_other_functions_leave_the_global_rng_alone(call) -> None:
+    gen = torch.Generator().manual_seed(12)
+    x, y = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
+    assert torch.equal(_global_draws_after(lambda: call(x, y)), _global_draws_after(lambda: None))

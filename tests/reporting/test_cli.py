@@ -7,7 +7,9 @@ from helpers import ROOT, child_env
 from train import main
 
 import lightning_phases
-from lightning_phases import PhaseCallback
+from lightning_phases import PhaseCallback, PhaseEvent
+from lightning_phases.reporting.cli import main as report_main
+from lightning_phases.reporting.events import EVENT_LOG_NAME
 
 PUBLIC_CALLBACKS = [
     name
@@ -100,3 +102,29 @@ def test_cli_fit_runs_in_process(tmp_path):
         ]
     )
     assert list(tmp_path.rglob("phase_report.json"))
+
+
+def write_one_event(path):
+    path.parent.mkdir(parents=True)
+    event = PhaseEvent("LossDropSentinel", "loss_drop", "warning", "train", 7, 0, 0, f"dropped in {path.parent.name}")
+    path.write_text(event.to_json() + "\n")
+
+
+def test_report_refuses_a_directory_with_several_logs_and_lists_them(tmp_path, capsys):
+    logs = [tmp_path / "lightning_logs" / f"version_{v}" / EVENT_LOG_NAME for v in range(2)]
+    for log in logs:
+        write_one_event(log)
+    assert report_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-phases report: 2 event logs under") and "name one of them" in err
+    assert all(str(log) in err for log in logs)
+    assert report_main(["report", str(logs[1])]) == 0
+    assert "dropped in version_1" in capsys.readouterr().out
+
+
+def test_report_reads_the_one_log_under_a_run_directory(tmp_path, capsys):
+    write_one_event(tmp_path / "lightning_logs" / "version_0" / EVENT_LOG_NAME)
+    assert report_main(["report", str(tmp_path)]) == 0
+    assert "Events (1)" in capsys.readouterr().out
+    assert report_main(["report", str(tmp_path / "nothing")]) == 2
+    assert "neither a file nor a directory" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch
 from helpers import read_jsonl
 
 from lightning_phases import PhaseEvent, read_events
-from lightning_phases.reporting.events import FIELDS, EventLog, to_jsonable
+from lightning_phases.reporting.events import EVENT_LOG_NAME, FIELDS, EventLog, find_event_log, iter_events, to_jsonable
 
 
 def make_event(i=0, severity="warning", **data):
@@ -98,3 +98,77 @@ def test_threads_and_processes_never_tear_or_interleave_lines(tmp_path):
     for name in ["t0", "t1", "t2", "t3", "p0", "p1"]:
         steps = [r["global_step"] for r in records if r["data"]["worker"] == name]
         assert steps == sorted(steps) and len(steps) == 200
+
+
+def write_log(path, *events):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(event.to_json() + "\n" for event in events))
+
+
+def test_a_directory_with_several_logs_is_refused_and_every_log_is_listed(tmp_path):
+    old, new = tmp_path / "version_0" / EVENT_LOG_NAME, tmp_path / "version_1" / EVENT_LOG_NAME
+    write_log(old, make_event(0))
+    write_log(new, make_event(1))
+    with pytest.raises(FileNotFoundError) as raised:
+        read_events(tmp_path)
+    message = str(raised.value)
+    assert str(old) in message and str(new) in message and "name one of them" in message
+    assert read_events(new) == [PhaseEvent.from_dict(json.loads(new.read_text()))]
+
+
+def test_the_one_log_under_a_directory_is_found_recursively(tmp_path):
+    log = tmp_path / "lightning_logs" / "version_3" / EVENT_LOG_NAME
+    write_log(log, make_event(0), make_event(1))
+    assert find_event_log(tmp_path) == log
+    assert find_event_log(log) == log
+    assert [e.message for e in read_events(tmp_path)] == ["loss dropped 0", "loss dropped 1"]
+
+
+def test_no_log_raises_naming_the_directory_when_iteration_is_asked_for(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"no {EVENT_LOG_NAME} under .*empty"):
+        iter_events(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
+        read_events(tmp_path / "missing")
+
+
+def test_open_counts_users_and_the_last_release_closes_the_descriptor(tmp_path):
+    path = tmp_path / EVENT_LOG_NAME
+    first, second = EventLog.open(path), EventLog.open(path)
+    assert first is second
+    fd = first._fd
+    first.release()
+    second.write(make_event(0))  # one user left: still open and writable
+    os.fstat(fd)
+    second.release()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    reopened = EventLog.open(path)  # a fresh log after the last release
+    assert reopened is not first
+    reopened.write(make_event(1))
+    reopened.release()
+    assert [e.message for e in read_events(path)] == ["loss dropped 0", "loss dropped 1"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_sweep_of_open_and_release_leaks_no_descriptor(tmp_path):
+    before = len(os.listdir("/proc/self/fd"))
+    for run in range(50):
+        log = EventLog.open(tmp_path / f"version_{run}" / EVENT_LOG_NAME)
+        log.write(make_event(run, severity="info"))
+        log.release()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_close_still_closes_and_a_later_open_reopens(tmp_path):
+    path = tmp_path / EVENT_LOG_NAME
+    log = EventLog.open(path)
+    log.close()
+    with pytest.raises(OSError):
+        log.write(make_event(0))
+    again = EventLog.open(path)
+    again.write(make_event(1))
+    log.release()  # the closed log's release must not close the new one
+    again.write(make_event(2))
+    again.release()
+    assert [e.message for e in read_events(path)] == ["loss dropped 1", "loss dropped 2"]

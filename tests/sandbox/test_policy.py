@@ -139,5 +139,5 @@ def test_a_forked_child_reports_through_the_spool(tmp_path: Path) -> None:
 
 def test_an_installed_but_inactive_hook_blocks_nothing() -> None:
     audit.install()
-    assert audit.active_session() is None
+    assert audit.active_sessions() == ()
     subprocess.run(["true"], check=True)  # installed but inactive: nothing is blocked
