@@ -33,6 +33,7 @@ def median_step_seconds(
         skip: Steps left out at the start (warm-up).
     """
     import lightning.pytorch as pl
+    from typing_extensions import override
 
     sys.path.insert(0, str(ROOT / "examples"))
     from digits import DigitsClassifier, DigitsDataModule
@@ -41,7 +42,10 @@ def median_step_seconds(
         def __init__(self) -> None:
             self.starts: list[float] = []
 
-        def on_train_batch_start(self, *args: object) -> None:
+        @override
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
             self.starts.append(time.perf_counter())
 
     clock = StepClock()

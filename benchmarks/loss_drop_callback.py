@@ -13,9 +13,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -30,10 +32,16 @@ class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def on_train_batch_start(self, *args: object) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, *args: object) -> None:
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.times.append(time.perf_counter() - self._start)
 
 

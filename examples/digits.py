@@ -19,6 +19,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, random_split
+from typing_extensions import override
 
 LEAK_PIXELS = [0, 8, 16, 24, 32, 40, 48, 56, 7, 15]  # border pixels that are blank in every digits image
 
@@ -88,6 +89,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_shift = test_shift
         self.shift_strength = shift_strength
 
+    @override
     def setup(self, stage: str) -> None:
         images, labels = load_digits(return_X_y=True)
         data = TensorDataset(torch.tensor(images, dtype=torch.float32) / 16.0, torch.tensor(labels))
@@ -113,15 +115,19 @@ class DigitsDataModule(pl.LightningDataModule):
     def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)
 
@@ -176,16 +182,18 @@ class DigitsClassifier(pl.LightningModule):
             test-time adaptation left on by mistake would (for the demo).
     """
 
+    # save_hyperparameters() copies every argument from this frame into self.hparams; those marked ARG002 are
+    # read from there (Lightning's pattern, which also puts them in checkpoints), not from the local names.
     def __init__(
         self,
         hidden: int = 128,
         dropout: float = 0.1,
-        lr: float = 3e-3,
-        weight_decay: float = 1e-4,
+        lr: float = 3e-3,  # noqa: ARG002
+        weight_decay: float = 1e-4,  # noqa: ARG002
         freeze_backbone: bool = False,
-        leak_label_from_step: int = -1,
-        tool_call: bool = False,
-        mutate_in_test: bool = False,
+        leak_label_from_step: int = -1,  # noqa: ARG002
+        tool_call: bool = False,  # noqa: ARG002
+        mutate_in_test: bool = False,  # noqa: ARG002
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -195,18 +203,22 @@ class DigitsClassifier(pl.LightningModule):
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 
+    @override
     def setup(self, stage: str) -> None:
         if self.hparams.tool_call and self.tool is None:
             self.tool = LocalTool()
 
+    @override
     def teardown(self, stage: str) -> None:
         if self.tool is not None:
             self.tool.close()
             self.tool = None
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    @override
     def on_train_epoch_start(self) -> None:
         if self.hparams.freeze_backbone:
             self.backbone.eval()  # frozen BatchNorm keeps its running statistics
@@ -229,23 +241,28 @@ class DigitsClassifier(pl.LightningModule):
         self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
         return loss
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         if self.tool is not None and batch_idx == 0:
             self.log("val_tool_ok", float(self.tool.call()), on_epoch=True)
         self._step(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         if self.hparams.mutate_in_test and batch_idx == 0:
             with torch.no_grad():
                 self.head.weight.mul_(1.001)
         self._step(batch, "test")
 
+    @override
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).softmax(-1)
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -47,8 +47,8 @@ def check_choices(
 ) -> tuple[str, ...]:
     """Return ``values`` as a tuple after checking each item against ``allowed``.
 
-    A lone string is refused (``stages="train"`` would otherwise be read letter by letter), as are
-    duplicates and, unless ``allow_empty``, an empty list.
+    A lone string is refused (``stages="train"`` would otherwise be read letter by letter), as are bytes, a
+    mapping (it would be read as its keys), duplicates and, unless ``allow_empty``, an empty list.
 
     Args:
         argument: The argument's name as the user wrote it, e.g. ``"stages"``.
@@ -57,7 +57,7 @@ def check_choices(
         allow_empty: Whether an empty list is accepted.
     """
     choices = ", ".join(repr(a) for a in allowed)
-    if isinstance(values, str) or not isinstance(values, Iterable):
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         hint = f" (write [{values!r}] for one item)" if isinstance(values, str) else ""
         raise TypeError(f"{argument}={values!r} must be a list of names from {choices}{hint}.")
     items = tuple(values)
@@ -162,7 +162,7 @@ def check_texts(argument: str, values: Any, example: str) -> tuple[str, ...]:
         values: The value the user gave.
         example: An example of a valid list, for the message, e.g. ``"['backbone.*']"``.
     """
-    if isinstance(values, str) or not isinstance(values, Iterable) or isinstance(values, Mapping):
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise TypeError(f"{argument}={values!r} must be a list of non-empty strings, e.g. {example}.")
     items = tuple(values)
     for item in items:

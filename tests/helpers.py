@@ -18,9 +18,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from typing_extensions import override
 
 from lightning_phases import Observation, PhaseCallback
-from lightning_phases.phases import Severity, Stage
+from lightning_phases.phases import STAGES, PhaseTable, Severity, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,21 +54,28 @@ class EmitAtSteps(PhaseCallback):
         severity: Severity | None = "warning",
         stages: Sequence[Stage] = ("train",),
     ) -> None:
-        super().__init__(stages)
+        super().__init__(stages=stages)
         self.steps = set(steps)
         self.kind = kind
         self.severity = severity
         self.seen: dict[str, int] = {}
 
+    @override
+    def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        return STAGES
+
+    @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self.seen[stage] = self.seen.get(stage, 0) + 1
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step in self.steps:
+    @override
+    def on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, *args: Any) -> None:
+        if stage == "train" and trainer.global_step in self.steps:
             self.emit(
                 trainer, self.kind, f"test event at step {trainer.global_step}", {"value": 1.5}, severity=self.severity
             )
 
+    @override
     def phase_observations(self) -> list[Observation]:
         return [Observation(stage, "test check", "verified", f"{n} starts") for stage, n in self.seen.items()]
 
@@ -237,6 +245,7 @@ class ForbidSync(pl.Callback):
         self.when = when
         self.armed_steps = 0
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.when is None or self.when(trainer):
             torch.cuda.set_sync_debug_mode("error")
@@ -246,5 +255,6 @@ class ForbidSync(pl.Callback):
 class AllowSync(pl.Callback):
     """Placed just after the callback under test: back to normal for Lightning's own work."""
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         torch.cuda.set_sync_debug_mode("default")

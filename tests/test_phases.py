@@ -100,9 +100,12 @@ class StageRecorder(pl.Callback):
         self.seen = []
 
 
+# One recorder for every hook, so it takes whatever else Lightning passes (the hooks' signatures differ).
 for _hook in HOOKS:
     setattr(
-        StageRecorder, _hook, lambda self, trainer, *a, _h=_hook, **k: self.seen.append((_h, current_stage(trainer)))
+        StageRecorder,
+        _hook,
+        lambda self, trainer, *a, _h=_hook, **k: self.seen.append((_h, current_stage(trainer))),  # noqa: ARG005
     )
 
 

@@ -279,7 +279,8 @@ class PhaseCallback(Callback):
         self.act(trainer, event)
         return event
 
-    def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:
+    # trainer is unused here but part of the interface: the subclasses' stronger actions (checkpoint, stop) need it
+    def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:  # noqa: ARG002
         """Apply ``on_violation`` to ``event`` (already on disk): ``raise`` raises :attr:`violation_error`.
 
         Subclasses with stronger actions extend this.

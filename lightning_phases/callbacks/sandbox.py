@@ -105,7 +105,8 @@ class SandboxCheck(PhaseCallback):
     ) -> None:
         super().__init__(stages=stages, on_violation=on_violation, name=name)
         if isinstance(allow_hosts, str) or not isinstance(allow_hosts, (list, tuple)):
-            raise TypeError(f"allow_hosts={allow_hosts!r} must be a list (write [{allow_hosts!r}] for one host).")
+            hint = f" (write [{allow_hosts!r}] for one host)" if isinstance(allow_hosts, str) else ""
+            raise TypeError(f"allow_hosts={allow_hosts!r} must be a list of host names or addresses{hint}.")
         self.allow_hosts = tuple(parse_host_rule(host, "allow_hosts") for host in allow_hosts)
         self.allow_write_dirs = check_write_dirs("allow_write_dirs", allow_write_dirs)
         self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)

@@ -17,7 +17,7 @@ from lightning_phases.detectors.features import FeatureTap, as_rows, batch_input
 from lightning_phases.detectors.reservoir import Reservoir
 from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
 from lightning_phases.exceptions import ShiftDetected
-from lightning_phases.phases import PhaseTable, Stage, check_stages
+from lightning_phases.phases import STAGES, PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.reporting.reporter import declared_table
@@ -41,16 +41,16 @@ RECOMPUTE_CHUNK = 512
 class ShiftTracker(PhaseCallback):
     """Calibrated two-sample tests of each stage's data against the training reference, and shift rates.
 
-    During the reference stage (the stage the phase table declares ``data: reference``: the training data of
-    the last training epoch, by default) a uniform reservoir sample of ``reference_size`` samples is kept.
-    The stages declared ``held_out`` or ``live`` (``validate``, ``test``, ``predict`` by default) are tested
-    against it; a stage declared ``fixed_shift`` (chosen to differ, e.g. a corrupted test set) is measured
-    too, and its shift is reported as expected (an info event, no ``shift_detected``). When a tested stage
-    ends, its samples (a reservoir of ``current_size``) are tested against the reference: a kernel MMD test
-    with a Gaussian kernel (median-heuristic bandwidth) and a permutation p-value, all permutations in one
-    batched product, and for softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs
-    are also tested in sliding windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value below
-    ``alpha`` (divided by the number of tests run together) is a ``shift_detected`` event.
+    During the reference stage (the stage the phase table declares ``data: reference``: the training data of the
+    last training epoch, by default) a uniform reservoir sample of ``reference_size`` samples is kept. The
+    stages declared ``held_out`` or ``live`` (``validate``, ``test``, ``predict`` by default) are tested against
+    it; a stage declared ``fixed_shift`` (chosen to differ, e.g. a corrupted test set) is measured too, and its
+    shift is reported as expected (an info event, no ``shift_detected``). When a tested stage ends, its samples
+    (a reservoir of ``current_size``) are tested against the reference: a kernel MMD test with a Gaussian kernel
+    (median-heuristic bandwidth) and a permutation p-value, all permutations in one batched product, and for
+    softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs are also tested in sliding
+    windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value below ``alpha``
+    (divided by the number of tests run together) is a ``shift_detected`` event.
 
     Features from a module (a submodule name or ``"output"``) are computed again on the reference *inputs*
     with the current weights at every test, so a reference taken while that module trained is never stale,
@@ -130,7 +130,7 @@ class ShiftTracker(PhaseCallback):
         self.features = features
         self._features_name = features if isinstance(features, str) else getattr(features, "__qualname__", "fn")
         self._reference_stage_arg: Stage | None = (
-            None if reference_stage is None else check_stages("reference_stage", [reference_stage])[0]
+            None if reference_stage is None else check_choice("reference_stage", reference_stage, STAGES)
         )
         self.reference_stage: Stage = self._resolve_reference(PhaseTable())
         super().__init__(stages=stages, on_violation=on_violation, name=name)
@@ -289,8 +289,11 @@ class ShiftTracker(PhaseCallback):
         self._dim = state_dict.get("dim")
         rows = state_dict.get("reference_rows")
         self._restored = rows if isinstance(rows, torch.Tensor) and rows.shape[0] >= 2 else None
-        if self._restored is not None and self._reference is not None:
-            self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
+        self._reference_cache = None  # features of the reference before, or of other weights at the same step
+        if self._restored is not None:
+            self._reference_all = None  # the loaded reference is the one tested against, and saved next
+            if self._reference is not None:
+                self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
 
     @override
     def phase_observations(self) -> list[Observation]:

@@ -71,7 +71,8 @@ class FeatureTap:
         self._captured: list[torch.Tensor] = []
         self._handle = module.register_forward_hook(self._hook)
 
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    # The signature torch's register_forward_hook calls; only the output is needed.
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:  # noqa: ARG002
         tensor = batch_input(output)
         if self.softmax and tensor.ndim == 2 and tensor.shape[1] > 1:
             tensor = tensor.softmax(dim=-1)

@@ -14,7 +14,7 @@ import re
 import shlex
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,8 +133,9 @@ def check_write_dirs(argument: str, dirs: Any) -> tuple[str, ...]:
         argument: The argument's name, for the error message.
         dirs: A list of directory paths.
     """
-    if isinstance(dirs, (str, bytes)) or not isinstance(dirs, Iterable):
-        raise TypeError(f"{argument}={dirs!r} must be a list of directories (write [{dirs!r}] for one).")
+    if isinstance(dirs, (str, bytes, Mapping)) or not isinstance(dirs, Iterable):
+        hint = f" (write [{dirs!r}] for one)" if isinstance(dirs, (str, bytes, os.PathLike)) else ""
+        raise TypeError(f"{argument}={dirs!r} must be a list of directories{hint}.")
     resolved = []
     for entry in dirs:
         if not isinstance(entry, (str, os.PathLike)) or not os.fspath(entry):
@@ -156,8 +157,9 @@ def check_programs(argument: str, programs: Any) -> tuple[str, ...]:
         argument: The argument's name, for the error message.
         programs: A list of program names or paths.
     """
-    if isinstance(programs, (str, bytes)) or not isinstance(programs, Iterable):
-        raise TypeError(f"{argument}={programs!r} must be a list of program names (write [{programs!r}] for one).")
+    if isinstance(programs, (str, bytes, Mapping)) or not isinstance(programs, Iterable):
+        hint = f" (write [{programs!r}] for one)" if isinstance(programs, (str, bytes)) else ""
+        raise TypeError(f"{argument}={programs!r} must be a list of program names{hint}.")
     checked = []
     for entry in programs:
         if not isinstance(entry, str) or not entry.strip() or (os.sep in entry and not os.path.isabs(entry)):

@@ -7,6 +7,7 @@ import torch
 from digits import DigitsClassifier, DigitsDataModule
 from helpers import read_jsonl, small_trainer
 from torch import nn
+from typing_extensions import override
 
 from lightning_phases import LossDropDetected, LossDropSentinel, PhaseWarning
 
@@ -28,6 +29,7 @@ class Scripted(DigitsClassifier):
         self.automatic_optimization = not manual
         self.batches_seen = 0
 
+    @override
     def training_step(self, batch, batch_idx):
         x, y = self.leak(batch)
         if self.global_step in self.shuffle_at:
@@ -120,7 +122,7 @@ def test_spike_and_recovery_give_a_spike_and_no_drop(tmp_path):
 
 
 def test_a_drop_coinciding_with_a_learning_rate_change_is_explained(tmp_path):
-    sentinel = LossDropSentinel(ignore_explained=True, actions=["alert", "raise"])
+    sentinel = LossDropSentinel(ignore_explained=True, on_violation="raise")
     # the leak makes the drop; a learning-rate change two steps before it coincides with it
     fit(sentinel, Scripted(leak_label_from_step=400, lr_factor_at=(398, 0.5)), tmp_path)  # explained: no raise
     [event] = sentinel.events
@@ -139,13 +141,13 @@ def test_nan_is_its_own_event_and_detection_works_afterwards_with_manual_optimiz
 
 
 def test_suspend_then_resume_continues_without_reflagging(tmp_path):
-    sentinel = LossDropSentinel(actions=["suspend"])
+    sentinel = LossDropSentinel(on_violation="suspend")
     trainer = fit(sentinel, Scripted(leak_label_from_step=400), tmp_path)
     [event] = sentinel.events
     checkpoint = Path(event.data["checkpoint"])
     assert checkpoint.exists() and checkpoint.name == f"loss_drop-loss-step{event.global_step}.ckpt"
     assert trainer.global_step == event.global_step  # stopped right there, cleanly
-    resumed = LossDropSentinel(actions=["suspend"])
+    resumed = LossDropSentinel(on_violation="suspend")
     trainer = fit(resumed, Scripted(leak_label_from_step=400), tmp_path, steps=700, ckpt_path=str(checkpoint))
     assert trainer.global_step == 700 and resumed.events == []
     assert resumed.checked == 700  # continued counting: no new warm-up
@@ -153,7 +155,7 @@ def test_suspend_then_resume_continues_without_reflagging(tmp_path):
 
 
 def test_raise_checkpoints_first_and_the_event_is_on_disk(tmp_path):
-    sentinel = LossDropSentinel(actions=["raise"])
+    sentinel = LossDropSentinel(on_violation="raise")
     with pytest.raises(LossDropDetected, match="loss dropped") as info:
         fit(sentinel, Scripted(leak_label_from_step=400), tmp_path)
     [event] = logged(tmp_path)
@@ -161,19 +163,42 @@ def test_raise_checkpoints_first_and_the_event_is_on_disk(tmp_path):
     assert Path(event["data"]["checkpoint"]).exists()
 
 
-def test_missing_monitor_warns_once_naming_the_logged_metrics(tmp_path):
-    sentinel = LossDropSentinel(monitor="val_los")
-    with pytest.warns(PhaseWarning, match=r"monitor='val_los'.*logged metrics are: val_acc, val_loss") as caught:
+def test_missing_monitor_raises_by_default_and_warns_once_when_not_strict(tmp_path):
+    def run(sentinel, **kwargs):
         small_trainer(
-            [sentinel], max_epochs=3, limit_train_batches=3, limit_val_batches=2, default_root_dir=tmp_path
+            [sentinel], max_epochs=3, limit_train_batches=3, limit_val_batches=2, default_root_dir=tmp_path, **kwargs
         ).fit(Scripted(), DigitsDataModule())
-    assert sum("no such metric" in str(w.message) for w in caught) == 1
+
+    with pytest.raises(
+        ValueError,
+        match=r"monitor='val_los' was not logged by the end of epoch 0 \(did you mean "
+        r"'val_loss'\?\); logged metrics are: val_acc, val_loss",
+    ):
+        run(LossDropSentinel(monitor="val_los"))
+    with pytest.warns(PhaseWarning, match=r"monitor='val_los'.*did you mean 'val_loss'") as caught:
+        run(LossDropSentinel(monitor="val_los", strict=False))
+    assert sum("was not logged" in str(w.message) for w in caught) == 1
+
+
+def test_a_monitor_logged_only_every_second_epoch_is_not_called_missing(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss")  # strict: a false "missing" would raise
+    trainer = small_trainer(
+        [sentinel],
+        max_epochs=4,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        default_root_dir=tmp_path,
+        check_val_every_n_epoch=2,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Scripted(), DigitsDataModule())
+    assert sentinel.source == "validation" and sentinel.checked == 2
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "needle"),
     [
-        ({"actions": ["alert", "stop"]}, ValueError, "actions=['alert', 'stop']: 'stop' is not allowed"),
+        ({"on_violation": "stop"}, ValueError, "on_violation='stop' is not allowed"),
         ({"direction": "down"}, ValueError, "direction='down' is not allowed"),
         ({"window": -1}, ValueError, "window=-1 must be an integer > 0"),
         ({"check_every_n_steps": 0}, ValueError, "check_every_n_steps=0 must be an integer > 0"),
@@ -195,16 +220,20 @@ class ModularAddition(pl.LightningModule):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, p))
         self.lr = lr
 
+    @override
     def forward(self, pairs):
         return self.mlp(self.embed(pairs).flatten(1))
 
+    @override
     def training_step(self, batch, batch_idx):
         return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
+    @override
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
         self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
 
+    @override
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1.0)
 
@@ -258,9 +287,11 @@ class UnfreezeAt(Scripted):
         self.unfreeze_step = step
         self.backbone.requires_grad_(False)
 
+    @override
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)  # all params, so unfreezing lets them train
 
+    @override
     def on_train_batch_start(self, batch, batch_idx):
         if self.global_step == self.unfreeze_step:
             self.backbone.requires_grad_(True)
@@ -300,14 +331,17 @@ class TeacherStudent(pl.LightningModule):
     def labelled(self, x):
         return x, self.teacher(x).argmax(1)
 
+    @override
     def training_step(self, batch, batch_idx):
         x, y = self.labelled(torch.randn(self.batch, self.dim, generator=self.inputs))  # a fresh sample each step
         return nn.functional.cross_entropy(self.student(x), y)
 
+    @override
     def validation_step(self, batch, batch_idx):
         x, y = self.labelled(batch[0])
         self.log("val_loss", nn.functional.cross_entropy(self.student(x), y))
 
+    @override
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.student.parameters(), lr=2.0, momentum=0.9)
         schedule = (
@@ -337,7 +371,7 @@ def fit_teacher_student(sentinel, model, tmp_path, steps=1300):
 
 
 def test_a_learning_rate_cut_gives_an_explained_drop(tmp_path):
-    sentinel = LossDropSentinel(monitor="val_loss", actions=["alert", "raise"], ignore_explained=True)
+    sentinel = LossDropSentinel(monitor="val_loss", on_violation="raise", ignore_explained=True)
     fit_teacher_student(sentinel, TeacherStudent(cut_at=1000), tmp_path)  # explained: no raise
     [event] = sentinel.events
     assert event.kind == "loss_drop" and event.severity == "info" and event.stage == "validate"

@@ -8,6 +8,7 @@ from digits import DigitsClassifier, DigitsDataModule
 from helpers import read_jsonl, small_trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
+from typing_extensions import override
 
 from lightning_phases import ParameterChangedError, ParamFreezeAssertion, PhaseWarning
 from lightning_phases.detectors.freeze import FreezeBaseline, match_patterns, named_tensors
@@ -143,9 +144,11 @@ class LeakyFrozen(DigitsClassifier):
     def __init__(self):
         super().__init__(freeze_backbone=True, weight_decay=0.1)
 
+    @override
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
 
+    @override
     def on_before_optimizer_step(self, optimizer):
         for param in self.backbone.parameters():
             param.grad = torch.zeros_like(param)  # e.g. zero_grad(set_to_none=False) after an earlier unfreeze
@@ -187,10 +190,12 @@ class SwapProbe(pl.Callback):
     def __init__(self):
         self.swapped = []
 
+    @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 0:
             self._during = pl_module.head.weight.detach().clone()
 
+    @override
     def on_validation_end(self, trainer, pl_module):
         self.swapped.append(not torch.equal(self._during, pl_module.head.weight.detach()))
 
@@ -232,7 +237,7 @@ def test_pattern_matching_nothing_warns_once_naming_it(tmp_path):
     ("kwargs", "error", "needle"),
     [
         ({"stages": ["tets"]}, ValueError, "stages=['tets']: 'tets' is not allowed"),
-        ({"on_violation": "stop"}, ValueError, "on_violation='stop' is not allowed; choose one of 'raise', 'warn'"),
+        ({"on_violation": "stop"}, ValueError, "on_violation='stop' is not allowed; choose one of 'warn', 'raise'"),
         ({"snapshot": "gpu"}, ValueError, "snapshot='gpu' is not allowed"),
         ({"restore": True}, ValueError, "restore=True needs a copy"),
         ({"check_every_n_batches": -1}, ValueError, "check_every_n_batches=-1 must be an integer >= 0"),

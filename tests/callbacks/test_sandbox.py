@@ -130,7 +130,7 @@ def test_escape_in_warn_mode_proceeds_and_is_recorded(tmp_path: Path, name: str)
     root = tmp_path / "root"
     with helpers.listening_server() as server:
         escape, audit_event, happened = _escapes(tmp_path, server.getsockname()[1])[name]
-        trainer = small_trainer([SandboxCheck(mode="warn")], default_root_dir=root)
+        trainer = small_trainer([SandboxCheck(on_violation="warn")], default_root_dir=root)
         trainer.validate(EscapeInStep(escape), DigitsDataModule(), verbose=False)
         arrived = helpers.connections(server)
 
@@ -146,7 +146,7 @@ def test_same_escape_in_predict_is_not_sandboxed_by_default(tmp_path: Path, name
     root = tmp_path / "root"
     with helpers.listening_server() as server:
         escape, _, happened = _escapes(tmp_path, server.getsockname()[1])[name]
-        sandbox = SandboxCheck(mode="block")
+        sandbox = SandboxCheck(on_violation="block")
         trainer = small_trainer([sandbox], default_root_dir=root)
         trainer.predict(EscapeInStep(escape, where=("predict",)), DigitsDataModule())
         arrived = helpers.connections(server)
@@ -224,7 +224,7 @@ def test_worker_keeps_the_users_worker_init_fn(tmp_path: Path) -> None:
 
 def test_identical_runs_give_identical_events(tmp_path: Path) -> None:
     def run(root: Path) -> list[dict[str, Any]]:
-        trainer = small_trainer([SandboxCheck(mode="warn")], default_root_dir=root)
+        trainer = small_trainer([SandboxCheck(on_violation="warn")], default_root_dir=root)
         target = str(tmp_path / "outside.txt")
         trainer.validate(EscapeInStep(functools.partial(helpers.write_file, target)), DigitsDataModule(), verbose=False)
         return [{k: v for k, v in e.items() if k != "time"} for e in read_jsonl(root / "phase_events.jsonl")]
@@ -235,7 +235,7 @@ def test_identical_runs_give_identical_events(tmp_path: Path) -> None:
 
 def test_phase_report_and_blind_spots(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    sandbox = SandboxCheck(mode="warn", allow_subprocess=["true"])
+    sandbox = SandboxCheck(on_violation="warn", allow_subprocess=["true"])
     trainer = small_trainer([sandbox], default_root_dir=root)
     trainer.validate(EscapeInStep(functools.partial(helpers.write_file, str(tmp_path / "x"))), DigitsDataModule())
     info = next(e for e in read_jsonl(root / "phase_events.jsonl") if e["kind"] == "sandbox_blind_spots")
@@ -250,7 +250,7 @@ def test_phase_report_and_blind_spots(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "words"),
     [
-        ({"mode": "blocks"}, ValueError, ["mode='blocks'", "'block'", "did you mean"]),
+        ({"on_violation": "blocks"}, ValueError, ["on_violation='blocks'", "'block'", "did you mean"]),
         ({"allow_hosts": ["10.0.0.0/33"]}, ValueError, ["allow_hosts", "'10.0.0.0/33'", "CIDR"]),
         ({"allow_hosts": ["example.com:99999"]}, ValueError, ["allow_hosts", "port", "1 to 65535"]),
         ({"allow_hosts": "example.com"}, TypeError, ["allow_hosts", "['example.com']"]),
@@ -267,7 +267,7 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], error: type,
 
 
 def test_each_trainer_call_reports_the_escape_again(tmp_path: Path) -> None:
-    sandbox = SandboxCheck(mode="warn")
+    sandbox = SandboxCheck(on_violation="warn")
     trainer = small_trainer([sandbox], default_root_dir=tmp_path / "root")
     model = EscapeInStep(functools.partial(helpers.write_file, str(tmp_path / "outside.txt")))
     trainer.validate(model, DigitsDataModule(), verbose=False)

@@ -143,7 +143,7 @@ def test_unknown_module_name_lists_near_matches_before_any_step(tmp_path: Path) 
 def test_features_that_change_dimension_fail_at_the_first_such_batch(tmp_path: Path) -> None:
     calls = []
 
-    def ragged(batch: Any, outputs: Any) -> torch.Tensor:
+    def ragged(batch: Any, _outputs: Any) -> torch.Tensor:
         calls.append(1)
         return batch[0][:, : 10 + len(calls)]
 
@@ -156,11 +156,11 @@ def test_features_that_change_dimension_fail_at_the_first_such_batch(tmp_path: P
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"reference_size": 1}, ["reference_size=1", "at least 2"]),
-        ({"alpha": 1.5}, ["alpha=1.5", "between 0 and 1"]),
+        ({"reference_size": 1}, ["reference_size=1", ">= 2"]),
+        ({"alpha": 1.5}, ["alpha=1.5", "> 0 and < 1"]),
         ({"tests": ["mmd", "t-test"]}, ["tests", "'t-test'"]),
         ({"reduce": "umap"}, ["reduce='umap'", "'pca'"]),
-        ({"reference_stage": "validate"}, ["reference_stage='validate'", "stages"]),
+        ({"reference_stage": "validate", "stages": ["validate", "test"]}, ["reference_stage='validate'", "stages"]),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], words: list[str]) -> None:

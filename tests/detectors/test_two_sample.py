@@ -161,9 +161,9 @@ def test_unseeded_mmd_still_draws_fresh_permutations() -> None:
     [
         lambda x, y: mmd_test(x, y, 50, seed=3),
         lambda x, y: ks_test(x, y),
-        lambda x, y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "random", 4, seed=5),
-        lambda x, y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "pca", 4),
-        lambda x, y: canonical_order(x),
+        lambda x, _y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "random", 4, seed=5),
+        lambda x, _y: fit_reduction(torch.cat([x, x]).repeat(1, 4), "pca", 4),
+        lambda x, _y: canonical_order(x),
     ],
     ids=["mmd_seeded", "ks", "random_reduction", "pca_reduction", "canonical_order"],
 )

@@ -25,7 +25,8 @@ def svg_backend():
         matplotlib.use(original)
 
 
-def test_plot_writes_a_png_and_keeps_the_users_backend(tmp_path, svg_backend):
+@pytest.mark.usefixtures("svg_backend")
+def test_plot_writes_a_png_and_keeps_the_users_backend(tmp_path):
     assert matplotlib.get_backend() == "svg"
     path = tmp_path / "nested" / "curve.png"
     assert plot_series(POINTS, FLAGS, "a run", "train_loss", path) == path

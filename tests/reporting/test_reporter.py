@@ -9,8 +9,10 @@ from digits import DigitsClassifier, DigitsDataModule
 from helpers import EmitAtSteps, leet_records, read_jsonl, run_script, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from lightning_phases import PhaseWarning
 from lightning_phases.reporting.events import FIELDS
-from lightning_phases.reporting.reporter import AlertLimiter, PhaseWarning, metric_key, snake_case
+from lightning_phases.reporting.names import metric_key, snake_case
+from lightning_phases.reporting.sinks import AlertLimiter
 
 
 def fit(callbacks, logger, **kwargs):
@@ -56,7 +58,7 @@ def test_jsonl_line_has_every_field(wandb_run):
         first["stage"],
         first["global_step"],
         first["rank"],
-    ) == ("EmitAtSteps", "loss_drop", "warning", "train", 3, 0)
+    ) == ("EmitAtSteps-1", "loss_drop", "warning", "train", 3, 0)  # two instances: each has its own name
     assert first["data"] == {"value": 1.5}
     assert [e.to_dict() for e in wandb_run["warn"].events] == [first]
 
@@ -64,10 +66,10 @@ def test_jsonl_line_has_every_field(wandb_run):
 def test_wandb_shows_alert_summary_tags_and_tables(wandb_run):
     records = wandb_run["records"]
     alerts = [r["alert"] for r in records if r["type"] == "alert"]
-    assert {"title": "EmitAtSteps: loss_drop", "level": "WARN"}.items() <= alerts[0].items()
+    assert {"title": "EmitAtSteps-1: loss_drop", "level": "WARN"}.items() <= alerts[0].items()
     assert "test event at step 3" in alerts[0]["text"] and "stage train" in alerts[0]["text"]
     # the flood of 20 critical events produced one ERROR alert; the rest were held back by the rate limit
-    flood_alerts = [a for a in alerts if a["title"] == "EmitAtSteps: param_changed"]
+    flood_alerts = [a for a in alerts if a["title"] == "EmitAtSteps-2: param_changed"]
     assert len(flood_alerts) == 1 and flood_alerts[0]["level"] == "ERROR"
     summary = {}
     for record in records:
@@ -77,7 +79,7 @@ def test_wandb_shows_alert_summary_tags_and_tables(wandb_run):
     assert summary["phases/events/param_changed"] == 20
     assert summary["phases/alerts/sent"] == 2 and summary["phases/alerts/suppressed"] == 19
     tags = [r["run"].get("tags") for r in records if r["type"] == "run" and r["run"].get("tags")]
-    assert set(tags[-1]) == {"loss_drop", "param_changed"}
+    assert set(tags[-1]) == {"phases:loss_drop", "phases:param_changed"}  # warning and critical kinds only
     table_files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
     assert any(p.startswith("media/table/phases/events") for p in table_files)
     assert any(p.startswith("media/table/phases/report") for p in table_files)
@@ -85,7 +87,8 @@ def test_wandb_shows_alert_summary_tags_and_tables(wandb_run):
     table = json.loads(events_table.read_text())
     assert table["columns"] == list(FIELDS) and len(table["data"]) == 21
     history_keys = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
-    assert "phases/emit_at_steps/loss_drop" in history_keys
+    assert "phases/emit_at_steps-1/loss_drop" in history_keys
+    assert "phases/emit_at_steps-2/param_changed" in history_keys
 
 
 def test_phase_report_is_written_beside_the_log(wandb_run):
@@ -100,7 +103,7 @@ def test_phase_report_is_written_beside_the_log(wandb_run):
         "check": "test check",
         "verdict": "verified",
         "detail": "1 starts",
-        "callback": "EmitAtSteps",
+        "callback": "EmitAtSteps-1",
     } in train["observations"]
 
 

@@ -119,7 +119,7 @@ def test_hook_blocks_only_while_a_session_is_active_and_names_the_users_line(tmp
 
 def test_a_forked_child_reports_through_the_spool(tmp_path: Path) -> None:
     spool = tmp_path / "spool.jsonl"
-    session = audit.Session(policy(), "block", "train", report=lambda v: None, spool=str(spool))
+    session = audit.Session(policy(), "block", "train", report=lambda _violation: None, spool=str(spool))
     audit.activate(session)
     try:
         pid = os.fork()

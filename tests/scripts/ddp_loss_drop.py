@@ -20,7 +20,7 @@ class LeakOnRankOne(DigitsClassifier):
 
 out = Path(sys.argv[1])
 pl.seed_everything(0)
-sentinel = LossDropSentinel(actions=["raise"])
+sentinel = LossDropSentinel(on_violation="raise")
 trainer = small_trainer(
     [sentinel],
     devices=2,

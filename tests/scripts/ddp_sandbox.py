@@ -1,4 +1,4 @@
-"""2-process CPU DDP fit with SandboxCheck(mode="warn"): only rank 1 writes outside the allowed directories.
+"""2-process CPU DDP fit with SandboxCheck(on_violation="warn"): only rank 1 writes outside the allowed directories.
 
 Rank 1's violation must reach the one event log that rank 0 writes, with rank 1 named in it.
 """
@@ -24,7 +24,7 @@ class EscapeOnRankOne(DigitsClassifier):
         super().validation_step(batch, batch_idx)
 
 
-sandbox = SandboxCheck(mode="warn")
+sandbox = SandboxCheck(on_violation="warn")
 trainer = small_trainer([sandbox], devices=2, strategy="ddp", default_root_dir=out / "root")
 trainer.fit(EscapeOnRankOne(), DigitsDataModule())
 held = [e.to_dict() for e in sandbox.events]

@@ -19,9 +19,11 @@ import torch  # noqa: E402
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 from helpers import EmitAtSteps, small_trainer  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from typing_extensions import override  # noqa: E402
 
 
 class QuietClassifier(DigitsClassifier):
+    @override
     def _step(self, batch, stage):
         x, y = batch
         return torch.nn.functional.cross_entropy(self(x), y)
@@ -35,6 +37,7 @@ class BreakWandb(pl.Callback):
         self.mode = mode
         self.killed = []
 
+    @override
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step and self.mode == "finish":
             trainer.logger.experiment.finish()
