@@ -39,14 +39,18 @@ def _workspace(n_rows: int, device: torch.device) -> Tensor:
     if device.type != "cpu":
         return torch.empty(n_rows, ROW_WORDS, dtype=torch.int64, device=device)
     if not _cpu_workspace:
-        _cpu_workspace.append(torch.empty(BLOCK_ROWS, ROW_WORDS, dtype=torch.int64))
+        # A normal tensor even when first made in a validation/test/predict loop (inference mode), so that a
+        # later check outside it (a frozen check in training) may write into it.
+        with torch.inference_mode(False):
+            _cpu_workspace.append(torch.empty(BLOCK_ROWS, ROW_WORDS, dtype=torch.int64))
     return _cpu_workspace[0][:n_rows]
 
 
 def _weights(device: torch.device) -> Tensor:
     weights = _column_weights.get(device)
     if weights is None:
-        weights = _column_weights[device] = torch.arange(0, 2 * ROW_WORDS, 2, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):
+            weights = _column_weights[device] = torch.arange(0, 2 * ROW_WORDS, 2, dtype=torch.int64, device=device)
     return weights
 
 

@@ -72,7 +72,8 @@ class Reservoir:
         if count == 0:
             return
         if self.rows is None:
-            self.rows = torch.empty((self.capacity, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+            with torch.inference_mode(False):  # a normal tensor, writable outside inference mode later
+                self.rows = torch.empty((self.capacity, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         filled = min(max(self.capacity - self.seen, 0), count)
         if filled:
             self.rows[self.seen : self.seen + filled] = rows[:filled]

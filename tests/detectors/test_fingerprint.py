@@ -130,3 +130,16 @@ def test_non_contiguous_zero_size_and_meta():
     with pytest.raises(ValueError, match="meta device"):
         fingerprint(torch.empty(3, device="meta"))
     assert fingerprints([torch.empty(3, device="meta"), matrix])[0] == 0
+
+
+def test_a_first_check_in_inference_mode_does_not_break_a_later_check_outside_it() -> None:
+    """Lightning runs validation/test/predict in inference mode; cached buffers made there must stay writable."""
+    from lightning_phases.detectors import fingerprint as module
+
+    module._cpu_workspace.clear()
+    module._column_weights.clear()
+    tensor = torch.randn(3 * module.BLOCK_WORDS + 5)
+    with torch.inference_mode():
+        inside = fingerprints([tensor])
+    outside = fingerprints([tensor])  # writes into the cached workspace outside inference mode
+    assert torch.equal(inside, outside)

@@ -75,3 +75,11 @@ def test_a_state_saved_without_skips_continues_uniformly():
     per_stretch = counts.reshape(10, 40).sum(1)
     expected = runs * capacity / 10
     assert (per_stretch - expected).abs().max() < 5 * (expected * 0.9) ** 0.5, per_stretch.tolist()
+
+
+def test_a_sample_started_in_inference_mode_keeps_filling_outside_it() -> None:
+    reservoir = Reservoir(8, seed=0)
+    with torch.inference_mode():
+        reservoir.add(torch.randn(4, 3))
+    reservoir.add(torch.randn(20, 3))  # in-place writes into the buffer made in inference mode
+    assert reservoir.sample is not None and reservoir.sample.shape == (8, 3) and reservoir.seen == 24
