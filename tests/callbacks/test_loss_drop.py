@@ -401,3 +401,10 @@ def test_a_smooth_schedule_does_not_explain_a_leak(tmp_path):
     [event] = sentinel.events
     assert event.kind == "loss_drop" and event.severity == "warning" and event.data["lr_changed"] is False
     assert 0.9 * 3e-3 < event.data["lr_new"][0] < 3e-3  # the rate did move, by less than 10%
+
+
+@pytest.mark.parametrize("long_horizon", [None, True])
+def test_long_horizon_reaches_the_detector(tmp_path, long_horizon):
+    sentinel = LossDropSentinel(long_horizon=long_horizon)
+    small_trainer([sentinel], default_root_dir=tmp_path).fit(Scripted(), DigitsDataModule())
+    assert sentinel.detector is not None and sentinel.detector.long_horizon is bool(long_horizon)  # per step: off
