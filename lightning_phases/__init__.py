@@ -11,6 +11,7 @@ from lightning_phases.callbacks import (
 from lightning_phases.exceptions import (
     LossDropDetected,
     ParameterChangedError,
+    PhaseUsageError,
     PhaseViolation,
     PhaseWarning,
     SandboxViolation,
@@ -31,6 +32,7 @@ __all__ = [
     "PhaseCallback",
     "PhaseEvent",
     "PhaseTable",
+    "PhaseUsageError",
     "PhaseViolation",
     "PhaseWarning",
     "Phases",

@@ -51,5 +51,9 @@ class SandboxViolation(PhaseViolation, PermissionError):
         return str(self.args[0]) if self.args else ""
 
 
+class PhaseUsageError(ValueError):
+    """A setting that can only be found wrong while the run goes (e.g. a ``monitor`` that is never logged)."""
+
+
 class PhaseWarning(UserWarning):
     """Category of the console warnings lightning-phases prints, so they can be filtered as a group."""

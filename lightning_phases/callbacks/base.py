@@ -15,6 +15,7 @@ The base class owns every Lightning hook a subclass needs. It
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_phases.exceptions import PhaseViolation, PhaseWarning
+from lightning_phases.exceptions import PhaseUsageError, PhaseViolation, PhaseWarning
 from lightning_phases.phases import PhaseTable, Severity, Stage, check_stages, current_stage
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
@@ -66,6 +67,7 @@ class PhaseCallback(Callback):
         self._state_key: str | None = None
         self._warned: set[str] = set()
         self._in_call = False
+        self.broken: str | None = None  # why this callback stopped checking in the current Trainer call
         self.stages: tuple[Stage, ...] = self._narrowed(self.declared_stages(PhaseTable()), warn=False)
 
     # Identity ---------------------------------------------------------------------------------------------
@@ -164,6 +166,24 @@ class PhaseCallback(Callback):
             trainer: The running Trainer.
             pl_module: The LightningModule.
             stage: The stage that ends.
+        """
+
+    def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        """Called when a training epoch starts (``stage`` is ``"train"``); override to act.
+
+        Args:
+            trainer: The running Trainer.
+            pl_module: The LightningModule.
+            stage: The stage whose epoch starts.
+        """
+
+    def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        """Called when a training epoch ends, after its validation (``stage`` is ``"train"``); override to act.
+
+        Args:
+            trainer: The running Trainer.
+            pl_module: The LightningModule.
+            stage: The stage whose epoch ends.
         """
 
     def on_batch_start(
@@ -328,6 +348,7 @@ class PhaseCallback(Callback):
         self._state_key = None
         self._reporter.attach(self)
         self._in_call = True
+        self.broken = None
         self.stages = self._narrowed(self.declared_stages(self._reporter.table))
 
     @override
@@ -343,21 +364,56 @@ class PhaseCallback(Callback):
             return
         self._in_call = False
         try:
-            self.on_call_end(trainer, pl_module, exception)
+            self._guarded(trainer, "on_call_end", self.on_call_end, trainer, pl_module, exception, cleanup=True)
         finally:
             if self._reporter is not None:
                 self._reporter.detach(self)
+
+    def _guarded(self, trainer: pl.Trainer, where: str, call: Any, *args: Any, cleanup: bool = False) -> None:
+        """Run a subclass call; a failure of the callback itself must not take the user's run down.
+
+        A declared stop (a :class:`PhaseViolation`, a :class:`PhaseUsageError`) propagates. Any other exception
+        in a single-process run becomes one ``internal_error`` event and a warning, and the callback checks
+        nothing more in this Trainer call (its cleanup still runs). In a multi-process run it propagates: a
+        rank that went on alone could wait forever in a collective the failed rank skips.
+        """
+        if self.broken is not None and not cleanup:
+            return
+        try:
+            call(*args)
+        except (PhaseViolation, PhaseUsageError):
+            raise
+        except Exception as error:
+            if trainer.world_size > 1 or self._reporter is None or self.broken is not None:
+                raise
+            self.broken = f"{type(error).__name__}: {error}"
+            self.emit(
+                trainer,
+                "internal_error",
+                f"{self.name} failed in {where} ({self.broken}); it checks nothing more in this Trainer call, and "
+                "the run goes on. Please report this with the traceback in the event's data.",
+                {"hook": where, "error": type(error).__name__, "traceback": traceback.format_exc(limit=12)},
+                severity="warning",
+            )
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = current_stage(trainer)
         if stage is not None:
             self.reporter.stage_started(stage)
-            self.on_stage_start(trainer, pl_module, stage)
+            self._guarded(trainer, "on_stage_start", self.on_stage_start, trainer, pl_module, stage)
 
     def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = current_stage(trainer)
         if stage is not None:
-            self.on_stage_end(trainer, pl_module, stage)
+            self._guarded(trainer, "on_stage_end", self.on_stage_end, trainer, pl_module, stage)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._guarded(trainer, "on_epoch_start", self.on_epoch_start, trainer, pl_module, "train")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._guarded(trainer, "on_epoch_end", self.on_epoch_end, trainer, pl_module, "train")
 
     # Validation hooks also run for the sanity check; current_stage tells the two apart.
     @override
@@ -395,14 +451,16 @@ class PhaseCallback(Callback):
     def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         stage = current_stage(trainer)
         if stage is not None:
-            self.on_batch_start(trainer, pl_module, stage, batch, batch_idx)
+            self._guarded(trainer, "on_batch_start", self.on_batch_start, trainer, pl_module, stage, batch, batch_idx)
 
     def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stage = current_stage(trainer)
         if stage is not None:
-            self.on_batch_end(trainer, pl_module, stage, outputs, batch, batch_idx)
+            self._guarded(
+                trainer, "on_batch_end", self.on_batch_end, trainer, pl_module, stage, outputs, batch, batch_idx
+            )
 
     @override
     def on_train_batch_start(

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.detectors.change import DropDetector, Verdict
-from lightning_phases.exceptions import LossDropDetected
+from lightning_phases.exceptions import LossDropDetected, PhaseUsageError
 from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.names import key_segment
@@ -137,6 +137,7 @@ class LossDropSentinel(PhaseCallback):
         self._pending_steps: list[int] = []
         self._accumulated: Tensor | None = None
         self._last_metric: Any = None
+        self._seen_in: str | None = None  # where the monitored metric was first seen
         self._context: deque[tuple[int, int]] = deque()  # (value index, global step) of recent values
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
         self._last_rates: tuple[float, ...] | None = None  # the rates at the last recorded change
@@ -154,7 +155,7 @@ class LossDropSentinel(PhaseCallback):
 
     @override
     def describe(self) -> str:
-        return self.monitor if self.direction == "drop" else f"{self.monitor}-{self.direction}"
+        return self.monitor
 
     @override
     def state_key_fields(self) -> dict[str, Any]:
@@ -209,11 +210,22 @@ class LossDropSentinel(PhaseCallback):
         if self.monitor == "loss":
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             return loss if isinstance(loss, Tensor) else None
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None or value is self._last_metric:  # not logged, or logged at epoch/validation level
+        if self._source_of_metric() == "validation":  # a validation metric is taken at validation end only
             return None
-        self._last_metric = value
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or value is self._last_metric:  # not logged, or logged at epoch level
+            return None
+        self._last_metric, self._seen_in = value, "step"
         return value if isinstance(value, Tensor) else torch.tensor(float(value))
+
+    def _source_of_metric(self) -> str | None:
+        """Where the monitored metric comes from, fixed by where it was first seen: ``"step"`` or ``"validation"``.
+
+        A metric first seen at validation end is never read after a training batch (it would be counted again
+        whenever the Trainer hands out a new tensor for the same value), and a per-step metric never at
+        validation end.
+        """
+        return self.source or self._seen_in
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -224,23 +236,23 @@ class LossDropSentinel(PhaseCallback):
             self._validation_value(trainer, pl_module)
 
     def _validation_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor == "loss":
+        if self.monitor == "loss" or self._source_of_metric() == "step":
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None or value is self._last_metric:
             return
-        self._last_metric = value
+        self._last_metric, self._seen_in = value, "validation"
         tensor = value if isinstance(value, Tensor) else torch.tensor(float(value))
         self._pending.append(_as_scalar(tensor, trainer.strategy.root_device))
         self._pending_steps.append(trainer.global_step)
         self._check(trainer, pl_module, "validation", "validate")
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._validated_this_epoch = False
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         """A monitor never logged is judged missing once validation had its chance to log it."""
         if self.source is not None or self.monitor == "loss" or self.monitor in trainer.callback_metrics:
             return
@@ -253,7 +265,7 @@ class LossDropSentinel(PhaseCallback):
             f"Log it with self.log({self.monitor!r}, ...) or fix the name."
         )
         if self.strict:  # callback_metrics are the same on every rank, so every rank raises
-            raise ValueError(f"{self.name}: {message}")
+            raise PhaseUsageError(f"{self.name}: {message}")
         self.warn_once("missing monitor", message + " (strict=False: the sentinel watches nothing until it is)")
 
     # Checking -----------------------------------------------------------------------------------------

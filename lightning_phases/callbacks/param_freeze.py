@@ -217,9 +217,7 @@ class ParamFreezeAssertion(PhaseCallback):
         run = self._runs.pop(stage, None)
         if run is None:
             return
-        self._verify(
-            trainer, pl_module, stage, run, run.outer, "stage end" if run.scope == "fixed" else f"end of {stage}"
-        )
+        self._verify(trainer, pl_module, stage, run, run.outer, "stage end")
         if run.scope == "fixed":
             self._check_replicas(trainer, pl_module, stage)
 
@@ -256,7 +254,7 @@ class ParamFreezeAssertion(PhaseCallback):
             self._verify(trainer, pl_module, stage, run, run.outer, f"batch {batch_idx}")
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         run = self._runs.get("train")
         if run is not None and run.scope == "frozen":
             self._verify(trainer, pl_module, "train", run, run.outer, "epoch end")

@@ -225,12 +225,12 @@ class ShiftTracker(PhaseCallback):
             self._tap = None
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if self.reference_stage == "train" and self._reference is not None:
             self._reference.reset()  # the reference is the data of the last training epoch
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if self.reference_stage == "train":
             self._keep_reference(trainer)
 

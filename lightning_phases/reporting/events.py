@@ -37,6 +37,7 @@ EVENT_KINDS = (
     "sandbox_blind_spots",
     "shift_test",
     "shift_detected",
+    "internal_error",
 )
 
 FIELDS = ("time", "callback", "kind", "severity", "stage", "global_step", "epoch", "rank", "message", "data")

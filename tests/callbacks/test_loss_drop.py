@@ -408,3 +408,19 @@ def test_long_horizon_reaches_the_detector(tmp_path, long_horizon):
     sentinel = LossDropSentinel(long_horizon=long_horizon)
     small_trainer([sentinel], default_root_dir=tmp_path).fit(Scripted(), DigitsDataModule())
     assert sentinel.detector is not None and sentinel.detector.long_horizon is bool(long_horizon)  # per step: off
+
+
+def test_each_mid_epoch_validation_value_is_judged_once_with_checkpointing_on(tmp_path):
+    """A new tensor for the same validation value (ModelCheckpoint, val_check_interval) is not a new value."""
+    sentinel = LossDropSentinel(monitor="val_loss")
+    trainer = small_trainer(
+        [sentinel],
+        max_epochs=2,
+        limit_train_batches=20,
+        val_check_interval=5,
+        num_sanity_val_steps=0,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Scripted(), DigitsDataModule())
+    assert sentinel.source == "validation" and sentinel.checked == 8  # 4 validations per epoch, 2 epochs

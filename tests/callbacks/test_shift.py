@@ -140,17 +140,21 @@ def test_unknown_module_name_lists_near_matches_before_any_step(tmp_path: Path) 
     assert trainer.global_step == 0
 
 
-def test_features_that_change_dimension_fail_at_the_first_such_batch(tmp_path: Path) -> None:
+def test_features_that_change_dimension_stop_the_tracker_not_the_run(tmp_path: Path) -> None:
     calls = []
 
     def ragged(batch: Any, _outputs: Any) -> torch.Tensor:
         calls.append(1)
         return batch[0][:, : 10 + len(calls)]
 
-    trainer = small_trainer([ShiftTracker(features=ragged, **FAST)], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="changed dimension from 11 to 12"):
-        trainer.validate(DigitsClassifier(), DigitsDataModule(), verbose=False)
-    assert len(calls) == 2
+    tracker = ShiftTracker(features=ragged, **FAST)
+    trainer = small_trainer([tracker], default_root_dir=tmp_path)
+    trainer.validate(DigitsClassifier(), DigitsDataModule(), verbose=False)  # the validation itself completes
+    assert len(calls) == 2  # the tracker stopped at the first ragged batch
+    [event] = events(tmp_path, "internal_error")
+    assert event["callback"] == "ShiftTracker" and "changed dimension from 11 to 12" in event["message"]
+    assert event["data"]["hook"] == "on_batch_end" and "Traceback" in event["data"]["traceback"]
+    assert tracker.broken is not None and events(tmp_path, "shift_test") == []
 
 
 @pytest.mark.parametrize(
