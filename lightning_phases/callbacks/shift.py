@@ -13,7 +13,15 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
-from lightning_phases.detectors.features import FeatureTap, as_rows, batch_input, resolve_module
+from lightning_phases.detectors.features import (
+    Call,
+    CallCodec,
+    FeatureTap,
+    ForwardRecorder,
+    as_rows,
+    batch_input,
+    resolve_module,
+)
 from lightning_phases.detectors.reservoir import Reservoir
 from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
 from lightning_phases.exceptions import ShiftDetected
@@ -158,6 +166,9 @@ class ShiftTracker(PhaseCallback):
         self._restored: torch.Tensor | None = None  # reference rows from a checkpoint (any world size)
         self._current: Reservoir | None = None
         self._tap: FeatureTap | None = None
+        self._recorder: ForwardRecorder | None = None  # what each step passes to the model (module features)
+        self._codec: CallCodec | None = None  # how those inputs are kept, one row of bytes per sample
+        self._batch_paths: list[int] | None = None  # where they sit in a batch (for the train loader fallback)
         self._dim: int | None = None
         self._window_seen = 0
         self.n_tests = 0
@@ -211,6 +222,7 @@ class ShiftTracker(PhaseCallback):
         if self._tap is None and isinstance(self.features, str) and self.features != "input":
             module = pl_module if self.features == "output" else resolve_module(pl_module, self.features)
             self._tap = FeatureTap(module, softmax=self.features == "output" and self.output_softmax)
+            self._recorder = ForwardRecorder(pl_module)
         per_rank = math.ceil(self.reference_size / trainer.world_size)
         if self._reference is None or self._reference.capacity != per_rank:
             self._reference = Reservoir(per_rank, seed=self.seed + 7919 * trainer.global_rank)
@@ -223,6 +235,9 @@ class ShiftTracker(PhaseCallback):
         if self._tap is not None:
             self._tap.close()
             self._tap = None
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
 
     @override
     def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -265,11 +280,15 @@ class ShiftTracker(PhaseCallback):
             self._current.reset()  # type: ignore[union-attr]
             self._window_seen = 0
 
+    def _stored_dtype(self) -> torch.dtype:
+        """What the reference holds: model inputs as bytes (module features) or feature rows."""
+        return torch.uint8 if self._tap is not None else torch.float32
+
     def _keep_reference(self, trainer: pl.Trainer) -> None:
         """Gather every rank's reference rows (every rank is here), so a checkpoint holds the whole reference."""
         if (self._reference is not None and self._reference.sample is not None) or trainer.world_size > 1:
             local = self._reference.sample if self._reference is not None else None
-            self._reference_all = _gather_rows(trainer, local)
+            self._reference_all = _gather_rows(trainer, local, self._stored_dtype())
             self._restored = None
 
     @override
@@ -277,6 +296,7 @@ class ShiftTracker(PhaseCallback):
         rows = self._reference_all if self._reference_all is not None else self._restored
         return {
             "reference_rows": None if rows is None else rows.detach().cpu(),
+            "codec": None if self._codec is None else self._codec.state_dict(),
             "n_tests": self.n_tests,
             "results": self.results,
             "dim": self._dim,
@@ -287,6 +307,9 @@ class ShiftTracker(PhaseCallback):
         self.n_tests = int(state_dict.get("n_tests", 0))
         self.results = list(state_dict.get("results", []))
         self._dim = state_dict.get("dim")
+        codec = state_dict.get("codec")
+        if codec is not None:
+            self._codec = CallCodec.from_state_dict(codec)
         rows = state_dict.get("reference_rows")
         self._restored = rows if isinstance(rows, torch.Tensor) and rows.shape[0] >= 2 else None
         self._reference_cache = None  # features of the reference before, or of other weights at the same step
@@ -320,15 +343,49 @@ class ShiftTracker(PhaseCallback):
 
     def _collect(self, stage: Stage, outputs: Any, batch: Any) -> None:
         tapped = self._tap.take() if self._tap is not None else None
+        call = self._recorder.take() if self._recorder is not None else None
         if stage == self.reference_stage and self._reference is not None:
-            # Module features are recomputed from the reference inputs at test time (never stale).
-            rows = as_rows(batch_input(batch)) if self._tap is not None else self._rows(batch, outputs, tapped)
-            self._reference.add(rows)
+            # Module features are computed again from the stored model inputs at test time (never stale).
+            if self._tap is None:
+                self._reference.add(self._rows(batch, outputs, tapped))
+            else:
+                rows = self._model_inputs(call)
+                if rows is not None:
+                    self._reference.add(rows)
         elif stage in self.stages and self._current is not None:
+            if call is not None and self._batch_paths is None:
+                self._learn_batch_paths(batch, call)
             rows = self._rows(batch, outputs, tapped)
             self._check_dim(rows)
             self._current.add(rows)
             self._window_seen += rows.shape[0]
+
+    def _model_inputs(self, call: Call | None) -> torch.Tensor | None:
+        """The inputs the step passed to the model, one row of bytes per sample (``None``: left out)."""
+        if call is None:
+            raise ValueError(
+                f"ShiftTracker(features={self.features!r}): the training step did not call the model (self(...)), "
+                "so its inputs cannot be kept to compute the features again at test time; call the model in the "
+                "step, or pass a callable features=(batch, outputs) -> Tensor."
+            )
+        if self._codec is None:
+            self._codec = CallCodec.of(call)
+        if not self._codec.fits(call):
+            self.warn_once(
+                "inputs changed shape",
+                f"features={self.features!r}: a batch's model inputs differ in structure or per-sample shape from "
+                "the first batch's (e.g. sequences padded to each batch's longest); such batches are left out of "
+                "the reference. Pad to one length to keep every batch.",
+            )
+            return None
+        return self._codec.encode(call)
+
+    def _learn_batch_paths(self, batch: Any, call: Call) -> None:
+        """Where the model's inputs sit in a batch, so a reference can be drawn from the train loader."""
+        if self._codec is None:
+            self._codec = CallCodec.of(call)
+        if self._codec.fits(call):
+            self._batch_paths = self._codec.batch_paths(batch, call)
 
     def _rows(self, batch: Any, outputs: Any, tapped: torch.Tensor | None) -> torch.Tensor:
         if callable(self.features):
@@ -374,29 +431,45 @@ class ShiftTracker(PhaseCallback):
             if self._reference_cache is None or self._reference_cache[0] != key:
                 self._reference_cache = (key, self._recompute(pl_module, local))
             local = self._reference_cache[1]
-        return _gather_rows(trainer, local)
+        return _gather_rows(trainer, local, torch.float32)
 
     def _reference_from_loader(self, trainer: pl.Trainer, loader: Any) -> None:
         """Each rank samples its share of the loader's batches (every ``world_size``-th), so ranks differ."""
         assert self._reference is not None
+        if self._tap is not None and (self._codec is None or self._batch_paths is None):
+            self.warn_once(
+                "no reference",
+                f"features={self.features!r}: no reference (no fit in this process, no checkpoint), and the model's "
+                "inputs are not tensors of the batch as they are, so they cannot be drawn from train_dataloader(); "
+                "test with ckpt_path=... of a fit with this ShiftTracker. Nothing is tested.",
+            )
+            return
         for index, batch in enumerate(loader):
             if index % trainer.world_size != trainer.global_rank:
                 continue
-            self._reference.add(as_rows(batch_input(batch)) if self._tap is not None else self._rows(batch, None, None))
+            if self._tap is None:
+                self._reference.add(self._rows(batch, None, None))
+            else:
+                assert self._codec is not None and self._batch_paths is not None
+                call = self._codec.call_from_batch(batch, self._batch_paths)
+                if self._codec.fits(call):
+                    self._reference.add(self._codec.encode(call))
             if self._reference.seen >= 4 * self._reference.capacity:
                 break
 
     @torch.no_grad()
     def _recompute(self, pl_module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """The tapped module's features of the stored reference inputs, with today's weights, in eval mode."""
-        assert self._tap is not None
+        assert self._tap is not None and self._codec is not None and self._recorder is not None
         self._tap.take()
         was_training = pl_module.training
         pl_module.eval()
         try:
             chunks = []
             for start in range(0, inputs.shape[0], RECOMPUTE_CHUNK):
-                pl_module(inputs[start : start + RECOMPUTE_CHUNK].to(pl_module.device))
+                args, kwargs = self._codec.decode(inputs[start : start + RECOMPUTE_CHUNK], pl_module.device)
+                pl_module(*args, **kwargs)
+                self._recorder.take()  # our own call is not a step's
                 chunks.append(self._tap.take())
         finally:
             pl_module.train(was_training)
@@ -407,7 +480,7 @@ class ShiftTracker(PhaseCallback):
     def _test(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, window: bool) -> None:
         assert self._current is not None
         reference = self._reference_rows(trainer, pl_module)
-        current = _gather_rows(trainer, self._current.sample)
+        current = _gather_rows(trainer, self._current.sample, torch.float32)
         if reference is None or current is None or reference.shape[0] < 2 or current.shape[0] < 2:
             return
         current = current.to(reference.device)
@@ -518,8 +591,11 @@ class ShiftTracker(PhaseCallback):
             self.log_metrics(trainer, metrics)
 
 
-def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None) -> torch.Tensor | None:
-    """Every rank's rows, concatenated in rank order (ranks may hold different numbers, or none)."""
+def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Every rank's rows, concatenated in rank order (ranks may hold different numbers, or none).
+
+    ``dtype`` is what a rank without rows sends, so that every rank's tensors agree.
+    """
     if trainer.world_size == 1:
         return rows
     device = trainer.strategy.root_device
@@ -528,7 +604,7 @@ def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None) -> torch.Tensor
     d = int(widths.max().item())
     if d < 0:
         return None
-    local = rows.to(device) if rows is not None else torch.zeros((0, d), device=device)
+    local = rows.to(device) if rows is not None else torch.zeros((0, d), device=device, dtype=dtype)
     counts = trainer.strategy.all_gather(torch.tensor([local.shape[0]], device=device)).flatten().tolist()
     padded = torch.zeros((max(counts), d), device=device, dtype=local.dtype)
     padded[: local.shape[0]] = local

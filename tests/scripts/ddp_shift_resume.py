@@ -27,9 +27,9 @@ local_rows = []  # what this rank brought to each gather of rows, in order
 gather_rows = shift_module._gather_rows
 
 
-def recording_gather(trainer, rows):
+def recording_gather(trainer, rows, dtype):
     local_rows.append(None if rows is None else rows.detach().clone())
-    return gather_rows(trainer, rows)
+    return gather_rows(trainer, rows, dtype)
 
 
 shift_module._gather_rows = recording_gather
