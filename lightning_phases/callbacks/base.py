@@ -391,7 +391,7 @@ class PhaseCallback(Callback):
                 trainer,
                 "internal_error",
                 f"{self.name} failed in {where} ({self.broken}); it checks nothing more in this Trainer call, and "
-                "the run goes on. Please report this with the traceback in the event's data.",
+                "the run goes on. Unless your own settings caused it, please report it with the traceback in the data.",
                 {"hook": where, "error": type(error).__name__, "traceback": traceback.format_exc(limit=12)},
                 severity="warning",
             )

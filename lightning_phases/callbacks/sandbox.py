@@ -35,9 +35,17 @@ SPOOL_POLL_S = 1.0
 
 #: What an audit hook cannot see in any run.
 ALWAYS_BLIND = (
-    "native code: torch.save(obj, path), C extensions and ctypes calls open files and sockets unseen",
+    "files and sockets opened by native code (torch.save(obj, path), C extensions, ctypes)",
     "writes and sends on descriptors opened before the sandboxed stage",
 )
+
+#: The stages each Trainer call runs (``trainer.state.fn``).
+_STAGES_OF_CALL: dict[str, tuple[Stage, ...]] = {
+    "fit": ("sanity_check", "train", "validate"),
+    "validate": ("validate",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
 
 #: The stage a DataLoader created in a stage serves (the sanity check runs the validation loaders).
 _STAGE_OF_LOADER = {
@@ -158,14 +166,14 @@ class SandboxCheck(PhaseCallback):
         self._wrap_dataloaders(trainer)
         audit.install()
         self.blind_spots = [*self._active_blind_spots(), *ALWAYS_BLIND]
+        sandboxed_now = [s for s in _STAGES_OF_CALL.get(trainer.state.fn.value, ()) if s in self.stages]
+        if not sandboxed_now:
+            return  # e.g. predict, not sandboxed: nothing to say about what the hook cannot see
         self.emit(
             trainer,
             "sandbox_blind_spots",
-            "audit hook active for "
-            + (", ".join(self.stages) or "no stage")
-            + "; it cannot see: "
-            + "; ".join(self.blind_spots),
-            {"stages": list(self.stages), "on_violation": self.on_violation, "blind_spots": self.blind_spots},
+            f"sandbox active in {', '.join(sandboxed_now)}; the audit hook cannot see: " + "; ".join(self.blind_spots),
+            {"stages": sandboxed_now, "on_violation": self.on_violation, "blind_spots": self.blind_spots},
             severity="info",
         )
 

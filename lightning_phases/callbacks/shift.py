@@ -173,6 +173,7 @@ class ShiftTracker(PhaseCallback):
         self._window_seen = 0
         self.n_tests = 0
         self.results: list[dict[str, Any]] = []
+        self._results_at_setup = 0
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -223,6 +224,7 @@ class ShiftTracker(PhaseCallback):
             module = pl_module if self.features == "output" else resolve_module(pl_module, self.features)
             self._tap = FeatureTap(module, softmax=self.features == "output" and self.output_softmax)
             self._recorder = ForwardRecorder(pl_module)
+        self._results_at_setup = len(self.results)
         per_rank = math.ceil(self.reference_size / trainer.world_size)
         if self._reference is None or self._reference.capacity != per_rank:
             self._reference = Reservoir(per_rank, seed=self.seed + 7919 * trainer.global_rank)
@@ -232,6 +234,11 @@ class ShiftTracker(PhaseCallback):
 
     @override
     def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
+        done = self.results[self._results_at_setup :]
+        if done:  # one W&B table per Trainer call, of that call's tests
+            columns = ["stage", "step", "test", "statistic", "p_value", "n_reference", "n_current", "drift"]
+            rows = [[r[c] for c in columns] for r in done]
+            self.reporter.log_table(self.name, "tests", columns, rows, trainer.global_step)
         if self._tap is not None:
             self._tap.close()
             self._tap = None
@@ -501,9 +508,6 @@ class ShiftTracker(PhaseCallback):
             event = self._report(trainer, stage, result, alpha_each, window)
             if event is not None:
                 detected.append(event)
-        columns = ["stage", "step", "test", "statistic", "p_value", "n_reference", "n_current", "drift"]
-        rows = [[r[c] for c in columns] for r in self.results]
-        self.reporter.log_table(self.name, "tests", columns, rows, trainer.global_step)
         if stage == "validate" and trainer.state.fn == TrainerFn.FITTING and self.track_rates:
             self._log_rates(trainer, pl_module, distance)
         if detected:  # every test of this stage has run and is reported before any stop or raise

@@ -6,6 +6,8 @@ table into plain data (what ``phase_report.json`` holds) and :func:`format_repor
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -100,14 +102,26 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
 REPORT_COLUMNS = ["stage", "declared", "observed", "events"]
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """Render the report as a plain-text table for the console and CI logs.
+def format_report(report: dict[str, Any], stages: Sequence[str] | None = None, width: int | None = None) -> str:
+    """Render the report as text for the console and CI logs: a block per stage, wrapped to ``width``.
 
     Args:
         report: The output of :func:`build_report`.
+        stages: Only these stages (e.g. those that ran in the Trainer call just ended); ``None``: all.
+        width: Line width; by default the terminal's (at least 80 columns).
     """
-    rows = [REPORT_COLUMNS, *report_rows(report)]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(REPORT_COLUMNS))]
-    rule = "-+-".join("-" * width for width in widths)
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join(["Phase report", lines[0], rule, *lines[1:]])
+    width = width or max(80, shutil.get_terminal_size((120, 24)).columns)
+    rows = [row for row in report["stages"] if stages is None or row["stage"] in stages]
+    title = "Phase report" + (f" of this call ({', '.join(row['stage'] for row in rows)})" if stages else "")
+    if not rows:
+        return title + ": no stage ran"
+    pad = max(len(row["stage"]) for row in rows) + 2
+    lines = [title]
+    for row in rows:
+        events = ", ".join(f"{kind} x{count}" for kind, count in row["events"].items()) or "none"
+        head = f"{row['stage']:<{pad}}declared: {', '.join(_declared_text(row['declared']))}; events: {events}"
+        lines += textwrap.wrap(head, width, subsequent_indent=" " * (pad + 2))
+        for obs in row["observations"]:
+            text = f"{obs['callback']}: {Observation(**obs).text()}"
+            lines += textwrap.wrap(text, width, initial_indent=" " * pad, subsequent_indent=" " * (pad + 4))
+    return "\n".join(lines)

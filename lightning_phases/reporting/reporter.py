@@ -109,6 +109,7 @@ class Reporter:
         self.table = PhaseTable()
         self.events: list[PhaseEvent] = []
         self.stages_run: list[Stage] = []
+        self._call_stages: list[Stage] = []  # the stages of the Trainer call in progress
         self._attached: list[PhaseSource] = []
         self._sources: list[PhaseSource] = []
         self._counts: Counter[tuple[str, str]] = Counter()
@@ -154,6 +155,7 @@ class Reporter:
     def _start_call(self) -> None:
         trainer = self.trainer
         self.table = declared_table(trainer.callbacks)
+        self._call_stages = []
         self.is_writer = trainer.is_global_zero
         if not self.is_writer:
             return
@@ -175,6 +177,8 @@ class Reporter:
         """
         if stage is not None and stage not in self.stages_run:
             self.stages_run.append(stage)
+        if stage is not None and stage not in self._call_stages:
+            self._call_stages.append(stage)
 
     @_unjudged
     def emit(self, event: PhaseEvent) -> None:
@@ -276,7 +280,8 @@ class Reporter:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        rank_zero_info(format_report(report) + f"\n(events: {self.log.path if self.log else '-'}; report: {path})")
+        text = format_report(report, stages=self._call_stages)
+        rank_zero_info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")
         if self.wandb is not None:
             self.wandb.tables(self.events, report, self.trainer.global_step)
         if self.log is not None:

@@ -170,5 +170,5 @@ class WandbSink:
             step: The Trainer's global step.
         """
         rows = [[json.dumps(value) if name == "data" else value for name, value in e.to_dict().items()] for e in events]
-        self.table("phases/events", list(FIELDS), rows, step)
-        self.table("phases/report", REPORT_COLUMNS, report_rows(report), step)
+        self.table("phases/tables/events", list(FIELDS), rows, step)
+        self.table("phases/tables/report", REPORT_COLUMNS, report_rows(report), step)

@@ -275,3 +275,13 @@ def test_each_trainer_call_reports_the_escape_again(tmp_path: Path) -> None:
     assert [e.stage for e in sandbox.events if e.kind == "sandbox_violation"] == ["validate", "validate"]
     [row] = sandbox.phase_observations()
     assert "2 violation(s), 2 attempt(s)" in row.detail
+
+
+def test_blind_spots_are_said_only_in_calls_that_sandbox_a_stage(tmp_path: Path) -> None:
+    sandbox = SandboxCheck()
+    trainer = small_trainer([sandbox], default_root_dir=tmp_path)
+    model, data = DigitsClassifier(), DigitsDataModule()
+    trainer.test(model, data, verbose=False)
+    trainer.predict(model, data)  # predict is not sandboxed: no blind-spot event for this call
+    [info] = [e for e in sandbox.events if e.kind == "sandbox_blind_spots"]
+    assert info.data["stages"] == ["test"] and info.message.startswith("sandbox active in test; the audit hook")

@@ -128,3 +128,13 @@ def test_report_reads_the_one_log_under_a_run_directory(tmp_path, capsys):
     assert "Events (1)" in capsys.readouterr().out
     assert report_main(["report", str(tmp_path / "nothing")]) == 2
     assert "neither a file nor a directory" in capsys.readouterr().err
+
+
+def test_the_report_command_imports_neither_torch_nor_lightning() -> None:
+    """Printing a run's files must start in a blink: no torch, no Lightning (checked in a fresh interpreter)."""
+    code = (
+        "import sys, lightning_phases.cli, lightning_phases.reporting.cli;"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules); print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"

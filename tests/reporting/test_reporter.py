@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_phases import PhaseWarning
 from lightning_phases.reporting.events import FIELDS
 from lightning_phases.reporting.names import metric_key, snake_case
+from lightning_phases.reporting.report_model import format_report
 from lightning_phases.reporting.sinks import AlertLimiter
 
 
@@ -81,9 +82,9 @@ def test_wandb_shows_alert_summary_tags_and_tables(wandb_run):
     tags = [r["run"].get("tags") for r in records if r["type"] == "run" and r["run"].get("tags")]
     assert set(tags[-1]) == {"phases:loss_drop", "phases:param_changed"}  # warning and critical kinds only
     table_files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
-    assert any(p.startswith("media/table/phases/events") for p in table_files)
-    assert any(p.startswith("media/table/phases/report") for p in table_files)
-    events_table = next(wandb_run["files_dir"].glob("media/table/phases/events*.table.json"))
+    assert any(p.startswith("media/table/phases/tables/events") for p in table_files)
+    assert any(p.startswith("media/table/phases/tables/report") for p in table_files)
+    events_table = next(wandb_run["files_dir"].glob("media/table/phases/tables/events*.table.json"))
     table = json.loads(events_table.read_text())
     assert table["columns"] == list(FIELDS) and len(table["data"]) == 21
     history_keys = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
@@ -186,3 +187,30 @@ def test_alert_limiter_interval_cap_and_held_count():
 def test_metric_keys():
     assert snake_case("LossDropSentinel") == "loss_drop_sentinel"
     assert metric_key("ParamFreezeAssertion", "checks") == "phases/param_freeze_assertion/checks"
+
+
+def test_console_report_shows_this_calls_stages_wrapped_to_the_width():
+    report = {
+        "stages": [
+            {
+                "stage": stage,
+                "declared": {"parameters": "fixed", "sandboxed": True, "failure_cost": "low", "data": "held_out"},
+                "observations": [
+                    {
+                        "stage": stage,
+                        "check": "parameters fixed",
+                        "verdict": "verified",
+                        "detail": "x " * 80,
+                        "callback": "ParamFreezeAssertion",
+                    }
+                ],
+                "events": {"param_changed": 1} if stage == "test" else {},
+            }
+            for stage in ("validate", "test")
+        ]
+    }
+    text = format_report(report, stages=["test"], width=100)
+    assert text.splitlines()[0] == "Phase report of this call (test)"
+    assert "\ntest  declared: params fixed, sandboxed, low cost, data held_out; events: param_changed x1" in text
+    assert "validate" not in text and max(len(line) for line in text.splitlines()) <= 100
+    assert "\n      ParamFreezeAssertion: parameters fixed: verified, x x" in text
