@@ -48,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments (``sys.argv[1:]`` by default).
     """
-    parser = argparse.ArgumentParser(prog="lightning-phases", description="Print a run's phase report and events; optionally write a self-contained HTML page.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-phases",
+        description="Print a run's phase report and events; optionally write a self-contained HTML page.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("report", help="print a run's phase report and events; optionally write HTML")
     show.add_argument("path", type=Path, help="a run directory or a phase_events.jsonl file")
