@@ -45,7 +45,8 @@ def main(args: list[str] | None = None) -> LightningCLI:
     Args:
         args: Command-line arguments, e.g. ``["fit", "--config", "examples/config.yaml"]``.
     """
-    return DigitsCLI(DigitsClassifier, DigitsDataModule, args=args)
+    # the demo runs again in place: its saved config (runs/config.yaml) is replaced, not refused
+    return DigitsCLI(DigitsClassifier, DigitsDataModule, args=args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

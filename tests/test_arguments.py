@@ -119,6 +119,7 @@ BAD: dict[type, dict[str, Bad]] = {
         "output_softmax": Bad("no", (1, None)),
         "track_rates": Bad("no", (0, None)),
         "seed": Bad("abc", (-1, 2**63, 1.0, True, None), numeric=True),
+        "checkpoint_mb": Bad("8", (-1, True, None), numeric=True),
         "on_violation": Bad(1, ("block", "checkpoint", None)),
         "name": NAME,
     },
@@ -286,6 +287,7 @@ def test_valid_non_default_values_construct(tmp_path):
         output_softmax=False,
         track_rates=False,
         seed=2**63 - 1,
+        checkpoint_mb=0,
         on_violation="stop",
     )
     assert tracker.tests == ("ks",)

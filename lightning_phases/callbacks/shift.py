@@ -98,6 +98,9 @@ class ShiftTracker(PhaseCallback):
         track_rates: Log the shift, update and oversight rates in fit (keeps a copy of the trainable
             parameters, taken at each validation).
         seed: Seed of the reservoirs, the permutations and the random projection.
+        checkpoint_mb: At most this many MiB of reference rows go into each checkpoint (a uniform subsample
+            of whole rows when the reference is larger, e.g. 1000 images of 3x64x64 are 47 MiB); ``0`` keeps
+            the reference out of checkpoints (a resumed test then draws it from ``train_dataloader()``).
         on_violation: What a detected shift (in a stage not declared ``fixed_shift``) does besides its
             ``shift_detected`` event: ``"warn"`` nothing more; ``"stop"`` stops ``fit`` cleanly after that
             validation (``trainer.should_stop``, as ``EarlyStopping``; outside ``fit`` the stage ends anyway
@@ -130,6 +133,7 @@ class ShiftTracker(PhaseCallback):
         output_softmax: bool = True,
         track_rates: bool = True,
         seed: int = 0,
+        checkpoint_mb: float = 8.0,
         on_violation: Literal["warn", "stop", "raise"] = "warn",
         name: str | None = None,
     ) -> None:
@@ -160,6 +164,7 @@ class ShiftTracker(PhaseCallback):
         self.output_softmax = check_bool("output_softmax", output_softmax)
         self.track_rates = check_bool("track_rates", track_rates)
         self.seed = check_seed("seed", seed)
+        self.checkpoint_mb = float(check_number("checkpoint_mb", checkpoint_mb, low=0))
 
         self._reference: Reservoir | None = None
         self._reference_all: torch.Tensor | None = None  # every rank's reference rows, for the checkpoint
@@ -302,12 +307,25 @@ class ShiftTracker(PhaseCallback):
     def state_dict(self) -> dict[str, Any]:
         rows = self._reference_all if self._reference_all is not None else self._restored
         return {
-            "reference_rows": None if rows is None else rows.detach().cpu(),
+            "reference_rows": self._checkpoint_rows(rows),
             "codec": None if self._codec is None else self._codec.state_dict(),
             "n_tests": self.n_tests,
             "results": self.results,
             "dim": self._dim,
         }
+
+    def _checkpoint_rows(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The reference rows for a checkpoint: all of them, or a uniform subsample within ``checkpoint_mb``."""
+        if rows is None or rows.shape[0] < 2:
+            return None
+        row_bytes = rows[0].numel() * rows.element_size()
+        keep = min(rows.shape[0], int(self.checkpoint_mb * 2**20) // max(row_bytes, 1))
+        if keep < 2:
+            return None
+        if keep < rows.shape[0]:
+            chosen = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(self.seed))[:keep]
+            rows = rows[chosen.sort().values.to(rows.device)]
+        return rows.detach().cpu()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

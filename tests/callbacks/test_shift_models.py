@@ -217,3 +217,51 @@ def test_module_features_resume_from_a_checkpoint_and_a_test_only_run_uses_the_t
     small_trainer([fresh], default_root_dir=tmp_path / "fresh").test(model, TokenData(), verbose=False)
     [test] = [e for e in fresh.events if e.kind == "shift_test"]
     assert test.data["n_reference"] == 300 and not test.data["drift"]
+
+
+class RandomImages(pl.LightningDataModule):
+    """3x64x64 random images (47 MiB for 1000 of them as float32)."""
+
+    def _loader(self, n: int, seed: int) -> DataLoader:
+        x = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(
+            TensorDataset(x, torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(seed))), 50
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(1000, 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(100, 1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(100, 2)
+
+
+class ImageNet64(SmallCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * 16 * 16, 10)
+
+
+@pytest.mark.parametrize(("checkpoint_mb", "rows"), [(8.0, 170), (0.0, 0)])
+def test_checkpoints_hold_at_most_checkpoint_mb_of_reference(tmp_path: Path, checkpoint_mb: float, rows: int) -> None:
+    tracker = ShiftTracker("output", tests=["mmd"], n_permutations=50, checkpoint_mb=checkpoint_mb)
+    trainer = small_trainer([tracker], limit_train_batches=None, limit_val_batches=1, default_root_dir=tmp_path)
+    model = ImageNet64()
+    trainer.fit(model, RandomImages())
+    checkpoint = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    weights_only = tmp_path / "weights.ckpt"
+    trainer.save_checkpoint(weights_only, weights_only=True)
+    added_mib = (checkpoint.stat().st_size - weights_only.stat().st_size) / 2**20
+    assert added_mib <= checkpoint_mb + 0.5  # 1000 stored images would be 47 MiB
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][tracker.state_key]["reference_rows"]
+    assert (0 if saved is None else saved.shape[0]) == rows  # 8 MiB / 48 KiB per image: 170 whole rows
+    resumed = ShiftTracker("output", tests=["mmd"], n_permutations=50, checkpoint_mb=checkpoint_mb)
+    small_trainer([resumed], default_root_dir=tmp_path / "resumed").test(
+        ImageNet64(), RandomImages(), ckpt_path=checkpoint, verbose=False
+    )
+    [test] = [e for e in resumed.events if e.kind == "shift_test"]
+    assert test.data["n_reference"] == (rows or 1000)  # 0 MiB: drawn again from train_dataloader()

@@ -86,22 +86,23 @@ def test_bad_stage_in_yaml_is_a_readable_usage_error(tmp_path):
     assert "'sanity_check', 'train', 'validate', 'test', 'predict'" in result.stderr
 
 
-def test_cli_fit_runs_in_process(tmp_path):
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIG),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=3",
-            "--trainer.limit_val_batches=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-            f"--trainer.logger.save_dir={tmp_path}",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-        ]
-    )
-    assert list(tmp_path.rglob("phase_report.json"))
+def test_cli_fit_runs_in_process_and_again_in_the_same_place(tmp_path):
+    args = [
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
+        "--test_after_fit=false",
+    ]
+    main(args)
+    main(args)  # the saved config of the first run is replaced, not refused
+    assert len(list(tmp_path.rglob("phase_report.json"))) == 2
 
 
 def write_one_event(path):
