@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
@@ -26,6 +27,7 @@ from lightning_phases.detectors.reservoir import Reservoir
 from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
 from lightning_phases.exceptions import ShiftDetected
 from lightning_phases.phases import STAGES, PhaseTable, Stage
+from lightning_phases.reporting.console import logger
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.reporting.reporter import declared_table
@@ -41,6 +43,9 @@ from lightning_phases.validation import (
 TestName = Literal["mmd", "ks"]
 Reduction = Literal["pca", "random"]
 FeatureFn = Callable[[Any, Any], torch.Tensor]
+
+#: Pooled sample size from which the start of each MMD test is logged at INFO (it takes about a second).
+LARGE_TEST = 4000
 
 #: Rows per forward pass when the reference's features are recomputed with the current weights.
 RECOMPUTE_CHUNK = 512
@@ -515,6 +520,14 @@ class ShiftTracker(PhaseCallback):
         self.last_samples = (reference, current)
         alpha_each = self.alpha / len(self.tests)
         distance = None
+        if "mmd" in self.tests and trainer.is_global_zero:
+            pooled = reference.shape[0] + current.shape[0]
+            level = logging.INFO if pooled >= LARGE_TEST else logging.DEBUG
+            logger.log(
+                level,
+                f"{self.name}: MMD test of {stage} data, n={reference.shape[0]} vs m={current.shape[0]}, "
+                f"{self.n_permutations} permutations (kernel matrix {pooled * pooled * 4 / 2**20:.0f} MiB)",
+            )
         detected = []
         for name in self.tests:
             self.n_tests += 1

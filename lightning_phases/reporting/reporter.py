@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_phases.exceptions import PhaseWarning
 from lightning_phases.phases import PhaseOverrides, PhaseTable, Stage
+from lightning_phases.reporting.console import logger
 from lightning_phases.reporting.events import EVENT_LOG_NAME, EventLog, PhaseEvent
 from lightning_phases.reporting.names import key_segment, metric_key
 from lightning_phases.reporting.report_model import REPORT_NAME, Observation, build_report, format_report
@@ -202,7 +203,7 @@ class Reporter:
             f"(stage={event.stage}, step={event.global_step}): {event.message}"
         )
         if event.severity == "info":
-            rank_zero_info(text)
+            logger.info(text)
         else:
             rank_zero_warn(text, category=PhaseWarning)
 
@@ -218,8 +219,8 @@ class Reporter:
         if not self.is_writer:
             return
         keyed = {metric_key(callback, name): value for name, value in metrics.items()}
-        for logger in self.trainer.loggers:
-            self._guard(f"{type(logger).__name__}.log_metrics", lambda lg=logger: lg.log_metrics(keyed, step))
+        for sink in self.trainer.loggers:
+            self._guard(f"{type(sink).__name__}.log_metrics", lambda lg=sink: lg.log_metrics(keyed, step))
 
     @_unjudged
     def log_table(self, callback: str, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
@@ -281,7 +282,7 @@ class Reporter:
         tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         text = format_report(report, stages=self._call_stages)
-        rank_zero_info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")
+        logger.info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")
         if self.wandb is not None:
             self.wandb.tables(self.events, report, self.trainer.global_step)
         if self.log is not None:

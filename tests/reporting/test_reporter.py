@@ -9,7 +9,7 @@ from digits import DigitsClassifier, DigitsDataModule
 from helpers import EmitAtSteps, leet_records, read_jsonl, run_script, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_phases import PhaseWarning
+from lightning_phases import PhaseWarning, ShiftTracker
 from lightning_phases.reporting.events import FIELDS
 from lightning_phases.reporting.names import metric_key, snake_case
 from lightning_phases.reporting.report_model import format_report
@@ -214,3 +214,23 @@ def test_console_report_shows_this_calls_stages_wrapped_to_the_width():
     assert "\ntest  declared: params fixed, sandboxed, low cost, data held_out; events: param_changed x1" in text
     assert "validate" not in text and max(len(line) for line in text.splitlines()) <= 100
     assert "\n      ParamFreezeAssertion: parameters fixed: verified, x x" in text
+
+
+def test_info_lines_go_through_the_package_logger_and_can_be_silenced_alone(tmp_path, caplog):
+    import logging
+
+    package = logging.getLogger("lightning_phases")
+    caplog.set_level("INFO")
+    try:
+        package.setLevel(logging.WARNING)
+        fit([EmitAtSteps(steps=(2,), severity="info")], logger=False, default_root_dir=tmp_path / "quiet")
+        assert "Phase report" not in caplog.text and "test event at step 2" not in caplog.text
+        caplog.set_level(logging.DEBUG)
+        package.setLevel(logging.DEBUG)
+        caplog.clear()
+        tracker = ShiftTracker(reference_size=50, n_permutations=20)
+        fit([tracker], logger=False, default_root_dir=tmp_path / "loud")
+        assert "Phase report of this call (sanity_check, train, validate)" in caplog.text
+        assert "ShiftTracker: MMD test of validate data, n=50 vs m=" in caplog.text
+    finally:
+        package.setLevel(logging.INFO)
