@@ -76,6 +76,17 @@ DEFAULT_PROPERTIES: Mapping[Stage, StageProperties] = {
     "predict": StageProperties(parameters="fixed", sandboxed=False, failure_cost="high", data="live"),
 }
 
+
+class StagesDeclaration(TypedDict, total=False):
+    """Declared properties by stage; LightningCLI refuses a misspelled stage as a usage error."""
+
+    sanity_check: StageDeclaration
+    train: StageDeclaration
+    validate: StageDeclaration
+    test: StageDeclaration
+    predict: StageDeclaration
+
+
 PhaseOverrides = Mapping[Stage, StageDeclaration]
 
 

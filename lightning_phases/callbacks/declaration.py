@@ -6,7 +6,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_phases.phases import STAGES, PhaseTable, Stage, StageDeclaration, check_overrides
+from lightning_phases.phases import STAGES, PhaseTable, Stage, StagesDeclaration, check_overrides
 
 
 class Phases(Callback):
@@ -34,7 +34,7 @@ class Phases(Callback):
             E.g. online learning in deployment: ``{"predict": {"parameters": "updated"}}``.
     """
 
-    def __init__(self, overrides: dict[Stage, StageDeclaration] | None = None) -> None:
+    def __init__(self, overrides: StagesDeclaration | None = None) -> None:
         self.phase_declaration: dict[Stage, dict[str, Any]] = check_overrides("overrides", overrides)
         PhaseTable.from_declarations([("Phases", self.phase_declaration)])  # one value per property, at once
 

@@ -139,3 +139,26 @@ def test_the_report_command_imports_neither_torch_nor_lightning() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_misspelled_stage_in_phases_is_a_usage_error_in_a_plain_lightning_cli(tmp_path):
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "logger": False,
+            "callbacks": [{"class_path": "lightning_phases.Phases", "init_args": {"overrides": {"tset": {}}}}],
+        }
+    }
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    script = ROOT / "tests" / "scripts" / "plain_cli.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "fit", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Unexpected keys: {'tset'}" in result.stderr
