@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_phases.exceptions import PhaseUsageError, PhaseViolation, PhaseWarning
+from lightning_phases.exceptions import PhaseUsageError, PhaseViolation
 from lightning_phases.phases import PhaseTable, Severity, Stage, check_stages, current_stage
+from lightning_phases.reporting.console import warn
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.reporting.reporter import Reporter
@@ -330,7 +330,7 @@ class PhaseCallback(Callback):
         """
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(f"{self.name}: {message}", category=PhaseWarning)
+            warn(f"{self.name}: {message}")
 
     @property
     def reporter(self) -> Reporter:

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_phases.exceptions import PhaseWarning
 from lightning_phases.phases import PhaseOverrides, PhaseTable, Stage
-from lightning_phases.reporting.console import logger
+from lightning_phases.reporting.console import logger, warn
 from lightning_phases.reporting.events import EVENT_LOG_NAME, EventLog, PhaseEvent
 from lightning_phases.reporting.names import key_segment, metric_key
 from lightning_phases.reporting.report_model import REPORT_NAME, Observation, build_report, format_report
@@ -205,7 +203,7 @@ class Reporter:
         if event.severity == "info":
             logger.info(text)
         else:
-            rank_zero_warn(text, category=PhaseWarning)
+            warn(text)
 
     @_unjudged
     def log_metrics(self, callback: str, metrics: Mapping[str, float], step: int) -> None:
@@ -281,10 +279,16 @@ class Reporter:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        text = format_report(report, stages=self._call_stages)
-        logger.info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")
+        if not self._call_stages:  # the call failed before any stage ran: no empty report on the console
+            logger.debug(f"phase report (no stage ran in this call): {path}")
+        else:
+            self._print(report, path)
         if self.wandb is not None:
             self.wandb.tables(self.events, report, self.trainer.global_step)
         if self.log is not None:
             self.log.release()
             self.log = None
+
+    def _print(self, report: dict[str, Any], path: Path) -> None:
+        text = format_report(report, stages=self._call_stages)
+        logger.info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")

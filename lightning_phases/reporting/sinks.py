@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_phases.exceptions import PhaseWarning
+from lightning_phases.reporting.console import warn
 from lightning_phases.reporting.events import FIELDS, PhaseEvent
 from lightning_phases.reporting.report_model import REPORT_COLUMNS, report_rows
 
@@ -74,10 +73,9 @@ class SinkGuard:
             self.failures[operation] += 1
             if self.failures[operation] == 1:
                 where = f"; every event is still in {self._log_path}" if self._log_path else ""
-                rank_zero_warn(
+                warn(
                     f"lightning-phases: {operation} failed ({type(error).__name__}: {error}){where}. "
-                    "Training continues; later failures of this operation are not repeated here.",
-                    category=PhaseWarning,
+                    "Training continues; later failures of this operation are not repeated here."
                 )
 
 
@@ -138,6 +136,7 @@ class WandbSink:
             title=f"{event.callback}: {event.kind}",
             text=text,
             level=getattr(wandb.AlertLevel, _ALERT_LEVELS[event.severity]),
+            wait_duration=0,  # the limiter above decides; W&B's own wait would drop an ERROR after a WARN
         )
 
     def image(self, key: str, path: Path, step: int) -> None:

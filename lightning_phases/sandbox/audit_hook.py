@@ -251,7 +251,12 @@ _LIBRARIES = _library_prefixes()
 _in_library_cache: dict[str, bool] = {}
 
 
-def _in_library(filename: str) -> bool:
+def in_library(filename: str) -> bool:
+    """Whether ``filename`` belongs to the standard library, an installed package or lightning-phases.
+
+    Args:
+        filename: A code object's file name.
+    """
     known = _in_library_cache.get(filename)
     if known is None:
         known = filename.startswith("<") or os.path.realpath(filename).startswith(_LIBRARIES)
@@ -277,7 +282,7 @@ def user_location(frame: FrameType | None) -> tuple[str, str]:
     """
     innermost = frame
     while frame is not None:
-        if not _in_library(frame.f_code.co_filename):
+        if not in_library(frame.f_code.co_filename):
             return f"{_shown(frame.f_code.co_filename)}:{frame.f_lineno}", frame.f_code.co_name
         frame = frame.f_back
     if innermost is None:

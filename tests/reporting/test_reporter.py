@@ -8,6 +8,7 @@ import wandb
 from digits import DigitsClassifier, DigitsDataModule
 from helpers import EmitAtSteps, leet_records, read_jsonl, run_script, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from typing_extensions import override
 
 from lightning_phases import PhaseWarning, ShiftTracker
 from lightning_phases.reporting.events import FIELDS
@@ -234,3 +235,25 @@ def test_info_lines_go_through_the_package_logger_and_can_be_silenced_alone(tmp_
         assert "ShiftTracker: MMD test of validate data, n=50 vs m=" in caplog.text
     finally:
         package.setLevel(logging.INFO)
+
+
+class WarnThenCritical(EmitAtSteps):
+    """One callback: a warning ``shift_detected`` at step 2, then a critical one at step 3."""
+
+    @override
+    def on_batch_end(self, trainer, pl_module, stage, *args):
+        if stage == "train" and trainer.global_step in (2, 3):
+            severity = "warning" if trainer.global_step == 2 else "critical"
+            self.emit(trainer, "shift_detected", f"{severity} at {trainer.global_step}", severity=severity)
+
+
+def test_a_warn_then_an_error_alert_of_the_same_kind_both_arrive(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="phases-severity")
+    fit([WarnThenCritical()], logger)
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+    alerts = [r["alert"] for r in leet_records(run_dir) if r["type"] == "alert"]
+    assert [(a["title"], a["level"]) for a in alerts] == [
+        ("WarnThenCritical: shift_detected", "WARN"),
+        ("WarnThenCritical: shift_detected", "ERROR"),  # a second later: neither limiter holds it back
+    ]
