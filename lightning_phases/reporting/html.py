@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,14 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-al
 td:last-child { overflow-wrap: anywhere; width: 32%; font-family: monospace; font-size: 0.85em; }
 th { background: #f0f0f0; }
 tr.warning td { background: #fff6dd; } tr.critical td { background: #fde2e2; }
+p.headline { font-size: 1.1em; padding: 8px 12px; border-radius: 4px; }
+p.found { background: #fde2e2; } p.clean { background: #e3f4e1; }
 .muted { color: #777; } img { max-width: 100%; border: 1px solid #ddd; }
 """
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+_COLORS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")  # red is the alpha line's
+#: Words of a report verdict that mean something was found.
+_FOUND = ("violated", "flagged", "shift detected", "internal error")
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] | None = None) -> str:
@@ -71,6 +76,13 @@ def shift_chart(events: Sequence[PhaseEvent], width: int = 720, height: int = 26
     parts.append(
         f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/>'
     )
+    for index in range(5):
+        step = lo + (hi - lo) * index / 4 if hi > lo else lo
+        parts.append(
+            f'<text x="{x(round(step)):.1f}" y="{bottom + 14}" font-size="11" text-anchor="middle">{round(step)}</text>'
+        )
+        if hi == lo:
+            break
     for exponent in range(0, int(lowest) - 1, -1):
         level = y(10.0**exponent)
         parts.append(f'<line x1="{left}" x2="{right}" y1="{level:.1f}" y2="{level:.1f}" stroke="#eee"/>')
@@ -86,7 +98,7 @@ def shift_chart(events: Sequence[PhaseEvent], width: int = 720, height: int = 26
         coords = " ".join(f"{x(step):.1f},{y(p):.1f}" for step, p in points)
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         for step, p in points:
-            parts.append(f'<circle cx="{x(step):.1f}" cy="{y(p):.1f}" r="3" fill="{color}"/>')
+            parts.append(f'<circle cx="{x(step):.1f}" cy="{y(p):.1f}" r="3.5" fill="none" stroke="{color}"/>')
         parts.append(
             f'<text x="{right + 4}" y="{top + 14 + 16 * index}" font-size="12" fill="{color}">'
             f"{html.escape(name)}</text>"
@@ -101,6 +113,21 @@ def shift_chart(events: Sequence[PhaseEvent], width: int = 720, height: int = 26
     return "".join(parts)
 
 
+def headline(events: Sequence[PhaseEvent]) -> str:
+    """One line at the top of the page: what was found (by severity and kind), or that nothing was.
+
+    Args:
+        events: The run's events.
+    """
+    serious = [e for e in events if e.severity != "info"]
+    if not serious:
+        return f"<p class='headline clean'>Nothing found: {len(events)} info event(s), no warning or critical.</p>"
+    by_severity = Counter(e.severity for e in serious)
+    counts = ", ".join(f"{by_severity[level]} {level}" for level in ("critical", "warning") if by_severity[level])
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(Counter(e.kind for e in serious).items()))
+    return f"<p class='headline found'>Found {html.escape(counts)}: {html.escape(kinds)}.</p>"
+
+
 def render_html(report: dict[str, Any] | None, events: Sequence[PhaseEvent], images: Sequence[Path], title: str) -> str:
     """The page: phase report table, shift p-value chart, plots, and the event list.
 
@@ -112,9 +139,12 @@ def render_html(report: dict[str, Any] | None, events: Sequence[PhaseEvent], ima
     """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{_STYLE}</style></head><body><h1>lightning-phases report: {html.escape(title)}</h1>")
+    parts.append(headline(events))
     parts.append("<h2>Phase report</h2>")
     if report is not None:
-        parts.append(_table(REPORT_COLUMNS, report_rows(report)))
+        rows = report_rows(report)
+        found = ["warning" if any(word in row[2] for word in _FOUND) else "" for row in rows]
+        parts.append(_table(REPORT_COLUMNS, rows, classes=found))
     else:
         parts.append("<p class='muted'>No phase_report.json beside the event log (the run did not end).</p>")
     chart = shift_chart(events)
