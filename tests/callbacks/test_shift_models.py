@@ -265,3 +265,57 @@ def test_checkpoints_hold_at_most_checkpoint_mb_of_reference(tmp_path: Path, che
     )
     [test] = [e for e in resumed.events if e.kind == "shift_test"]
     assert test.data["n_reference"] == (rows or 1000)  # 0 MiB: drawn again from train_dataloader()
+
+
+MODES = {
+    "gentle": {"sentinel": "warn", "freeze": "warn", "sandbox": "warn", "shift": "warn"},
+    "acting": {"sentinel": "checkpoint", "freeze": "warn", "sandbox": "block", "shift": "stop"},
+    "strict": {"sentinel": "suspend", "freeze": "raise", "sandbox": "raise", "shift": "raise"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    ("make_model", "make_data", "features"),
+    [
+        (SmallCNN, ImageData, "features"),
+        (TinyTransformer, TokenData, "encoder"),
+        (TwoInputs, ImageData, "output"),
+    ],
+    ids=["cnn", "dict-transformer", "two-inputs"],
+)
+def test_every_callback_in_every_mode_runs_clean_models_without_an_internal_error(
+    tmp_path: Path, mode: str, make_model: Any, make_data: Any, features: str
+) -> None:
+    from lightning_phases import LossDropSentinel, ParamFreezeAssertion, SandboxCheck
+
+    chosen = MODES[mode]
+    # This matrix checks that nothing crashes or misfires, not calibration (tests/detectors/test_two_sample.py and
+    # benchmarks/shift_power.py do): about ten tests per run at alpha 0.05 would false-alarm in ~40% of runs.
+    shift = {**FAST, "tests": ["mmd"], "alpha": 0.001, "on_violation": chosen["shift"]}
+    callbacks = [
+        LossDropSentinel(on_violation=chosen["sentinel"], direction="both"),
+        ParamFreezeAssertion(on_violation=chosen["freeze"], check_every_n_batches=2),
+        SandboxCheck(on_violation=chosen["sandbox"]),
+        ShiftTracker("input" if features == "encoder" else features, **shift),
+        ShiftTracker(features, **shift, name="module_features"),
+    ]
+    torch.manual_seed(0)
+    trainer = small_trainer(
+        callbacks,
+        max_epochs=2,
+        limit_train_batches=None,
+        limit_val_batches=None,
+        limit_test_batches=None,
+        default_root_dir=tmp_path,
+    )
+    model, data = make_model(), make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(model, data)
+        trainer.validate(model, data, verbose=False)
+        trainer.test(model, data, verbose=False)
+    events = read_jsonl(tmp_path / "phase_events.jsonl")
+    assert not [e for e in events if e["kind"] == "internal_error"], [e["message"] for e in events]
+    serious = [e for e in events if e["severity"] != "info"]
+    assert not serious, [e["message"] for e in serious]  # clean models, clean data: nothing to flag
