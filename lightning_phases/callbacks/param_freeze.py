@@ -272,28 +272,30 @@ class ParamFreezeAssertion(PhaseCallback):
     ) -> bool:
         """Compare with ``baseline``; report, restore and act on changes. Returns whether any changed.
 
-        In a fixed stage a tensor is reported once per stage run; frozen tensors are followed after a change
-        (unless restored), so each further movement is reported again.
+        A tensor is reported once per stage run (in ``fit``, once per fit): a frozen weight that weight decay
+        moves at every step is one event, not one per epoch. Every change is restored when ``restore`` is set,
+        and, without it, frozen tensors are followed, so the tally counts each further movement.
         """
         frozen = run.scope == "frozen"
         current = self._tensors(pl_module, run.names)
         local = baseline.compare(current)
-        changes, ranks, synced = self._gather_changes(trainer, pl_module, list(baseline.tensors), local)
-        if not frozen:
-            changes = [change for change in changes if change.name not in run.reported]
-            run.reported.update(change.name for change in changes)
+        changed, ranks, synced = self._gather_changes(trainer, pl_module, list(baseline.tensors), local)
+        changes = [change for change in changed if change.name not in run.reported]
+        run.reported.update(change.name for change in changes)
         tally = self._tally.setdefault((stage, run.scope), _Tally())
         tally.checks += 1
         tally.unverifiable = len(baseline.unverifiable)
-        tally.changes += len(changes)
+        tally.changes += len(changed)
         tally.buffer_syncs += len(synced)
-        self.log_metrics(trainer, {f"{stage}/changed_tensors": float(len(changes))})
-        if not changes:
+        self.log_metrics(trainer, {f"{stage}/changed_tensors": float(len(changed))})
+        if not changed:
             return False
-        names = [change.name for change in changes]
-        restored = baseline.restore(current, names) if self.restore else []
+        restored = baseline.restore(current, [change.name for change in changed]) if self.restore else []
         if frozen and not self.restore:
             run.outer = FreezeBaseline(self._tensors(pl_module, run.names), self.snapshot)
+        if not changes:
+            return True
+        names = [change.name for change in changes]
         what = "frozen tensor(s)" if frozen else "tensor(s)"
         data: dict[str, Any] = {
             "tensors": names,

@@ -264,3 +264,14 @@ def test_detector_handles_meta_zero_size_and_half_precision_buffers():
     changes = baseline.compare(named_tensors(module))
     assert [(c.name, c.changed_elements) for c in changes] == [("fp16", 1), ("steps", 1)]
     assert match_patterns(["a.b", "ab.c", "a"], ["a"]) == (["a.b", "a"], [])
+
+
+def test_a_frozen_tensor_moving_every_epoch_is_one_event_and_every_movement_is_counted(tmp_path):
+    check = ParamFreezeAssertion(frozen=["backbone.*"], on_violation="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer([check], tmp_path, limit_val_batches=0, max_epochs=3).fit(LeakyFrozen(), DigitsDataModule())
+    moved = events(tmp_path, "param_changed")
+    assert len(moved) == 1 and moved[0]["data"]["check"] == "epoch end"  # not one per epoch
+    [row] = [row for row in check.phase_observations() if row.check == "frozen parameters fixed"]
+    assert row.verdict == "violated" and "4 checks, 9 changes" in row.detail  # 3 epoch ends + train end
