@@ -57,7 +57,8 @@ def build_report(
         events: Every event emitted, counted per stage and kind.
     """
     observations = list(observations)
-    ran = set(stages_run) | {obs.stage for obs in observations}
+    stages_run = set(stages_run)
+    ran = stages_run | {obs.stage for obs in observations}
     counts: dict[str | None, Counter[str]] = {}
     for event in events:
         counts.setdefault(event.stage, Counter())[event.kind] += 1
@@ -68,6 +69,8 @@ def build_report(
         rows.append(
             {
                 "stage": stage,
+                # False for a stage known only from a checkpoint's restored state (e.g. fit rows in a test call)
+                "ran": stage in stages_run,
                 "declared": table.as_dict()[stage],
                 "observations": [asdict(obs) for obs in observations if obs.stage == stage],
                 "events": dict(sorted(counts.get(stage, Counter()).items())),
@@ -85,6 +88,10 @@ def _declared_text(declared: dict[str, Any]) -> list[str]:
     ]
 
 
+def _stage_label(row: dict[str, Any]) -> str:
+    return row["stage"] if row.get("ran", True) else f"{row['stage']} (from a checkpoint; did not run here)"
+
+
 def report_rows(report: dict[str, Any]) -> list[list[str]]:
     """The report as table rows: stage, declared properties, observations, events (one string each).
 
@@ -95,7 +102,7 @@ def report_rows(report: dict[str, Any]) -> list[list[str]]:
     for row in report["stages"]:
         seen = "; ".join(f"{obs['callback']}: {Observation(**obs).text()}" for obs in row["observations"])
         events = ", ".join(f"{kind} x{count}" for kind, count in row["events"].items())
-        rows.append([row["stage"], ", ".join(_declared_text(row["declared"])), seen or "-", events or "none"])
+        rows.append([_stage_label(row), ", ".join(_declared_text(row["declared"])), seen or "-", events or "none"])
     return rows
 
 
@@ -115,11 +122,11 @@ def format_report(report: dict[str, Any], stages: Sequence[str] | None = None, w
     title = "Phase report" + (f" of this call ({', '.join(row['stage'] for row in rows)})" if stages else "")
     if not rows:
         return title + ": no stage ran"
-    pad = max(len(row["stage"]) for row in rows) + 2
+    pad = max(len(_stage_label(row)) for row in rows) + 2
     lines = [title]
     for row in rows:
         events = ", ".join(f"{kind} x{count}" for kind, count in row["events"].items()) or "none"
-        head = f"{row['stage']:<{pad}}declared: {', '.join(_declared_text(row['declared']))}; events: {events}"
+        head = f"{_stage_label(row):<{pad}}declared: {', '.join(_declared_text(row['declared']))}; events: {events}"
         lines += textwrap.wrap(head, width, subsequent_indent=" " * (pad + 2))
         for obs in row["observations"]:
             text = f"{obs['callback']}: {Observation(**obs).text()}"

@@ -257,3 +257,18 @@ def test_a_warn_then_an_error_alert_of_the_same_kind_both_arrive(tmp_path):
         ("WarnThenCritical: shift_detected", "WARN"),
         ("WarnThenCritical: shift_detected", "ERROR"),  # a second later: neither limiter holds it back
     ]
+
+
+def test_a_stage_known_only_from_a_checkpoint_is_marked_as_not_run_here(tmp_path):
+    from lightning_phases import LossDropSentinel
+    from lightning_phases.reporting.report_model import report_rows
+
+    trainer = fit([LossDropSentinel()], logger=False, default_root_dir=tmp_path / "fit", max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    small_trainer([LossDropSentinel()], default_root_dir=tmp_path / "test").test(
+        DigitsClassifier(), DigitsDataModule(), ckpt_path=tmp_path / "fit.ckpt", verbose=False
+    )
+    report = json.loads((tmp_path / "test" / "phase_report.json").read_text())
+    assert {row["stage"]: row["ran"] for row in report["stages"]} == {"train": False, "test": True}
+    assert report_rows(report)[0][0] == "train (from a checkpoint; did not run here)"
+    assert "train" not in format_report(report, stages=["test"])  # the console shows this call's stages only
