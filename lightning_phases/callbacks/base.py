@@ -137,7 +137,7 @@ class PhaseCallback(Callback):
         return tuple(stage for stage in self.requested_stages if stage in declared)
 
     def _declared_text(self, stages: Sequence[Stage]) -> str:
-        table = self._reporter.table if self._reporter is not None else PhaseTable()
+        table = self.table
         prop = self.declared_property
         if not prop:
             return "not checked by this callback"

@@ -30,7 +30,6 @@ from lightning_phases.phases import STAGES, PhaseTable, Stage
 from lightning_phases.reporting.console import logger
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.reporting.reporter import declared_table
 from lightning_phases.validation import (
     check_bool,
     check_choice,
@@ -203,8 +202,9 @@ class ShiftTracker(PhaseCallback):
 
     @override
     def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
+        reference = self._resolve_reference(table)
         tested = table.stages_where(data=("held_out", "live", "fixed_shift"))
-        return tuple(stage for stage in tested if stage not in ("sanity_check", self.reference_stage))
+        return tuple(stage for stage in tested if stage not in ("sanity_check", reference))
 
     @override
     def describe(self) -> str:
@@ -218,10 +218,10 @@ class ShiftTracker(PhaseCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        reference = self._resolve_reference(declared_table(trainer.callbacks))
+        super().setup(trainer, pl_module, stage)  # builds the table; declared_stages resolves the reference in it
+        reference = self._resolve_reference(self.table)
         if reference != self.reference_stage:
             self.reference_stage, self._reference = reference, None
-        super().setup(trainer, pl_module, stage)
         declared = self.table[self.reference_stage].data
         if self._reference_stage_arg is not None and declared != "reference":
             self.warn_once(
