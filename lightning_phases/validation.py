@@ -12,7 +12,19 @@ import math
 import os
 import re
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Ge, Gt, Lt
+
+# Restricted numbers for constructor signatures. LightningCLI (jsonargparse with pydantic installed, as the
+# ``cli`` extra does) reads the bounds and refuses a bad YAML or command-line value as a usage error (exit 2)
+# before anything is built; in Python they are plain ``int``/``float`` and the constructors check them.
+PositiveInt = Annotated[int, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+OpenUnitFloat = Annotated[float, Gt(0), Lt(1)]
+Seed = Annotated[int, Ge(0), Lt(2**63)]
 
 
 def suggestion(value: Any, allowed: Iterable[str]) -> str:

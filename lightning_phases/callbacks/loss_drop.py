@@ -1,6 +1,5 @@
 """``LossDropSentinel``: catches sudden drops (and spikes) in a loss or any logged metric."""
 
-from __future__ import annotations
 
 import math
 from collections import deque
@@ -21,6 +20,10 @@ from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.plots import plot_series
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.validation import (
+    NonNegativeInt,
+    OpenUnitFloat,
+    PositiveFloat,
+    PositiveInt,
     check_bool,
     check_choice,
     check_number,
@@ -97,14 +100,14 @@ class LossDropSentinel(PhaseCallback):
         direction: Literal["drop", "spike", "both"] = "drop",
         on_violation: OnViolation = "warn",
         strict: bool = True,
-        threshold: float = 7.0,
-        min_change: float = 0.2,
-        window: int | None = None,
-        persistence: int | None = None,
-        warmup: int | None = None,
+        threshold: PositiveFloat = 7.0,
+        min_change: OpenUnitFloat = 0.2,
+        window: PositiveInt | None = None,
+        persistence: PositiveInt | None = None,
+        warmup: NonNegativeInt | None = None,
         long_horizon: bool | None = None,
-        check_every_n_steps: int = 10,
-        cooldown: int = 50,
+        check_every_n_steps: PositiveInt = 10,
+        cooldown: NonNegativeInt = 50,
         ignore_explained: bool = False,
         checkpoint_dir: str | None = None,
         name: str | None = None,

@@ -1,6 +1,5 @@
 """``ParamFreezeAssertion``: proves parameters and buffers stay bit-for-bit fixed where declared fixed."""
 
-from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from lightning_phases.detectors.freeze import FreezeBaseline, Snapshot, TensorCh
 from lightning_phases.exceptions import ParameterChangedError
 from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.validation import check_bool, check_choice, check_positive, check_texts
+from lightning_phases.validation import NonNegativeInt, check_bool, check_choice, check_positive, check_texts
 
 
 @dataclass
@@ -93,7 +92,7 @@ class ParamFreezeAssertion(PhaseCallback):
         frozen: Sequence[str] = (),
         include_buffers: bool = True,
         on_violation: Literal["warn", "raise"] = "raise",
-        check_every_n_batches: int = 0,
+        check_every_n_batches: NonNegativeInt = 0,
         snapshot: Literal["none", "cpu", "device"] = "none",
         restore: bool = False,
         check_replicas: bool = True,

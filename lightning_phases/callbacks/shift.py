@@ -1,14 +1,14 @@
 """``ShiftTracker``: how far, and how fast, the data moves away from the training reference."""
 
-from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
+from annotated_types import Ge
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
@@ -31,6 +31,10 @@ from lightning_phases.reporting.console import logger
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.validation import (
+    NonNegativeFloat,
+    OpenUnitFloat,
+    PositiveInt,
+    Seed,
     check_bool,
     check_choice,
     check_choices,
@@ -125,19 +129,19 @@ class ShiftTracker(PhaseCallback):
         self,
         features: str | FeatureFn = "input",
         reference_stage: Stage | None = None,
-        reference_size: int = 1000,
+        reference_size: Annotated[int, Ge(2)] = 1000,
         stages: Sequence[Stage] | None = None,
-        alpha: float = 0.05,
+        alpha: OpenUnitFloat = 0.05,
         tests: Sequence[TestName] | None = None,
-        n_permutations: int = 1000,
-        current_size: int | None = None,
-        window_size: int | None = None,
+        n_permutations: PositiveInt = 1000,
+        current_size: PositiveInt | None = None,
+        window_size: PositiveInt | None = None,
         reduce: Reduction | None = None,
-        reduce_dim: int = 32,
+        reduce_dim: PositiveInt = 32,
         output_softmax: bool = True,
         track_rates: bool = True,
-        seed: int = 0,
-        checkpoint_mb: float = 8.0,
+        seed: Seed = 0,
+        checkpoint_mb: NonNegativeFloat = 8.0,
         on_violation: Literal["warn", "stop", "raise"] = "warn",
         name: str | None = None,
     ) -> None:

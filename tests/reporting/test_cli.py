@@ -162,3 +162,37 @@ def test_a_misspelled_stage_in_phases_is_a_usage_error_in_a_plain_lightning_cli(
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "Unexpected keys: {'tset'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("callback", "init_args", "expected"),
+    [
+        ("ShiftTracker", {"alpha": 1.5}, "alpha"),
+        ("ShiftTracker", {"reference_size": 1}, "reference_size"),
+        ("LossDropSentinel", {"check_every_n_steps": 0}, "check_every_n_steps"),
+        ("LossDropSentinel", {"min_change": 0.0}, "min_change"),
+        ("ParamFreezeAssertion", {"check_every_n_batches": -1}, "check_every_n_batches"),
+    ],
+)
+def test_a_bad_number_in_yaml_is_a_usage_error_in_a_plain_lightning_cli(tmp_path, callback, init_args, expected):
+    """The bounds live in the signature's types, so the parser refuses the value before anything is built."""
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "logger": False,
+            "callbacks": [{"class_path": f"lightning_phases.{callback}", "init_args": init_args}],
+        }
+    }
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "plain_cli.py"), "fit", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert expected in result.stderr and str(next(iter(init_args.values()))) in result.stderr
+    assert not (tmp_path / "lightning_logs").exists()  # nothing was built, nothing trained
