@@ -1,6 +1,5 @@
 """``LossDropSentinel``: catches sudden drops (and spikes) in a loss or any logged metric."""
 
-
 import math
 from collections import deque
 from pathlib import Path

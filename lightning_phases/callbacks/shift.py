@@ -1,6 +1,5 @@
 """``ShiftTracker``: how far, and how fast, the data moves away from the training reference."""
 
-
 import logging
 import math
 from collections.abc import Callable, Sequence

@@ -139,8 +139,62 @@ def _blocked_sum(words: Tensor) -> Tensor:
     return total
 
 
+_SPARSE_INDEX_PARTS = {
+    torch.sparse_csr: ("crow_indices", "col_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"),
+    torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices"),
+}
+# Odd multipliers for the parts of a sparse tensor: a change within one part always changes the whole.
+_PART_WEIGHTS = (1, 0x9E3779B97F4A7C15 - 2**64, 0xC2B2AE3D27D4EB4F - 2**64)
+
+
+def fingerprintable(tensor: Tensor) -> bool:
+    """Whether :func:`fingerprints` can see the values of ``tensor``: dense or sparse, not on the meta device.
+
+    Args:
+        tensor: Any tensor.
+    """
+    return not tensor.is_meta and (
+        tensor.layout == torch.strided or tensor.layout in _SPARSE_INDEX_PARTS or (tensor.layout == torch.sparse_coo)
+    )
+
+
+def _parts(tensor: Tensor) -> list[Tensor]:
+    """The dense tensors that hold ``tensor``'s values: itself, or a sparse tensor's indices and values.
+
+    A COO tensor is read in its coalesced (canonical) form, so equal tensors give equal parts.
+    """
+    tensor = tensor.detach()
+    if tensor.layout == torch.strided:
+        return [tensor]
+    if tensor.layout == torch.sparse_coo:
+        canonical = tensor if tensor.is_coalesced() else tensor.coalesce()
+        return [canonical.indices(), canonical.values()]
+    index, other = _SPARSE_INDEX_PARTS[tensor.layout]
+    return [getattr(tensor, index)(), getattr(tensor, other)(), tensor.values()]
+
+
 def _device_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
     """Fingerprints of tensors that all live on one (non-meta) device, as an int64 vector there."""
+    if all(tensor.layout == torch.strided for tensor in tensors):
+        return _dense_fingerprints(tensors)
+    parts = [_parts(tensor) for tensor in tensors]
+    flat = _dense_fingerprints([part for group in parts for part in group])
+    sums, position = [], 0
+    for group in parts:
+        total = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for k in range(len(group)):
+            total = total + flat[position + k] * _PART_WEIGHTS[k]
+        sums.append(total)
+        position += len(group)
+    return torch.stack(sums)
+
+
+def _dense_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
+    """Fingerprints of dense tensors that all live on one device, as an int64 vector there."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.int64)
     fused = _fused_fingerprints(tensors)
     if fused is not None:
         return fused
@@ -160,33 +214,36 @@ def fingerprint(tensor: Tensor) -> Tensor:
     them with :func:`signature`.
 
     Args:
-        tensor: Any dense tensor (parameters, buffers), of any dtype, contiguous or not, possibly empty.
+        tensor: Any dense or sparse tensor (parameters, buffers), of any dtype, contiguous or not, possibly
+            empty; not on the meta device.
     """
-    if tensor.is_meta:
-        raise ValueError("a tensor on the meta device has no values to fingerprint")
+    if not fingerprintable(tensor):
+        raise ValueError(f"a tensor on the {tensor.device} device with layout {tensor.layout} cannot be fingerprinted")
     return _device_fingerprints([tensor])[0]
 
 
 def signature(tensor: Tensor) -> tuple[str, tuple[int, ...]]:
-    """What a fingerprint does not cover: the tensor's dtype and shape.
+    """What a fingerprint does not cover: the tensor's dtype and shape (and layout, when not dense).
 
     Args:
         tensor: The tensor.
     """
-    return str(tensor.dtype), tuple(tensor.shape)
+    dtype = str(tensor.dtype) if tensor.layout == torch.strided else f"{tensor.dtype} {tensor.layout}"
+    return dtype, tuple(tensor.shape)
 
 
 def fingerprints(tensors: Sequence[Tensor]) -> Tensor:
     """Fingerprints of many tensors as one int64 CPU vector, with one host synchronisation per device.
 
-    Meta tensors get the value 0 (nothing to compare); callers report them as not verifiable.
+    Tensors :func:`fingerprintable` refuses (meta tensors, exotic layouts) get the value 0 (nothing to
+    compare); callers report them as not verifiable.
 
     Args:
         tensors: The tensors, e.g. every parameter and buffer of a model.
     """
     per_device: dict[torch.device, list[int]] = {}
     for position, tensor in enumerate(tensors):
-        if not tensor.is_meta:
+        if fingerprintable(tensor):
             per_device.setdefault(tensor.device, []).append(position)
     out = torch.zeros(len(tensors), dtype=torch.int64)
     for positions in per_device.values():

@@ -33,6 +33,8 @@ EVENT_KINDS = (
     "frozen_param_in_optimizer",
     "replica_mismatch",
     "frozen_batchnorm_training",
+    "frozen_released",
+    "tensor_unverifiable",
     "sandbox_violation",
     "sandbox_blind_spots",
     "shift_test",

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from typing_extensions import override
 
-from lightning_phases import ParameterChangedError, ParamFreezeAssertion, PhaseWarning
+from lightning_phases import ParameterChangedError, ParamFreezeAssertion, PhaseUsageError, PhaseWarning
 from lightning_phases.detectors.freeze import FreezeBaseline, match_patterns, named_tensors
 
 
@@ -94,11 +94,11 @@ def test_train_mode_in_validation_is_caught_naming_the_batchnorm_buffers(tmp_pat
 def test_one_ulp_change_in_test_step_raises_after_the_event_is_on_disk(tmp_path):
     check = ParamFreezeAssertion()
     with pytest.raises(
-        ParameterChangedError, match=r"1 tensor\(s\) changed during test \(stage end\): head.weight"
+        ParameterChangedError, match=r"1 tensor\(s\) changed during test \(after the last batch\): head.weight"
     ) as info:
         trainer([check], tmp_path).test(Mutating("one_ulp_in_test"), DigitsDataModule(), verbose=False)
     [event] = events(tmp_path, "param_changed")
-    assert event["data"]["tensors"] == ["head.weight"] and event["data"]["check"] == "stage end"
+    assert event["data"]["tensors"] == ["head.weight"] and event["data"]["check"] == "after the last batch"
     assert info.value.event.to_dict() == event
     assert json.loads((tmp_path / "phase_report.json").read_text())["stages"][0]["events"] == {"param_changed": 1}
 
@@ -224,13 +224,17 @@ def test_tied_weights_are_reported_once(tmp_path):
     assert event["data"]["tensors"] == ["head.weight"]
 
 
-def test_pattern_matching_nothing_warns_once_naming_it(tmp_path):
-    check = ParamFreezeAssertion(frozen=["encoder.*", "head.*"])
-    with pytest.warns(PhaseWarning, match=r"pattern\(s\) 'encoder.\*' match no parameter") as caught:
-        t = trainer([check], tmp_path)
-        t.validate(DigitsClassifier(), DigitsDataModule(), verbose=False)
-        t.test(DigitsClassifier(), DigitsDataModule(), verbose=False)
-    assert sum("match no parameter" in str(w.message) for w in caught) == 1
+def test_a_pattern_matching_nothing_is_a_usage_error_at_setup_with_a_suggestion(tmp_path):
+    """A typo in ``frozen`` would silently check nothing: it stops the call at setup, before any step."""
+    model = DigitsClassifier()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(PhaseUsageError, match=r"'backbon\.\*' match no parameter.*did you mean 'backbone'"):
+        trainer([ParamFreezeAssertion(frozen=["backbon.*", "head.*"])], tmp_path).fit(model, DigitsDataModule())
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())  # nothing trained
+    with pytest.raises(PhaseUsageError, match=r"'\*lora_\*' match no parameter"):
+        trainer([ParamFreezeAssertion(frozen=["*"], exclude=["*lora_*"])], tmp_path).validate(
+            DigitsClassifier(), DigitsDataModule(), verbose=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -272,6 +276,8 @@ def test_a_frozen_tensor_moving_every_epoch_is_one_event_and_every_movement_is_c
         warnings.simplefilter("ignore", PhaseWarning)
         trainer([check], tmp_path, limit_val_batches=0, max_epochs=3).fit(LeakyFrozen(), DigitsDataModule())
     moved = events(tmp_path, "param_changed")
-    assert len(moved) == 1 and moved[0]["data"]["check"] == "epoch end"  # not one per epoch
+    # caught after the first optimizer step, then not once per epoch
+    assert len(moved) == 1 and moved[0]["data"]["check"] == "batch 0" and moved[0]["global_step"] == 1
     [row] = [row for row in check.phase_observations() if row.check == "frozen parameters fixed"]
-    assert row.verdict == "violated" and "4 checks, 9 changes" in row.detail  # 3 epoch ends + train end
+    # checks after the first step and at 3 epoch ends; the 3 decayed tensors move between any two of them
+    assert row.verdict == "violated" and "4 checks, 12 changes" in row.detail
