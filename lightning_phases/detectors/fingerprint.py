@@ -15,23 +15,26 @@ read as signed 32-bit words (a 1-3 byte tail as one more word) in logical elemen
 
 The sum is computed on the tensor's own device. On CUDA with Triton installed it is one fused kernel
 that reads the tensor once. Elsewhere it runs in blocks of :data:`BLOCK_WORDS` words with plain torch
-operations, so the extra memory is a fixed workspace (8 MiB), not a copy of the weights; the weighted
+operations on one CPU thread, so the extra memory is a fixed workspace (2 MiB), not a copy of the weights; the weighted
 sum is taken from row and column sums (see :func:`_blocked_sum`), so it needs no per-word multiply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 ROW_WORDS = 1 << 12
-BLOCK_ROWS = 1 << 8
+BLOCK_ROWS = 1 << 6
 BLOCK_WORDS = ROW_WORDS * BLOCK_ROWS
+SMALL_WORDS = 1 << 15  # tensors up to 128 KiB are fingerprinted in groups (see _padded_sums)
+GROUP_WORDS = 1 << 20  # a group's padded matrix holds at most this many words (8 MiB as int64)
 
 _column_weights: dict[torch.device, Tensor] = {}
-_cpu_workspace: list[Tensor] = []  # kept: a fresh 8 MiB CPU buffer costs its page faults at every tensor
+_cpu_workspace: list[Tensor] = []  # kept: a fresh 2 MiB CPU buffer costs its page faults at every tensor
 
 
 def _workspace(n_rows: int, device: torch.device) -> Tensor:
@@ -109,12 +112,28 @@ def _tail_term(n_words: int, tail: Tensor) -> Tensor:
     return tail.to(torch.int64).bitwise_left_shift(shifts).sum() * (2 * n_words + 1)
 
 
+def _row_weights(n_rows: int, device: torch.device) -> Tensor:
+    """``2 r ROW_WORDS + 1`` for rows ``r < n_rows`` (cached per device, grown on demand)."""
+    weights = _row_weight_cache.get(device)
+    if weights is None or weights.numel() < n_rows:
+        with torch.inference_mode(False):
+            size = max(n_rows, 2 * (0 if weights is None else weights.numel()), BLOCK_ROWS)
+            weights = torch.arange(size, dtype=torch.int64, device=device).mul_(2 * ROW_WORDS).add_(1)
+        _row_weight_cache[device] = weights
+    return weights[:n_rows]
+
+
+_row_weight_cache: dict[torch.device, Tensor] = {}
+
+
 def _blocked_sum(words: Tensor) -> Tensor:
     """``sum_i words[i] * (2i + 1) mod 2**64`` as an int64 scalar, block by block, with torch operations.
 
     The words are read as rows of :data:`ROW_WORDS`; with ``i = r * ROW_WORDS + c`` the sum splits into
     ``sum_r (2 r ROW_WORDS + 1) * rowsum_r + sum_c 2c * colsum_c``. Both are plain sums over a widened
     block, so no 64-bit multiply touches every word (CPUs without AVX-512 have no vector 64-bit multiply).
+    A block is small enough (2 MiB widened) to stay in cache between the widening copy and the two sums,
+    so memory traffic is about one read of the tensor; three operations per block.
     """
     device = words.device
     total = torch.zeros((), dtype=torch.int64, device=device)
@@ -122,21 +141,44 @@ def _blocked_sum(words: Tensor) -> Tensor:
     if n_rows:
         rows = words[: n_rows * ROW_WORDS].view(n_rows, ROW_WORDS)
         workspace = _workspace(min(n_rows, BLOCK_ROWS), device)
+        row_sums = torch.empty(n_rows, dtype=torch.int64, device=device)
         column_sums = torch.zeros(ROW_WORDS, dtype=torch.int64, device=device)
         for first in range(0, n_rows, BLOCK_ROWS):
             block = rows[first : first + BLOCK_ROWS]
             wide = workspace[: block.shape[0]]
             wide.copy_(block)
-            row_base = torch.arange(first, first + block.shape[0], dtype=torch.int64, device=device)
-            row_base.mul_(2 * ROW_WORDS).add_(1)
-            total += wide.sum(dim=1).mul_(row_base).sum()
+            torch.sum(wide, dim=1, out=row_sums[first : first + block.shape[0]])
             column_sums += wide.sum(dim=0)
+        total += row_sums.mul_(_row_weights(n_rows, device)).sum()
         total += column_sums.mul_(_weights(device)).sum()
     rest = words[n_rows * ROW_WORDS :]
     if rest.numel():
         index = torch.arange(n_rows * ROW_WORDS, words.numel(), dtype=torch.int64, device=device)
         total += rest.to(torch.int64).mul_(index.mul_(2).add_(1)).sum()
     return total
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run CPU fingerprints on one intra-op thread.
+
+    A fingerprint is many short operations; with several OpenMP threads, each one ends at a barrier where
+    threads spin-wait for the slowest. When other processes (DataLoader workers) hold the cores, a
+    preempted thread makes every barrier wait a scheduler slice: measured 10x slower than one thread on a
+    busy 2-core machine. The work is bound by memory bandwidth, so one thread loses little when idle.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _SPARSE_INDEX_PARTS = {
@@ -198,12 +240,51 @@ def _dense_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
     fused = _fused_fingerprints(tensors)
     if fused is not None:
         return fused
-    sums = []
-    for tensor in tensors:
+    device = tensors[0].device
+    with _one_cpu_thread(device):
+        return _dense_sums(tensors, device)
+
+
+def _dense_sums(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    out = torch.zeros(len(tensors), dtype=torch.int64, device=device)
+    small: list[tuple[int, Tensor]] = []
+    for position, tensor in enumerate(tensors):
         words, tail = _words(tensor)
+        if tail is None and words.numel() <= SMALL_WORDS:
+            small.append((position, words))
+            continue
         total = _blocked_sum(words)
-        sums.append(total if tail is None else total + _tail_term(words.numel(), tail))
-    return torch.stack(sums)
+        out[position] = total if tail is None else total + _tail_term(words.numel(), tail)
+    small.sort(key=lambda item: item[1].numel())
+    for group in _small_groups(small):
+        positions = torch.tensor([position for position, _ in group], device=device)
+        out[positions] = _padded_sums([words for _, words in group])
+    return out
+
+
+def _small_groups(small: list[tuple[int, Tensor]]) -> list[list[tuple[int, Tensor]]]:
+    """Consecutive runs of the (length-sorted) small tensors whose padded matrix stays within GROUP_WORDS."""
+    groups: list[list[tuple[int, Tensor]]] = []
+    for item in small:
+        length = max(item[1].numel(), 1)
+        if groups and (len(groups[-1]) + 1) * length <= GROUP_WORDS:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def _padded_sums(words: Sequence[Tensor]) -> Tensor:
+    """``sum_i w[i] * (2i + 1)`` of many short word vectors at once.
+
+    They are padded with zero words to a common length (zeros add nothing to the sum), so the whole group
+    costs a few operations instead of a few per tensor: thousands of small tensors (norms, biases, LoRA
+    adapters) cost about as much as one tensor of their total size.
+    """
+    padded = torch.nn.utils.rnn.pad_sequence(list(words), batch_first=True)
+    length = padded.shape[1]
+    weights = torch.arange(1, 2 * length + 1, 2, dtype=torch.int64, device=padded.device)
+    return padded.to(torch.int64).mul_(weights).sum(dim=1)
 
 
 def fingerprint(tensor: Tensor) -> Tensor:

@@ -143,3 +143,20 @@ def test_a_first_check_in_inference_mode_does_not_break_a_later_check_outside_it
         inside = fingerprints([tensor])
     outside = fingerprints([tensor])  # writes into the cached workspace outside inference mode
     assert torch.equal(inside, outside)
+
+
+def test_many_small_tensors_fingerprinted_together_match_one_by_one_and_threads_are_restored():
+    """The grouped path (padded rows) gives each tensor the same value as fingerprinting it alone."""
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=generator) for n in (0, 1, 2, 5, 1024, 1024, 4095, 4097, 40_000)]
+    tensors += [torch.randn(6, 4, generator=generator).t(), torch.randn(9, dtype=torch.float64, generator=generator)]
+    tensors += [torch.randn(7, generator=generator).half(), torch.arange(6, dtype=torch.int16)]
+    tensors += [torch.randn(1024, generator=generator) for _ in range(300)]
+    threads = torch.get_num_threads()
+    together = fingerprints(tensors)
+    assert torch.get_num_threads() == threads
+    alone = torch.stack([fingerprint(t) for t in tensors])
+    assert torch.equal(together, alone)
+    tensors[-1][17] = -tensors[-1][17]  # one sign bit in the last of 300 equal-sized tensors
+    changed = fingerprints(tensors) != together
+    assert changed.tolist() == [False] * (len(tensors) - 1) + [True]
