@@ -74,12 +74,15 @@ def canonical_order(rows: torch.Tensor) -> torch.Tensor:
 def fit_reduction(
     reference: torch.Tensor, method: str, dim: int, seed: int = 0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A map to ``dim`` dimensions fitted on the reference: ``"pca"`` (top principal components) or ``"random"``.
+    """A map to ``dim`` dimensions fitted on ``reference``: ``"pca"`` (top principal components) or ``"random"``.
 
-    Features with at most ``dim`` dimensions are returned unchanged.
+    Features with at most ``dim`` dimensions are returned unchanged. For a two-sample test, fit PCA on the
+    pooled sample (both samples together): that keeps the permutation test exact. Fitted on one sample
+    only, its variance along the chosen components is inflated relative to the other's, and same-law
+    samples test as different.
 
     Args:
-        reference: The reference rows ``(n, d)``.
+        reference: The rows ``(n, d)`` to fit on (for a test: both samples, concatenated).
         method: ``"pca"`` or ``"random"`` (a fixed Gaussian projection scaled by ``1/sqrt(dim)``).
         dim: Target dimension.
         seed: Seed of the random projection.

@@ -6,11 +6,13 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
 from helpers import read_jsonl, small_trainer
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_phases import ShiftTracker
 
@@ -172,3 +174,50 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], words: list[
         ShiftTracker(**kwargs)
     for word in words:
         assert word in str(raised.value)
+
+
+class _Gaussian(pl.LightningModule):
+    """A linear model on 512-dimensional standard Gaussian inputs: train, validation and test share one law."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(512, 1)
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
+        return self(batch[0]).square().mean()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: ARG002
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def _loader(self, seed: int, shift: float = 0.0) -> DataLoader:
+        data = torch.randn(400, 512, generator=torch.Generator().manual_seed(seed)) + shift
+        return DataLoader(TensorDataset(data), batch_size=50)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(2, self.shift)
+
+
+@pytest.mark.parametrize("reduce", ["pca", "random"])
+def test_reduced_features_of_same_law_high_dimensional_data_are_not_flagged_and_a_shift_is(
+    tmp_path: Path, reduce: str
+) -> None:
+    for shift in (0.0, 0.15):
+        root = tmp_path / str(shift)
+        tracker = ShiftTracker(reduce=reduce, reduce_dim=8, reference_size=400, n_permutations=300)
+        trainer = small_trainer(
+            [tracker], max_epochs=1, limit_train_batches=None, limit_test_batches=None, default_root_dir=root
+        )
+        model = _Gaussian(shift)
+        trainer.fit(model)
+        trainer.test(model, verbose=False)
+        assert len(events(root, "shift_detected")) == (1 if shift else 0), (reduce, shift)
