@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal, TypedDict
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from typing_extensions import Required, override
@@ -54,8 +54,8 @@ class FrozenSpec(TypedDict, total=False):
     """
 
     pattern: Required[str]
-    until_epoch: int
-    until_step: int
+    until_epoch: NonNegativeInt
+    until_step: NonNegativeInt
 
 
 @dataclass
@@ -178,6 +178,7 @@ class ParamFreezeAssertion(PhaseCallback):
         self._runs: dict[Stage, _StageRun] = {}
         self._frozen_names: list[str] = []
         self._rules_of: dict[str, list[FrozenRule]] = {}
+        self._aliases: dict[str, list[str]] = {}
         self._tally: dict[tuple[Stage, str], _Tally] = {}
         self._watch = _TrainableWatch()
 
@@ -199,6 +200,10 @@ class ParamFreezeAssertion(PhaseCallback):
         super().setup(trainer, pl_module, stage)
         self._runs.clear()
         aliases = tensor_names(pl_module, self.include_buffers)
+        self._aliases = {}
+        for alias, first in aliases.items():
+            if alias != first:
+                self._aliases.setdefault(first, []).append(alias)
         self._rules_of = {}
         unused: list[str] = []
         for rule in self.rules:
@@ -231,22 +236,50 @@ class ParamFreezeAssertion(PhaseCallback):
     def _finetuners(self, trainer: pl.Trainer) -> list[BaseFinetuning]:
         return [callback for callback in trainer.callbacks if isinstance(callback, BaseFinetuning)]
 
+    def _managed(self, finetuner: BaseFinetuning, pl_module: pl.LightningModule, names: Sequence[str]) -> list[str]:
+        """The ``names`` a finetuning callback freezes and unfreezes: ``BackboneFinetuning`` manages
+        ``pl_module.backbone``; of any other ``BaseFinetuning`` the modules are not known, so all of them."""
+        if isinstance(finetuner, BackboneFinetuning):
+            backbone = getattr(pl_module, "backbone", None)
+            if not isinstance(backbone, nn.Module):
+                return []
+            ids = {id(t) for t in backbone.parameters()} | {id(t) for t in backbone.buffers()}
+            tensors = named_tensors(pl_module, self.include_buffers)
+            return [name for name in names if name in tensors and id(tensors[name]) in ids]
+        return list(names)
+
+    def _acting_finetuners(self, trainer: pl.Trainer) -> list[BaseFinetuning]:
+        """The finetuning callbacks that may have changed the trainable set at this epoch's start."""
+        acting = []
+        for finetuner in self._finetuners(trainer):
+            at = getattr(finetuner, "unfreeze_backbone_at_epoch", None)
+            if not isinstance(finetuner, BackboneFinetuning) or at == trainer.current_epoch:
+                acting.append(finetuner)
+        return acting
+
     def _preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before the first optimizer step of a fit (also a resumed one): declared ends already passed,
-        BatchNorm layers a finetuning callback leaves trainable, then what is still trainable or held."""
+        BatchNorm layers a finetuning callback leaves trainable, then what is still trainable or held.
+        The frozen tensors are compared after the first optimizer step whatever is found."""
         self._release_ended(trainer)
-        finetuners = self._finetuners(trainer)
-        if self.follow_finetuning and finetuners:
+        if self.follow_finetuning:
             modules = dict(pl_module.named_modules())
-            left = [
-                name
-                for name in self._active_frozen()
-                if isinstance(modules.get(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)
-                and _module_trainable(modules[name.rpartition(".")[0]])
-            ]
-            if left:
-                self._release(trainer, left, f"left trainable by {_describe_finetuner(finetuners[0])} (train_bn)")
+            for finetuner in self._finetuners(trainer):
+                left = [
+                    name
+                    for name in self._managed(finetuner, pl_module, self._active_frozen())
+                    if isinstance(modules.get(name.rpartition(".")[0]), nn.modules.batchnorm._BatchNorm)
+                    and _module_trainable(modules[name.rpartition(".")[0]])
+                ]
+                if left:
+                    self._release(
+                        trainer,
+                        left,
+                        f"BatchNorm layers left trainable by {_describe_finetuner(finetuner)} "
+                        "(BaseFinetuning.freeze keeps BatchNorm trainable unless told train_bn=False)",
+                    )
         self._watch_trainable(trainer, pl_module, "before the first optimizer step", epoch_start=False)
+        self._watch.verify_after_step = trainer.global_step
 
     def _release_ended(self, trainer: pl.Trainer) -> None:
         epoch, step = trainer.current_epoch, trainer.global_step
@@ -282,7 +315,11 @@ class ParamFreezeAssertion(PhaseCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, epoch_start: bool
     ) -> None:
         """Report frozen parameters newly trainable or newly held by an optimizer (or release them when a
-        finetuning callback did it and ``follow_finetuning`` is set)."""
+        finetuning callback acting at this epoch start did it and ``follow_finetuning`` is set).
+
+        A frozen parameter held by an optimizer but not trainable is an info event: optimizers skip
+        parameters whose gradient is ``None``; the step that would move it is caught by :meth:`_watch_grads`.
+        """
         params = dict(pl_module.named_parameters())
         watched = {name: params[name] for name in self._active_frozen() if name in params}
         trainable, held = self._watch.news(trainer, watched)
@@ -292,46 +329,99 @@ class ParamFreezeAssertion(PhaseCallback):
         if not new:
             return
         self._watch.seen(trainable, held)
-        finetuners = self._finetuners(trainer)
         cause = None
-        if epoch_start and finetuners:
-            finetuner = _describe_finetuner(finetuners[0])
-            cause = f"{finetuner}'s finetune_function at the start of epoch {trainer.current_epoch}"
-            if self.follow_finetuning:
-                self._release(trainer, new, f"unfrozen by {cause}")
+        if epoch_start:
+            acting = self._acting_finetuners(trainer) if self.follow_finetuning else []
+            released: list[str] = []
+            for finetuner in acting:
+                mine = [name for name in self._managed(finetuner, pl_module, new) if name not in released]
+                if mine:
+                    why = (
+                        f"unfrozen by {_describe_finetuner(finetuner)}'s finetune_function at the start of "
+                        f"epoch {trainer.current_epoch}"
+                    )
+                    self._release(trainer, mine, why)
+                    released += mine
+            new = [name for name in new if name not in released]
+            if not new:
                 return
-        elif epoch_start:
-            cause = f"a hook between the last step and the first batch of epoch {trainer.current_epoch}"
+            finetuners = self._acting_finetuners(trainer)
+            if finetuners and not self.follow_finetuning:
+                cause = (
+                    f"{_describe_finetuner(finetuners[0])}'s finetune_function at the start of epoch "
+                    f"{trainer.current_epoch}"
+                )
+            else:
+                cause = f"a hook between the last step and the first batch of epoch {trainer.current_epoch}"
         elif when != "before the first optimizer step":
             cause = f"during step {trainer.global_step} (training_step, a hook or an optimizer change)"
         self._watch.verify_after_step = trainer.global_step
-        events = []
         because = f"; cause: {cause}" if cause else ""
-        if trainable:
-            names = [name for name in new if name in trainable]
-            events.append(
+        violations = []
+        names = [name for name in new if name in trainable]
+        if names:
+            violations.append(
                 self.emit(
                     trainer,
                     "frozen_param_trainable",
-                    f"{len(names)} frozen parameter(s) have requires_grad=True {when}{because}: {_names(names)}",
+                    f"{len(names)} frozen parameter(s) have requires_grad=True {when}{because}: {self._shown(names)}",
                     {"tensors": names, "when": when, "cause": cause},
                     stage="train",
                 )
             )
-        if held:
-            names = [name for name in new if name in held]
-            where = {name: held[name] for name in names}
-            events.append(
-                self.emit(
-                    trainer,
-                    "frozen_param_in_optimizer",
-                    f"{len(names)} frozen parameter(s) are held by an optimizer {when}, where weight decay or "
-                    f"momentum can move them even with zero gradients{because}: {_names(names)}",
-                    {"tensors": names, "where": where, "when": when, "cause": cause},
-                    stage="train",
+        for graded in (True, False):
+            names = [name for name in new if name in held and watched[name].requires_grad == graded]
+            if not names:
+                continue
+            message = (
+                f"{len(names)} frozen parameter(s) are held by an optimizer {when}"
+                + (
+                    ", where they train and weight decay or momentum move them"
+                    if graded
+                    else " (not trainable: the optimizer skips them while their gradient is None; a zero "
+                    "gradient instead of None would let weight decay move them, which is then a violation)"
                 )
+                + f"{because}: {self._shown(names)}"
             )
-        self.act(trainer, events[0])
+            event = self.emit(
+                trainer,
+                "frozen_param_in_optimizer",
+                message,
+                {"tensors": names, "where": {n: held[n] for n in names}, "when": when, "cause": cause},
+                severity=None if graded else "info",
+                stage="train",
+            )
+            if graded:
+                violations.append(event)
+        if violations:
+            self.act(trainer, violations[0])
+
+    def _watch_grads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before an optimizer step: a frozen parameter held by the optimizer that has a gradient (a zero
+        one counts) will be moved by this step; that is a violation, raised before the step."""
+        params = dict(pl_module.named_parameters())
+        graded = [
+            name
+            for name in self._watch.held
+            if name in params and params[name].grad is not None and name not in self._watch.graded
+        ]
+        if not graded:
+            return
+        self._watch.graded |= set(graded)
+        self._watch.verify_after_step = trainer.global_step
+        self.violation(
+            trainer,
+            "frozen_param_in_optimizer",
+            f"{len(graded)} frozen parameter(s) held by an optimizer have a gradient before optimizer step "
+            f"{trainer.global_step}, so this step moves them (weight decay and momentum act on zero gradients "
+            f"too): {self._shown(graded)}",
+            {"tensors": graded, "when": f"before optimizer step {trainer.global_step}", "cause": "gradient set"},
+            stage="train",
+        )
+
+    def _shown(self, names: Sequence[str]) -> str:
+        """Names for a message, each tied weight with its other names."""
+        return _names([f"{n} (= {', '.join(self._aliases[n])})" if n in self._aliases else n for n in names])
 
     def _check_frozen_batchnorm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen = set(self._active_frozen())
@@ -349,7 +439,8 @@ class ParamFreezeAssertion(PhaseCallback):
                 trainer,
                 "frozen_batchnorm_training",
                 f"frozen BatchNorm layer(s) {_names(training)} are in train mode, so their running statistics "
-                "change at every batch; call .eval() on them in on_train_epoch_start",
+                "change at every batch; call .eval() on them in on_train_start and on_train_epoch_start "
+                "(Lightning skips on_train_epoch_start when a fit resumes mid-epoch)",
                 {"modules": training},
                 stage="train",
             )
@@ -367,6 +458,7 @@ class ParamFreezeAssertion(PhaseCallback):
                 f"before optimizer step {trainer.global_step}",
                 False,
             )
+            self._guarded(trainer, "on_before_optimizer_step", self._watch_grads, trainer, pl_module)
 
     # Stage checks -------------------------------------------------------------------------------------
 
@@ -542,7 +634,7 @@ class ParamFreezeAssertion(PhaseCallback):
         }
         if trainer.world_size > 1:
             data["ranks"] = {name: ranks[name] for name in names}
-        message = f"{len(names)} {what} changed during {stage} ({when}): {_names(names)}"
+        message = f"{len(names)} {what} changed during {stage} ({when}): {self._shown(names)}"
         event = self.emit(trainer, "param_changed", message, data, stage=stage)
         if act:
             self.act(trainer, event)
@@ -649,6 +741,7 @@ class _TrainableWatch:
         self.released: dict[str, str] = {}
         self.trainable: set[str] = set()
         self.held: set[str] = set()
+        self.graded: set[str] = set()
         self.first_batch = False
         self.verify_after_step: int | None = None
         self._layout: tuple[Any, ...] | None = None

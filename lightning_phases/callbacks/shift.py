@@ -99,7 +99,8 @@ class ShiftTracker(PhaseCallback):
         current_size: Samples of a tested stage kept (a reservoir); by default ``reference_size``.
         window_size: In ``predict``, also test every ``window_size`` samples; ``None``: only at the end.
         reduce: Reduce features to ``reduce_dim`` dimensions before testing: ``"pca"`` (fitted on
-            both samples pooled, so the test stays calibrated) or ``"random"`` (a fixed projection); ``None`` keeps them.
+            both samples pooled, so the test stays calibrated) or ``"random"`` (a fixed projection);
+            ``None`` keeps them.
         reduce_dim: Target dimension of ``reduce``.
         output_softmax: Softmax of 2-d outputs for ``features="output"``.
         track_rates: Log the shift, update and oversight rates in fit (keeps a copy of the trainable

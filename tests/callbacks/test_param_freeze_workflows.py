@@ -434,3 +434,104 @@ def test_a_sparse_baseline_counts_changed_elements():
     module.s = torch.sparse_coo_tensor([[0, 1], [1, 0]], [1.0, 2.5], (2, 2))
     [change] = baseline.compare(named_tensors(module))
     assert change.changed_elements == 1 and change.max_abs_diff == 0.5
+
+
+# What a new user's trial found -------------------------------------------------------------------------------
+
+
+class WithNeck(DigitsClassifier):
+    """A frozen ``neck`` outside the backbone that BackboneFinetuning manages; ``mistake`` unfreezes it."""
+
+    def __init__(self, mistake: str = "none"):
+        super().__init__()
+        self.neck = nn.BatchNorm1d(64) if mistake == "neck_bn_left_trainable" else nn.Linear(64, 64)
+        if mistake != "neck_bn_left_trainable":
+            self.neck.requires_grad_(False)
+        self.mistake = mistake
+
+    @override
+    def forward(self, x):
+        return super().forward(self.neck(x))
+
+    @override
+    def on_train_epoch_start(self):
+        if isinstance(self.neck, nn.Linear):
+            self.neck.eval()
+        if self.mistake == "unfreeze_neck" and self.current_epoch == 1:
+            self.neck.requires_grad_(True)
+            self.trainer.optimizers[0].add_param_group({"params": list(self.neck.parameters())})
+
+
+@pytest.mark.parametrize("mistake", ["unfreeze_neck", "neck_bn_left_trainable"])
+def test_following_backbone_finetuning_does_not_excuse_what_it_does_not_manage(tmp_path, mistake):
+    callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1), ParamFreezeAssertion(frozen=["backbone", "neck"])]
+    model = WithNeck(mistake)
+    neck = {n: t.detach().clone() for n, t in model.neck.state_dict().items()}
+    with pytest.raises(ParameterChangedError) as info:
+        trainer(callbacks, tmp_path, max_epochs=3, limit_val_batches=0).fit(model, DigitsDataModule())
+    assert all(name.startswith("neck.") for name in info.value.event.data["tensors"])
+    if mistake == "unfreeze_neck":  # stopped at the start of epoch 1, before the neck's first update
+        assert info.value.event.epoch == 1 and "a hook between the last step" in info.value.event.data["cause"]
+    else:  # the BatchNorm outside the backbone is not one BackboneFinetuning left trainable
+        assert info.value.event.global_step == 0
+    assert all(torch.equal(neck[n], t) for n, t in model.neck.state_dict().items())
+    released = [n for e in events(tmp_path, "frozen_released") for n in e["data"]["tensors"]]
+    assert released and all(name.startswith("backbone.") for name in released)
+    clean = tmp_path / "clean"
+    trainer(callbacks, clean, max_epochs=3, limit_val_batches=0).fit(WithNeck(), DigitsDataModule())
+    assert flags(clean) == []
+
+
+class WritesFrozen(DigitsClassifier):
+    """Frozen the right way, but training_step writes into a frozen weight directly, from the first step."""
+
+    def __init__(self):
+        super().__init__(freeze_backbone=True)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        self.backbone[0].bias.data.mul_(0.999)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_direct_write_is_caught_after_the_first_step_even_when_the_preflight_is_clean(tmp_path):
+    with pytest.raises(ParameterChangedError) as info:
+        trainer([ParamFreezeAssertion(frozen=["backbone"])], tmp_path, limit_train_batches=20).fit(
+            WritesFrozen(), DigitsDataModule()
+        )
+    assert info.value.event.data["tensors"] == ["backbone.0.bias"] and info.value.event.global_step == 1
+
+
+def test_frozen_weights_in_the_optimizer_without_gradients_are_an_info_and_a_gradient_stops_the_step(tmp_path):
+    class AllInAdamW(TinyAttention):
+        def __init__(self, zero_grads: bool):
+            super().__init__()
+            self.zero_grads = zero_grads
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+        def on_after_backward(self):
+            if self.zero_grads and self.global_step == 2:  # e.g. zero_grad(set_to_none=False) somewhere
+                self.q.base_layer.weight.grad = torch.zeros_like(self.q.base_layer.weight)
+
+    trainer([lora_check()], tmp_path).fit(AllInAdamW(zero_grads=False), DigitsDataModule())
+    assert flags(tmp_path) == []  # optimizers skip parameters whose gradient is None: nothing moves
+    [info] = events(tmp_path, "frozen_param_in_optimizer")
+    assert info["severity"] == "info" and "q.base_layer.weight" in info["data"]["tensors"]
+
+    graded = tmp_path / "graded"
+    model = AllInAdamW(zero_grads=True)
+    with pytest.raises(ParameterChangedError, match="have a gradient before optimizer step 2") as caught:
+        trainer([lora_check()], graded).fit(model, DigitsDataModule())
+    assert caught.value.event.data["tensors"] == ["q.base_layer.weight"]
+    assert events(graded, "param_changed") == []  # stopped before the step that would have moved it
+
+
+def test_a_tied_weight_is_reported_with_the_name_the_user_declared(tmp_path):
+    with quiet():
+        trainer([ParamFreezeAssertion(frozen=["decoder.weight"], on_violation="warn")], tmp_path).fit(
+            Tied("tied"), DigitsDataModule()
+        )
+    [moved] = events(tmp_path, "param_changed")
+    assert "head.weight (= decoder.weight)" in moved["message"]

@@ -172,6 +172,7 @@ def test_a_misspelled_stage_in_phases_is_a_usage_error_in_a_plain_lightning_cli(
         ("LossDropSentinel", {"check_every_n_steps": 0}, "check_every_n_steps"),
         ("LossDropSentinel", {"min_change": 0.0}, "min_change"),
         ("ParamFreezeAssertion", {"check_every_n_batches": -1}, "check_every_n_batches"),
+        ("ParamFreezeAssertion", {"frozen": [{"pattern": "backbone.*", "until_epoch": -1}]}, "until_epoch"),
     ],
 )
 def test_a_bad_number_in_yaml_is_a_usage_error_in_a_plain_lightning_cli(tmp_path, callback, init_args, expected):
@@ -194,5 +195,6 @@ def test_a_bad_number_in_yaml_is_a_usage_error_in_a_plain_lightning_cli(tmp_path
         env=child_env(),
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert expected in result.stderr and str(next(iter(init_args.values()))) in result.stderr
+    bad_value = {"until_epoch": -1}.get(expected, next(iter(init_args.values())))
+    assert expected in result.stderr and f"Got value: {bad_value}" in result.stderr
     assert not (tmp_path / "lightning_logs").exists()  # nothing was built, nothing trained
