@@ -30,8 +30,9 @@ from torch import Tensor
 ROW_WORDS = 1 << 12
 BLOCK_ROWS = 1 << 6
 BLOCK_WORDS = ROW_WORDS * BLOCK_ROWS
-SMALL_WORDS = 1 << 15  # tensors up to 128 KiB are fingerprinted in groups (see _padded_sums)
-GROUP_WORDS = 1 << 20  # a group's padded matrix holds at most this many words (8 MiB as int64)
+SMALL_WORDS = 1 << 15  # tensors up to 128 KiB are fingerprinted in groups of one length (see _stacked_sums)
+CHUNK_WORDS = 1 << 10  # see _stacked_sums: chunk sums stay exact in float64
+GROUP_WORDS = 1 << 20  # a stacked group holds at most this many words (8 MiB as int64)
 
 _column_weights: dict[torch.device, Tensor] = {}
 _cpu_workspace: list[Tensor] = []  # kept: a fresh 2 MiB CPU buffer costs its page faults at every tensor
@@ -57,8 +58,13 @@ def _weights(device: torch.device) -> Tensor:
     return weights
 
 
+_WORD_DTYPES = {torch.float32, torch.int32, torch.float64, torch.int64}  # always 4-byte aligned, whole words
+
+
 def _words(tensor: Tensor) -> tuple[Tensor, Tensor | None]:
     """The tensor's bytes in logical order as int32 words, plus its 1-3 trailing bytes (or ``None``)."""
+    if tensor.dtype in _WORD_DTYPES and tensor.is_contiguous():  # the common case, in two views
+        return tensor.detach().view(-1).view(torch.int32), None
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous():  # reshape of a non-contiguous tensor may return a strided view
         flat = flat.contiguous()
@@ -247,44 +253,60 @@ def _dense_fingerprints(tensors: Sequence[Tensor]) -> Tensor:
 
 def _dense_sums(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     out = torch.zeros(len(tensors), dtype=torch.int64, device=device)
-    small: list[tuple[int, Tensor]] = []
+    # Small tensors go in groups of one shape and dtype (stacked as they are: no per-tensor view), or, when
+    # not plainly laid out, of one word count.
+    groups: dict[tuple[object, ...], list[tuple[int, Tensor]]] = {}
     for position, tensor in enumerate(tensors):
+        plain = tensor.dtype in _WORD_DTYPES and tensor.is_contiguous()
+        if plain and tensor.numel() * tensor.element_size() <= 4 * SMALL_WORDS:
+            groups.setdefault((tensor.dtype, tensor.shape), []).append((position, tensor))
+            continue
         words, tail = _words(tensor)
         if tail is None and words.numel() <= SMALL_WORDS:
-            small.append((position, words))
+            groups.setdefault((words.numel(),), []).append((position, words))
             continue
         total = _blocked_sum(words)
         out[position] = total if tail is None else total + _tail_term(words.numel(), tail)
-    small.sort(key=lambda item: item[1].numel())
-    for group in _small_groups(small):
-        positions = torch.tensor([position for position, _ in group], device=device)
-        out[positions] = _padded_sums([words for _, words in group])
+    for group in groups.values():
+        if len(group) == 1:
+            out[group[0][0]] = _blocked_sum(_words(group[0][1])[0])
+            continue
+        rows = max(GROUP_WORDS // max(group[0][1].numel() * group[0][1].element_size() // 4, 1), 1)
+        for first in range(0, len(group), rows):
+            chunk = group[first : first + rows]
+            positions = torch.tensor([position for position, _ in chunk], device=device)
+            out[positions] = _stacked_sums([tensor for _, tensor in chunk])
     return out
 
 
-def _small_groups(small: list[tuple[int, Tensor]]) -> list[list[tuple[int, Tensor]]]:
-    """Consecutive runs of the (length-sorted) small tensors whose padded matrix stays within GROUP_WORDS."""
-    groups: list[list[tuple[int, Tensor]]] = []
-    for item in small:
-        length = max(item[1].numel(), 1)
-        if groups and (len(groups[-1]) + 1) * length <= GROUP_WORDS:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups
+def _stacked_sums(tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_i w[i] * (2i + 1)`` of the words of many tensors of one size at once (int32 word vectors, or
+    plain float32/int32/float64/int64 tensors of one shape).
 
-
-def _padded_sums(words: Sequence[Tensor]) -> Tensor:
-    """``sum_i w[i] * (2i + 1)`` of many short word vectors at once.
-
-    They are padded with zero words to a common length (zeros add nothing to the sum), so the whole group
-    costs a few operations instead of a few per tensor: thousands of small tensors (norms, biases, LoRA
-    adapters) cost about as much as one tensor of their total size.
+    Stacked as the rows of one matrix, the group costs a few operations instead of a few per tensor: the
+    many small tensors of a model (norms, biases, LoRA adapters, repeated per layer with few distinct
+    shapes) cost about as much as one tensor of their total size. Each row is cut into chunks of
+    :data:`CHUNK_WORDS`; a chunk's weighted and plain sums are one float64 matrix product, exact because
+    every partial sum is an integer below ``2**31 * CHUNK_WORDS**2 = 2**51`` in magnitude (float64 holds
+    every integer below ``2**53``); the chunks are combined in int64.
     """
-    padded = torch.nn.utils.rnn.pad_sequence(list(words), batch_first=True)
-    length = padded.shape[1]
-    weights = torch.arange(1, 2 * length + 1, 2, dtype=torch.int64, device=padded.device)
-    return padded.to(torch.int64).mul_(weights).sum(dim=1)
+    stacked = torch.stack(list(tensors)).detach()
+    words = stacked.reshape(stacked.shape[0], -1).view(torch.int32)
+    pad = -words.shape[1] % CHUNK_WORDS
+    if pad:
+        words = torch.nn.functional.pad(words, (0, pad))  # zero words add nothing
+    chunks = words.reshape(words.shape[0], -1, CHUNK_WORDS)
+    device = words.device
+    local = torch.stack(
+        [
+            torch.arange(1, 2 * CHUNK_WORDS + 1, 2, dtype=torch.float64, device=device),
+            torch.ones(CHUNK_WORDS, dtype=torch.float64, device=device),
+        ],
+        dim=1,
+    )
+    parts = (chunks.to(torch.float64) @ local).to(torch.int64)  # (k, chunks, 2): weighted, plain
+    offsets = torch.arange(chunks.shape[1], dtype=torch.int64, device=device).mul_(2 * CHUNK_WORDS)
+    return parts[..., 0].sum(dim=1) + (parts[..., 1] * offsets).sum(dim=1)
 
 
 def fingerprint(tensor: Tensor) -> Tensor:
