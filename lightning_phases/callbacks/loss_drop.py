@@ -1,6 +1,7 @@
 """``LossDropSentinel``: catches sudden drops (and spikes) in a loss or any logged metric."""
 
 
+import importlib.util
 import math
 from collections import deque
 from pathlib import Path
@@ -403,7 +404,7 @@ class LossDropSentinel(PhaseCallback):
         path = self.reporter.save_plot(
             self.name, name, lambda path: plot_series(list(self.curve), self.flags, title, self.monitor, path)
         )
-        if path is None and self.reporter.is_writer:
+        if path is None and self.reporter.is_writer and importlib.util.find_spec("matplotlib") is None:
             self.warn_once(
                 "no plot",
                 "no plot written; install matplotlib (pip install 'lightning-phases[plot]') to get a PNG of the "
