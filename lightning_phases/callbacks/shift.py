@@ -1,6 +1,5 @@
 """``ShiftTracker``: how far, and how fast, the data moves away from the training reference."""
 
-
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -80,6 +79,10 @@ class ShiftTracker(PhaseCallback):
     In-fit validation also logs the shift distance (sqrt of MMD²) over time, its rate per optimizer step,
     the parameter update rate (relative norm of the change of the trainable parameters per step), the
     oversight interval (steps between validations) and the ratio of shift rate to update rate.
+
+    Rows with a NaN or inf feature, in either sample, are dropped before testing and counted in one
+    ``non_finite_features`` warning event per test that says how many of which sample; with fewer than 2
+    finite rows left on a side the test is refused (no p-value; the event says so).
 
     Each test at ``alpha`` has probability ``alpha`` of a false alarm when nothing shifted, so repeated tests
     (one per validation) are counted: every ``shift_test`` event holds ``tests_so_far`` and the phase report
@@ -518,6 +521,12 @@ class ShiftTracker(PhaseCallback):
         if reference is None or current is None or reference.shape[0] < 2 or current.shape[0] < 2:
             return
         current = current.to(reference.device)
+        finite = self._finite_rows(trainer, stage, reference, current, window)
+        if finite is None:  # too few finite rows: no test, so no p-value computed from NaN
+            if stage == "validate" and trainer.state.fn == TrainerFn.FITTING and self.track_rates:
+                self._log_rates(trainer, pl_module, None)
+            return
+        reference, current = finite
         if self.reduce is not None:
             project = fit_reduction(reference, self.reduce, self.reduce_dim, seed=self.seed)
             reference, current = project(reference), project(current)
@@ -547,6 +556,52 @@ class ShiftTracker(PhaseCallback):
             self._log_rates(trainer, pl_module, distance)
         if detected:  # every test of this stage has run and is reported before any stop or raise
             self.act(trainer, detected[0])
+
+    def _finite_rows(
+        self, trainer: pl.Trainer, stage: Stage, reference: torch.Tensor, current: torch.Tensor, window: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both samples without their rows that hold NaN or inf, or ``None`` when fewer than 2 remain on a side.
+
+        Dropped rows are one ``non_finite_features`` warning event that says how many of which sample.
+        """
+        keep_reference = torch.isfinite(reference).all(dim=1)
+        keep_current = torch.isfinite(current).all(dim=1)
+        dropped = torch.stack([(~keep_reference).sum(), (~keep_current).sum()]).tolist()  # one host sync
+        if not any(dropped):
+            return reference, current
+        sizes = [reference.shape[0], current.shape[0]]
+        reference, current = reference[keep_reference], current[keep_current]
+        kept = [reference.shape[0], current.shape[0]]
+        refused = min(kept) < 2
+        where = f"{stage} window" if window else stage
+        counts = " and ".join(
+            f"{n} of {total} {side} rows"
+            for n, total, side in zip(dropped, sizes, ("reference", "current"), strict=True)
+            if n
+        )
+        outcome = (
+            f"fewer than 2 finite rows remain ({kept[0]} reference, {kept[1]} current), so no test was run and "
+            "there is no p-value"
+            if refused
+            else f"the tests use the {kept[0]} reference and {kept[1]} current rows that remain"
+        )
+        self.emit(
+            trainer,
+            "non_finite_features",
+            f"{counts} of the {where} test hold NaN or inf features and were dropped; {outcome}",
+            {
+                "reference_dropped": dropped[0],
+                "reference_rows": sizes[0],
+                "current_dropped": dropped[1],
+                "current_rows": sizes[1],
+                "refused": refused,
+                "features": self._features_name,
+                "window": window,
+            },
+            severity="warning",
+            stage=stage,
+        )
+        return None if refused else (reference, current)
 
     @override
     def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:
