@@ -1,8 +1,7 @@
 """``ParamFreezeAssertion``: proves parameters and buffers stay bit-for-bit fixed where declared fixed."""
 
-
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -55,6 +54,9 @@ class ParamFreezeAssertion(PhaseCallback):
     ``predict`` for online learning, ``test`` for test-time adaptation). At the start of training, frozen
     parameters that still have ``requires_grad=True`` or are still held by an optimizer are reported, and
     frozen BatchNorm layers left in train mode are warned about.
+
+    Checkpoints keep the counts of the phase report and the frozen tensors already reported in ``fit``, so a
+    fit resumed from one counts on and reports a drifting frozen tensor once, as an uninterrupted fit does.
 
     Callbacks that swap weights on purpose around validation (Lightning's ``WeightAveraging``/EMA swap in
     ``on_validation_epoch_start`` and back in ``on_validation_epoch_end``) cause no false positive: the
@@ -112,6 +114,7 @@ class ParamFreezeAssertion(PhaseCallback):
         self._runs: dict[Stage, _StageRun] = {}
         self._frozen_names: list[str] = []
         self._tally: dict[tuple[Stage, str], _Tally] = {}
+        self._reported_before: set[str] = set()  # frozen tensors reported in fit before the checkpoint resumed from
 
     @override
     def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
@@ -130,6 +133,7 @@ class ParamFreezeAssertion(PhaseCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._runs.clear()
+        self._reported_before = set()
         names = named_tensors(pl_module, self.include_buffers)
         self._frozen_names, unused = match_patterns(names, self.frozen)
         if unused:
@@ -208,6 +212,8 @@ class ParamFreezeAssertion(PhaseCallback):
                 self._check_frozen_setup(trainer, pl_module)
         names = self._frozen_names if scope == "frozen" else None
         self._runs[stage] = _StageRun(scope, names, FreezeBaseline(self._tensors(pl_module, names), self.snapshot))
+        if stage == "train":
+            self._runs[stage].reported, self._reported_before = self._reported_before, set()
         if scope == "fixed":
             self._check_replicas(trainer, pl_module, stage)
 
@@ -387,6 +393,19 @@ class ParamFreezeAssertion(PhaseCallback):
         )
 
     # Report -------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        train = self._runs.get("train")
+        return {
+            "tally": [[stage, what, asdict(tally)] for (stage, what), tally in self._tally.items()],
+            "reported_in_fit": sorted(train.reported) if train is not None else [],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tally = {(stage, what): _Tally(**tally) for stage, what, tally in state_dict.get("tally", [])}
+        self._reported_before = set(state_dict.get("reported_in_fit", []))
 
     @override
     def phase_observations(self) -> list[Observation]:

@@ -194,6 +194,11 @@ class ShiftTracker(PhaseCallback):
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._world_size = 1
+        self._fitting = False
+        self._device = torch.device("cpu")
+        self._reference_epoch: int | None = None  # the training epoch whose rows the reference reservoir holds
+        self._resumed_epoch: int | None = None  # that epoch, when a resumed fit goes on with the reservoir
 
     def _resolve_reference(self, table: PhaseTable) -> Stage:
         if self._reference_stage_arg is not None:
@@ -242,6 +247,9 @@ class ShiftTracker(PhaseCallback):
             self._tap = FeatureTap(module, softmax=self.features == "output" and self.output_softmax)
             self._recorder = ForwardRecorder(pl_module)
         self._results_at_setup = len(self.results)
+        self._world_size, self._fitting = trainer.world_size, trainer.state.fn == TrainerFn.FITTING
+        self._device = trainer.strategy.root_device
+        self._resumed_epoch = None
         per_rank = math.ceil(self.reference_size / trainer.world_size)
         if self._reference is None or self._reference.capacity != per_rank:
             self._reference = Reservoir(per_rank, seed=self.seed + 7919 * trainer.global_rank)
@@ -265,8 +273,12 @@ class ShiftTracker(PhaseCallback):
 
     @override
     def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == trainer.current_epoch:
+            return  # a fit resumed within this epoch: the restored reservoir goes on with its rows
         if self.reference_stage == "train" and self._reference is not None:
             self._reference.reset()  # the reference is the data of the last training epoch
+            self._reference_epoch = trainer.current_epoch
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -324,7 +336,24 @@ class ShiftTracker(PhaseCallback):
             "n_tests": self.n_tests,
             "results": self.results,
             "dim": self._dim,
+            "reservoirs": self._reservoir_state(),
         }
+
+    def _reservoir_state(self) -> dict[str, Any] | None:
+        """Both reservoirs' draws (and the reference's rows, within ``checkpoint_mb``), for a one-process fit.
+
+        A fit resumed from it samples exactly as the uninterrupted one would: a checkpoint saved within an epoch
+        goes on with that epoch's reference rows, and both reservoirs continue their random draws. Only with
+        one process: a checkpoint holds rank 0's state alone, and each rank samples its own rows.
+        """
+        if self._world_size != 1 or self._reference is None or self._current is None:
+            return None
+        reference = self._reference.state_dict()
+        rows = reference["rows"]
+        # too large: a resumed fit draws this epoch's reference from the batches after the resume
+        too_large = rows is not None and rows.numel() * rows.element_size() > self.checkpoint_mb * 2**20
+        current = {**self._current.state_dict(), "rows": None, "seen": 0, "weight": 1.0, "next": -1}  # draws only
+        return {"epoch": self._reference_epoch, "reference": None if too_large else reference, "current": current}
 
     def _checkpoint_rows(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The reference rows for a checkpoint: all of them, or a uniform subsample within ``checkpoint_mb``."""
@@ -354,6 +383,20 @@ class ShiftTracker(PhaseCallback):
             self._reference_all = None  # the loaded reference is the one tested against, and saved next
             if self._reference is not None:
                 self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
+        reservoirs = state_dict.get("reservoirs")
+        if reservoirs is not None and self._fitting and self._world_size == 1:
+            self._resume_reservoirs(reservoirs)
+
+    def _resume_reservoirs(self, state: dict[str, Any]) -> None:
+        """Go on with the reservoirs of a one-process fit (:meth:`_reservoir_state`) in a resumed one-process fit."""
+        assert self._reference is not None and self._current is not None
+        self._current.load_state_dict(state["current"])
+        if state["reference"] is None:
+            return
+        self._reference.load_state_dict(state["reference"])
+        if self._reference.rows is not None:
+            self._reference.rows = self._reference.rows.to(self._device)
+        self._reference_epoch = self._resumed_epoch = state["epoch"]
 
     @override
     def phase_observations(self) -> list[Observation]:

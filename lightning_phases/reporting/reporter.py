@@ -7,6 +7,10 @@ best effort, and a failure there (W&B offline, its service crashed, ``alert`` ra
 warning and never stops training. Neither does a log directory that is full or read-only: the event log
 and ``phase_report.json`` that cannot be written are each one warning per Trainer call, and every event is
 still kept in memory and sent to the other sinks.
+
+A checkpoint keeps what the report has counted so far (:meth:`Reporter.checkpoint_state`, under the
+checkpoint's ``"lightning_phases"`` key), so a run resumed from it reports, and counts in the loggers' and
+W&B's running counters, every event since the run began, each once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import functools
 import json
 import os
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,6 +38,10 @@ from lightning_phases.sandbox.audit_hook import suspended
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+#: The key of the reporter's state in a Lightning checkpoint.
+CHECKPOINT_KEY = "lightning_phases"
 
 
 def _unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,6 +124,8 @@ class Reporter:
         self._attached: list[PhaseSource] = []
         self._sources: list[PhaseSource] = []
         self._counts: Counter[tuple[str, str]] = Counter()
+        self.run_id = uuid.uuid4().hex  # tells this reporter's checkpoints from those of an earlier process
+        self._earlier: Counter[tuple[str, Stage | None, str]] = Counter()  # events before a resumed checkpoint
         self.log_dir: Path | None = None
         self.log: EventLog | None = None
         self._guard = SinkGuard(None)
@@ -290,12 +301,47 @@ class Reporter:
                 self.finish_call()
 
     def report(self) -> dict[str, Any]:
-        """The phase report of everything this Trainer ran so far."""
+        """The phase report of everything this Trainer ran so far (and, resumed, the run before the checkpoint)."""
         observations = []
         for source in self._sources:
             for obs in source.phase_observations():
                 observations.append(Observation(obs.stage, obs.check, obs.verdict, obs.detail, source.name))
-        return build_report(self.table, self.stages_run, observations, self.events)
+        earlier: Counter[tuple[Stage | None, str]] = Counter()
+        for (_, stage, kind), count in self._earlier.items():
+            earlier[(stage, kind)] += count
+        return build_report(self.table, self.stages_run, observations, self.events, earlier)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the report: the events counted so far, per callback, stage and kind."""
+        counts = self._earlier + Counter((e.callback, e.stage, e.kind) for e in self.events)
+        return {
+            "run": self.run_id,
+            "event_counts": [
+                [callback, stage, kind, n] for (callback, stage, kind), n in sorted(counts.items(), key=str)
+            ],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on counting from a checkpoint's :meth:`checkpoint_state` (a resumed run, or a test from a checkpoint).
+
+        A checkpoint this reporter wrote itself (``fit``, then ``test(ckpt_path=...)`` on the same Trainer) adds
+        nothing: its events are already here. Restoring is idempotent, so every callback may call it.
+
+        Args:
+            state: The checkpoint's ``"lightning_phases"`` entry.
+        """
+        if state.get("run") == self.run_id:
+            return
+        self._earlier = Counter({(c, stage, kind): int(n) for c, stage, kind, n in state.get("event_counts", [])})
+        self._counts = Counter()
+        for (callback, _, kind), count in self._earlier.items():
+            self._counts[(callback, kind)] += count
+        self._counts.update((e.callback, e.kind) for e in self.events)
+        if self.wandb is not None:
+            by_kind: Counter[str] = Counter()
+            for (_, kind), count in self._counts.items():
+                by_kind[kind] += count
+            self.wandb.count_earlier(by_kind)
 
     @_unjudged
     def finish_call(self) -> None:

@@ -104,6 +104,14 @@ class WandbSink:
         self.limiter = limiter
         self._counts: Counter[str] = Counter()
 
+    def count_earlier(self, counts: Counter[str]) -> None:
+        """Go on from these counts per kind (a run resumed from a checkpoint), so the summary counts every event.
+
+        Args:
+            counts: Events per kind so far, this call's included.
+        """
+        self._counts = Counter(counts)
+
     def event(self, event: PhaseEvent) -> None:
         """Count ``event`` in the run summary, tag the run with its kind, and alert if it is serious.
 

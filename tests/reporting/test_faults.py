@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 from digits import DigitsClassifier, DigitsDataModule
-from helpers import EmitAtSteps, small_trainer
-from lightning.pytorch.loggers import Logger
-from typing_extensions import override
+from helpers import EmitAtSteps, MemoryLogger, small_trainer
 
 from lightning_phases import PhaseEvent, PhaseWarning
 from lightning_phases.reporting.cli import main as report_main
@@ -124,47 +122,6 @@ def test_a_log_in_a_read_only_directory_opens_and_skips_every_write(read_only_di
         log.release()
     assert "Read-only file system" in log.failure and log.skipped == 2
     assert not (read_only_dir / EVENT_LOG_NAME).exists()
-
-
-class MemoryLogger(Logger):
-    """A real Lightning logger that keeps every metric in memory and names ``log_dir`` as the run directory.
-
-    Args:
-        log_dir: The run's log directory (where the event log goes).
-    """
-
-    def __init__(self, log_dir: Path) -> None:
-        super().__init__()
-        self._log_dir = str(log_dir)
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    @override
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    @override
-    def version(self) -> str:
-        return "0"
-
-    @property
-    @override
-    def log_dir(self) -> str:
-        return self._log_dir
-
-    @property
-    @override
-    def save_dir(self) -> str:
-        return self._log_dir
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step or 0, dict(metrics)))
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def fit_emitting(log_dir: Path, steps: range) -> tuple[Any, EmitAtSteps, MemoryLogger, list[str]]:
