@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
-from helpers import MemoryLogger, read_jsonl, small_trainer
+from helpers import EmitAtSteps, MemoryLogger, read_jsonl, small_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
@@ -231,3 +231,23 @@ def test_a_resumed_fit_logs_counts_and_reports_as_an_uninterrupted_one(
         sanity = got["rows"].pop("sanity_check")
         assert sanity["observations"][0]["detail"] == "2 checks, 0 changes" and got["ran"]["sanity_check"]
         assert got["rows"] == {k: v for k, v in expected["rows"].items() if k != "sanity_check"}
+
+
+def test_a_test_from_a_checkpoint_counts_each_event_of_the_fit_once(tmp_path: Path) -> None:
+    """The same Trainer's own checkpoint adds nothing (its events are in memory); another process's adds its counts."""
+    fit_trainer = small_trainer(
+        [EmitAtSteps(steps=(2, 4))], limit_train_batches=5, limit_val_batches=1, default_root_dir=tmp_path / "fit"
+    )
+    model, data = DigitsClassifier(), DigitsDataModule()
+    fit_trainer.fit(model, data)
+    fit_trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    fit_trainer.test(model, data, ckpt_path=tmp_path / "fit.ckpt", verbose=False)
+    same = json.loads((tmp_path / "fit" / REPORT_NAME).read_text())
+    assert same["events"] == {"loss_drop": 2}  # not 4
+
+    elsewhere = small_trainer([EmitAtSteps(steps=(2, 4))], default_root_dir=tmp_path / "test")
+    elsewhere.test(DigitsClassifier(), data, ckpt_path=tmp_path / "fit.ckpt", verbose=False)
+    other = json.loads((tmp_path / "test" / REPORT_NAME).read_text())
+    assert other["events"] == {"loss_drop": 2}
+    train = next(row for row in other["stages"] if row["stage"] == "train")
+    assert train["ran"] is False and train["events"] == {"loss_drop": 2}
