@@ -353,7 +353,12 @@ class ShiftTracker(PhaseCallback):
         # too large: a resumed fit draws this epoch's reference from the batches after the resume
         too_large = rows is not None and rows.numel() * rows.element_size() > self.checkpoint_mb * 2**20
         current = {**self._current.state_dict(), "rows": None, "seen": 0, "weight": 1.0, "next": -1}  # draws only
-        return {"epoch": self._reference_epoch, "reference": None if too_large else reference, "current": current}
+        return {
+            "capacities": [self._reference.capacity, self._current.capacity],
+            "epoch": self._reference_epoch,
+            "reference": None if too_large else reference,
+            "current": current,
+        }
 
     def _checkpoint_rows(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The reference rows for a checkpoint: all of them, or a uniform subsample within ``checkpoint_mb``."""
@@ -390,6 +395,8 @@ class ShiftTracker(PhaseCallback):
     def _resume_reservoirs(self, state: dict[str, Any]) -> None:
         """Go on with the reservoirs of a one-process fit (:meth:`_reservoir_state`) in a resumed one-process fit."""
         assert self._reference is not None and self._current is not None
+        if state.get("capacities") != [self._reference.capacity, self._current.capacity]:
+            return  # other sample sizes than the checkpoint's: the reservoirs start afresh
         self._current.load_state_dict(state["current"])
         if state["reference"] is None:
             return
