@@ -389,7 +389,7 @@ class ShiftTracker(PhaseCallback):
             if self._reference is not None:
                 self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
         reservoirs = state_dict.get("reservoirs")
-        if reservoirs is not None and self._fitting and self._world_size == 1:
+        if reservoirs is not None and self._in_call and self._fitting and self._world_size == 1:  # fit(ckpt_path=)
             self._resume_reservoirs(reservoirs)
 
     def _resume_reservoirs(self, state: dict[str, Any]) -> None:

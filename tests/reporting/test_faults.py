@@ -225,3 +225,27 @@ def test_a_sink_warning_points_to_the_event_log_only_while_it_is_written(read_on
     on_failed, on_working = (str(w.message) for w in caught)
     assert "every event is still in" not in on_failed
     assert f"every event is still in {working.path}" in on_working
+
+
+def test_a_plot_that_cannot_be_written_is_one_warning_and_not_a_missing_matplotlib(read_only_dir: Path) -> None:
+    from lightning_phases import LossDropSentinel
+
+    sentinel = LossDropSentinel(check_every_n_steps=2)
+    trainer = small_trainer([sentinel], default_root_dir=read_only_dir, limit_train_batches=6, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PhaseWarning)
+        trainer.fit(DigitsClassifier(), DigitsDataModule())
+    shown = [str(w.message) for w in caught if issubclass(w.category, PhaseWarning)]
+    assert trainer.state.finished and sentinel.checked == 6 and len(sentinel.curve) == 6
+    [plot] = [text for text in shown if "cannot write the plot" in text]
+    assert "loss_drop_sentinel_loss_curve.png" in plot and "Read-only file system" in plot
+    assert not any("install matplotlib" in text for text in shown)
+    assert sum("lightning-phases: " in text for text in shown) == 3  # the event log, the report, the plot
+
+
+def test_the_plot_is_written_where_the_directory_is_writable(tmp_path: Path) -> None:
+    from lightning_phases import LossDropSentinel
+
+    trainer = small_trainer([LossDropSentinel(check_every_n_steps=2)], default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+    assert (tmp_path / "loss_drop_sentinel_loss_curve.png").stat().st_size > 0
