@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
 from lightning_phases import Observation, PhaseCallback
@@ -78,6 +79,47 @@ class EmitAtSteps(PhaseCallback):
     @override
     def phase_observations(self) -> list[Observation]:
         return [Observation(stage, "test check", "verified", f"{n} starts") for stage, n in self.seen.items()]
+
+
+class MemoryLogger(Logger):
+    """A real Lightning logger that keeps every metric in memory and names ``log_dir`` as the run directory.
+
+    Args:
+        log_dir: The run's log directory (where the event log goes).
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        super().__init__()
+        self._log_dir = str(log_dir)
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    @override
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    @override
+    def version(self) -> str:
+        return "0"
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        return self._log_dir
+
+    @property
+    @override
+    def save_dir(self) -> str:
+        return self._log_dir
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step or 0, dict(metrics)))
+
+    @override
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def small_trainer(callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:

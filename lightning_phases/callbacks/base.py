@@ -10,7 +10,9 @@ The base class owns every Lightning hook a subclass needs. It
   :meth:`~PhaseCallback.on_stage_end`, :meth:`~PhaseCallback.on_batch_start`, :meth:`~PhaseCallback.on_batch_end`)
   and the end of a Trainer call, normal or not, into one :meth:`~PhaseCallback.on_call_end`;
 * has one path for a violation, :meth:`~PhaseCallback.violation`: the event is on disk, then ``on_violation``
-  is applied.
+  is applied;
+* keeps the report's event counts in every checkpoint, and restores them from it, so a resumed run counts
+  each event once.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lightning_phases.phases import PhaseTable, Severity, Stage, check_stages, c
 from lightning_phases.reporting.console import warn
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.report_model import Observation
-from lightning_phases.reporting.reporter import Reporter
+from lightning_phases.reporting.reporter import CHECKPOINT_KEY, Reporter
 from lightning_phases.validation import check_choice, check_name
 
 
@@ -350,6 +352,21 @@ class PhaseCallback(Callback):
         self._in_call = True
         self.broken = None
         self.stages = self._narrowed(self.declared_stages(self._reporter.table))
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._reporter is not None:  # the first phase callback writes it; it is the Trainer's, not the callback's
+            checkpoint.setdefault(CHECKPOINT_KEY, self._reporter.checkpoint_state())
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if self._reporter is not None and isinstance(state, dict):
+            self._reporter.restore(state)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,5 +1,6 @@
 """``LossDropSentinel``: catches sudden drops (and spikes) in a loss or any logged metric."""
 
+import importlib.util
 import math
 from collections import deque
 from pathlib import Path
@@ -277,7 +278,10 @@ class LossDropSentinel(PhaseCallback):
             self.source = source
             defaults = STEP_DEFAULTS if source == "step" else VALIDATION_DEFAULTS
             self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})
-        values, steps = torch.stack(self._pending), self._pending_steps
+        device = trainer.strategy.root_device
+        # values restored from a checkpoint wait on the CPU; the rest are on the device already (no copy)
+        values = torch.stack([v if v.device == device else v.to(device) for v in self._pending])
+        steps = self._pending_steps
         self._pending, self._pending_steps = [], []
         values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
         if source == "validation":
@@ -402,7 +406,7 @@ class LossDropSentinel(PhaseCallback):
         path = self.reporter.save_plot(
             self.name, name, lambda path: plot_series(list(self.curve), self.flags, title, self.monitor, path)
         )
-        if path is None and self.reporter.is_writer:
+        if path is None and self.reporter.is_writer and importlib.util.find_spec("matplotlib") is None:
             self.warn_once(
                 "no plot",
                 "no plot written; install matplotlib (pip install 'lightning-phases[plot]') to get a PNG of the "
@@ -413,6 +417,8 @@ class LossDropSentinel(PhaseCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # The values still waiting for a check are kept too (one host synchronisation per checkpoint), with
+        # what the explanations need, so a run resumed from a checkpoint saved between checks counts every value.
         return {
             "source": self.source,
             "detector": self.detector.state_dict() if self.detector else None,
@@ -420,7 +426,25 @@ class LossDropSentinel(PhaseCallback):
             "checked": self.checked,
             "curve": list(self.curve),
             "flags": list(self.flags),
+            "pending": torch.stack(self._pending).tolist() if self._pending else [],
+            "pending_steps": list(self._pending_steps),
+            "context": list(self._context),
+            "changes": [list(change) for change in self._changes],
+            "last_rates": None if self._last_rates is None else list(self._last_rates),
+            "last_trainable": self._last_trainable,
+            "seen_in": self._seen_in,
         }
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if trainer.world_size > 1 and self._pending and isinstance(state, dict):
+            # rank 0's state is the one saved: it gets the mean over ranks, as the check would have taken.
+            # Every rank is here (saving a checkpoint is collective), with as many waiting values.
+            state["pending"] = trainer.strategy.reduce(torch.stack(self._pending), reduce_op="mean").tolist()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -429,6 +453,14 @@ class LossDropSentinel(PhaseCallback):
         self.checked = int(state_dict["checked"])
         self.curve = deque((tuple(point) for point in state_dict["curve"]), maxlen=CURVE_POINTS)
         self.flags = [tuple(flag) for flag in state_dict["flags"]]
+        self._pending = [torch.tensor(value, dtype=torch.float32) for value in state_dict.get("pending", [])]
+        self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
+        self._context = deque(tuple(point) for point in state_dict.get("context", []))
+        self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
+        rates = state_dict.get("last_rates")
+        self._last_rates = None if rates is None else tuple(rates)
+        self._last_trainable = state_dict.get("last_trainable")
+        self._seen_in = state_dict.get("seen_in")
         if self.source is not None and state_dict["detector"] is not None:
             defaults = STEP_DEFAULTS if self.source == "step" else VALIDATION_DEFAULTS
             self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})

@@ -1,7 +1,7 @@
 """``ParamFreezeAssertion``: proves parameters and buffers stay bit-for-bit fixed where declared fixed."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypedDict
 
 import lightning.pytorch as pl
@@ -113,6 +113,9 @@ class ParamFreezeAssertion(PhaseCallback):
     In a multi-process run, the unfreeze watch runs at the checks and at each epoch's first batch (all ranks
     together, gathered), not at every step: a collective per step would cost a host synchronisation.
 
+    Checkpoints keep the counts of the phase report and the frozen tensors already reported in ``fit``, so a
+    fit resumed from one counts on and reports a drifting frozen tensor once, as an uninterrupted fit does.
+
     Args:
         stages: Narrow the checked stages to these; ``None`` (default): every stage declared ``parameters:
             fixed``, and, when ``frozen`` is set, every stage declared ``updated``.
@@ -181,6 +184,7 @@ class ParamFreezeAssertion(PhaseCallback):
         self._aliases: dict[str, list[str]] = {}
         self._tally: dict[tuple[Stage, str], _Tally] = {}
         self._watch = _TrainableWatch()
+        self._reported_before: set[str] = set()  # frozen tensors reported in fit before the checkpoint resumed from
 
     @override
     def declared_stages(self, table: PhaseTable) -> tuple[Stage, ...]:
@@ -199,6 +203,7 @@ class ParamFreezeAssertion(PhaseCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._runs.clear()
+        self._reported_before = set()
         aliases = tensor_names(pl_module, self.include_buffers)
         self._aliases = {}
         for alias, first in aliases.items():
@@ -473,6 +478,7 @@ class ParamFreezeAssertion(PhaseCallback):
             self._runs[stage] = _StageRun(scope, self._active_frozen())
             if stage == "train":
                 self._watch.first_batch = True
+                self._runs[stage].reported, self._reported_before = self._reported_before, set()
                 self._preflight(trainer, pl_module)
             return
         self._runs[stage] = _StageRun(scope, None)
@@ -717,6 +723,21 @@ class ParamFreezeAssertion(PhaseCallback):
         )
 
     # Report -------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        train = self._runs.get("train")
+        return {
+            "tally": [[stage, what, asdict(tally)] for (stage, what), tally in self._tally.items()],
+            "reported_in_fit": sorted(train.reported) if train is not None else [],
+            "released": dict(self._watch.released),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tally = {(stage, what): _Tally(**tally) for stage, what, tally in state_dict.get("tally", [])}
+        self._reported_before = set(state_dict.get("reported_in_fit", []))
+        self._watch.released.update(state_dict.get("released", {}))  # a declared unfreeze stays declared
 
     @override
     def phase_observations(self) -> list[Observation]:

@@ -80,6 +80,10 @@ class ShiftTracker(PhaseCallback):
     the parameter update rate (relative norm of the change of the trainable parameters per step), the
     oversight interval (steps between validations) and the ratio of shift rate to update rate.
 
+    Rows with a NaN or inf feature, in either sample, are dropped before testing and counted in one
+    ``non_finite_features`` warning event per test that says how many of which sample; with fewer than 2
+    finite rows left on a side the test is refused (no p-value; the event says so).
+
     Each test at ``alpha`` has probability ``alpha`` of a false alarm when nothing shifted, so repeated tests
     (one per validation) are counted: every ``shift_test`` event holds ``tests_so_far`` and the phase report
     gives the number of tests and the false alarms expected from them (``alpha`` x tests).
@@ -191,6 +195,11 @@ class ShiftTracker(PhaseCallback):
         self._params_snapshot: torch.Tensor | None = None
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._world_size = 1
+        self._fitting = False
+        self._device = torch.device("cpu")
+        self._reference_epoch: int | None = None  # the training epoch whose rows the reference reservoir holds
+        self._resumed_epoch: int | None = None  # that epoch, when a resumed fit goes on with the reservoir
 
     def _resolve_reference(self, table: PhaseTable) -> Stage:
         if self._reference_stage_arg is not None:
@@ -239,6 +248,9 @@ class ShiftTracker(PhaseCallback):
             self._tap = FeatureTap(module, softmax=self.features == "output" and self.output_softmax)
             self._recorder = ForwardRecorder(pl_module)
         self._results_at_setup = len(self.results)
+        self._world_size, self._fitting = trainer.world_size, trainer.state.fn == TrainerFn.FITTING
+        self._device = trainer.strategy.root_device
+        self._resumed_epoch = None
         per_rank = math.ceil(self.reference_size / trainer.world_size)
         if self._reference is None or self._reference.capacity != per_rank:
             self._reference = Reservoir(per_rank, seed=self.seed + 7919 * trainer.global_rank)
@@ -262,8 +274,12 @@ class ShiftTracker(PhaseCallback):
 
     @override
     def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == trainer.current_epoch:
+            return  # a fit resumed within this epoch: the restored reservoir goes on with its rows
         if self.reference_stage == "train" and self._reference is not None:
             self._reference.reset()  # the reference is the data of the last training epoch
+            self._reference_epoch = trainer.current_epoch
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -321,6 +337,28 @@ class ShiftTracker(PhaseCallback):
             "n_tests": self.n_tests,
             "results": self.results,
             "dim": self._dim,
+            "reservoirs": self._reservoir_state(),
+        }
+
+    def _reservoir_state(self) -> dict[str, Any] | None:
+        """Both reservoirs' draws (and the reference's rows, within ``checkpoint_mb``), for a one-process fit.
+
+        A fit resumed from it samples exactly as the uninterrupted one would: a checkpoint saved within an epoch
+        goes on with that epoch's reference rows, and both reservoirs continue their random draws. Only with
+        one process: a checkpoint holds rank 0's state alone, and each rank samples its own rows.
+        """
+        if self._world_size != 1 or self._reference is None or self._current is None:
+            return None
+        reference = self._reference.state_dict()
+        rows = reference["rows"]
+        # too large: a resumed fit draws this epoch's reference from the batches after the resume
+        too_large = rows is not None and rows.numel() * rows.element_size() > self.checkpoint_mb * 2**20
+        current = {**self._current.state_dict(), "rows": None, "seen": 0, "weight": 1.0, "next": -1}  # draws only
+        return {
+            "capacities": [self._reference.capacity, self._current.capacity],
+            "epoch": self._reference_epoch,
+            "reference": None if too_large else reference,
+            "current": current,
         }
 
     def _checkpoint_rows(self, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -351,6 +389,22 @@ class ShiftTracker(PhaseCallback):
             self._reference_all = None  # the loaded reference is the one tested against, and saved next
             if self._reference is not None:
                 self._reference.reset()  # the checkpoint's reference replaces whatever this call collected so far
+        reservoirs = state_dict.get("reservoirs")
+        if reservoirs is not None and self._in_call and self._fitting and self._world_size == 1:  # fit(ckpt_path=)
+            self._resume_reservoirs(reservoirs)
+
+    def _resume_reservoirs(self, state: dict[str, Any]) -> None:
+        """Go on with the reservoirs of a one-process fit (:meth:`_reservoir_state`) in a resumed one-process fit."""
+        assert self._reference is not None and self._current is not None
+        if state.get("capacities") != [self._reference.capacity, self._current.capacity]:
+            return  # other sample sizes than the checkpoint's: the reservoirs start afresh
+        self._current.load_state_dict(state["current"])
+        if state["reference"] is None:
+            return
+        self._reference.load_state_dict(state["reference"])
+        if self._reference.rows is not None:
+            self._reference.rows = self._reference.rows.to(self._device)
+        self._reference_epoch = self._resumed_epoch = state["epoch"]
 
     @override
     def phase_observations(self) -> list[Observation]:
@@ -518,6 +572,12 @@ class ShiftTracker(PhaseCallback):
         if reference is None or current is None or reference.shape[0] < 2 or current.shape[0] < 2:
             return
         current = current.to(reference.device)
+        finite = self._finite_rows(trainer, stage, reference, current, window)
+        if finite is None:  # too few finite rows: no test, so no p-value computed from NaN
+            if stage == "validate" and trainer.state.fn == TrainerFn.FITTING and self.track_rates:
+                self._log_rates(trainer, pl_module, None)
+            return
+        reference, current = finite
         if self.reduce is not None:
             # fitted on the pooled sample, a function of the two samples as one set: the permutation null
             # stays exact (fitted on the reference alone, PCA made it look tighter than fresh data of the
@@ -551,6 +611,52 @@ class ShiftTracker(PhaseCallback):
             self._log_rates(trainer, pl_module, distance)
         if detected:  # every test of this stage has run and is reported before any stop or raise
             self.act(trainer, detected[0])
+
+    def _finite_rows(
+        self, trainer: pl.Trainer, stage: Stage, reference: torch.Tensor, current: torch.Tensor, window: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both samples without their rows that hold NaN or inf, or ``None`` when fewer than 2 remain on a side.
+
+        Dropped rows are one ``non_finite_features`` warning event that says how many of which sample.
+        """
+        keep_reference = torch.isfinite(reference).all(dim=1)
+        keep_current = torch.isfinite(current).all(dim=1)
+        dropped = torch.stack([(~keep_reference).sum(), (~keep_current).sum()]).tolist()  # one host sync
+        if not any(dropped):
+            return reference, current
+        sizes = [reference.shape[0], current.shape[0]]
+        reference, current = reference[keep_reference], current[keep_current]
+        kept = [reference.shape[0], current.shape[0]]
+        refused = min(kept) < 2
+        where = f"{stage} window" if window else stage
+        counts = " and ".join(
+            f"{n} of {total} {side} rows"
+            for n, total, side in zip(dropped, sizes, ("reference", "current"), strict=True)
+            if n
+        )
+        outcome = (
+            f"fewer than 2 finite rows remain ({kept[0]} reference, {kept[1]} current), so no test was run and "
+            "there is no p-value"
+            if refused
+            else f"the tests use the {kept[0]} reference and {kept[1]} current rows that remain"
+        )
+        self.emit(
+            trainer,
+            "non_finite_features",
+            f"{counts} of the {where} test hold NaN or inf features and were dropped; {outcome}",
+            {
+                "reference_dropped": dropped[0],
+                "reference_rows": sizes[0],
+                "current_dropped": dropped[1],
+                "current_rows": sizes[1],
+                "refused": refused,
+                "features": self._features_name,
+                "window": window,
+            },
+            severity="warning",
+            stage=stage,
+        )
+        return None if refused else (reference, current)
 
     @override
     def act(self, trainer: pl.Trainer, event: PhaseEvent) -> None:

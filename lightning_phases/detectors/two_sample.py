@@ -5,7 +5,8 @@ p-value. The biased MMD² estimate is ``w^T K w`` with ``w_i = 1/n`` for the fir
 the second, so the null distribution over ``B`` permutations is ``((W K) * W).sum(1)`` for a ``B x (n+m)``
 matrix ``W`` of permuted weights: one matrix product instead of a Python loop over permutations.
 :func:`ks_test` is a per-dimension two-sample Kolmogorov-Smirnov test with a Bonferroni correction, for
-low-dimensional features such as softmax outputs.
+low-dimensional features such as softmax outputs. Both refuse samples with NaN or inf values (a
+``ValueError``), so no caller ever gets a p-value computed from them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _check_samples(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
         )
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"each sample needs at least 2 rows; got {x.shape[0]} and {y.shape[0]}.")
+    bad_x, bad_y = (int((~torch.isfinite(rows)).any(dim=1).sum().item()) for rows in (x, y))
+    if bad_x or bad_y:
+        raise ValueError(
+            f"x and y must be finite, but {bad_x} of the {x.shape[0]} rows of x and {bad_y} of the {y.shape[0]} "
+            "rows of y hold NaN or inf; a p-value computed from them would mean nothing. Drop those rows first "
+            "(keep = torch.isfinite(rows).all(dim=1)); ShiftTracker does, with a non_finite_features event."
+        )
     return x, y
 
 
@@ -134,6 +142,9 @@ def mmd_test(
         seed: Seed of the permutations; the same seed and data give the same p-value. ``None`` draws a
             non-deterministic seed for a private generator; torch's global RNG is never touched.
         bandwidth: The Gaussian kernel's bandwidth; by default the median pairwise distance of the pooled sample.
+
+    Raises:
+        ValueError: The shapes differ, a sample has fewer than 2 rows, or a value is NaN or inf.
     """
     if not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations={n_permutations!r} must be a positive integer.")
@@ -214,6 +225,9 @@ def ks_test(x: torch.Tensor, y: torch.Tensor) -> TestResult:
     Args:
         x: The reference sample, ``(n, d)`` (or ``(n,)``).
         y: The current sample, ``(m, d)`` (or ``(m,)``).
+
+    Raises:
+        ValueError: The shapes differ, a sample has fewer than 2 rows, or a value is NaN or inf.
     """
     x, y = _check_samples(x, y)
     y = y.to(x.device)

@@ -1,7 +1,8 @@
 """The ``lightning-phases`` command: ``lightning-phases report <run dir or phase_events.jsonl> [--html page.html]``.
 
 It prints a finished (or crashed) run's phase report and events, for users without W&B and for CI logs,
-and can write the same as one self-contained HTML page.
+and can write the same as one self-contained HTML page. A line of the log that is not an event (the last
+one, torn by a crash or a full disk) is skipped and said so, on stderr and in the events' heading.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_phases.reporting.events import find_event_log, read_events
+from lightning_phases.reporting.events import find_event_log, read_event_log
 from lightning_phases.reporting.html import render_html
 from lightning_phases.reporting.report_model import REPORT_NAME, format_report
 
@@ -20,16 +21,24 @@ from lightning_phases.reporting.report_model import REPORT_NAME, format_report
 def report(path: Path, html_out: Path | None) -> str:
     """The text of ``lightning-phases report``; writes the HTML page too when ``html_out`` is given.
 
+    Lines of the log that are not events are skipped: one line on stderr and a note under the events'
+    heading say how many, and which.
+
     Args:
         path: A run directory or a ``phase_events.jsonl`` file.
         html_out: Where to write the HTML page, or ``None``.
     """
     log = find_event_log(path)
-    events = read_events(log)
+    contents = read_event_log(log)
+    events = contents.events
     report_file = log.with_name(REPORT_NAME)
     phase_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
     lines = [format_report(phase_report) if phase_report else f"(no {REPORT_NAME} beside {log})", ""]
     lines.append(f"Events ({len(events)}) from {log}")
+    if contents.skipped:
+        note = contents.skipped_note()
+        print(f"lightning-phases report: {note}", file=sys.stderr)
+        lines.append(f"({note})")
     for e in events:
         lines.append(
             f"{e.time}  {e.severity.upper():8} {e.callback} {e.kind} (stage={e.stage}, step={e.global_step}, "

@@ -5,14 +5,22 @@ descriptor opened with ``O_APPEND``, under a lock shared by every writer of the 
 so several callbacks (or several Trainers) sharing the file never interleave or tear lines, and nothing
 sits in a user-space buffer. Warning and critical events are ``fsync``'d before :meth:`EventLog.write`
 returns, so an action taken after it (a stop, a raise) can never lose the event that caused it.
+
+A full disk or a read-only directory never raises into training: a line is written whole or not at all
+(a short write is truncated back to where the line began, so the file always ends at a line boundary), and
+after its first failure the log writes nothing more and says why in :attr:`EventLog.failure`. Readers
+(:func:`read_event_log`) skip a line they cannot parse, such as one torn by a crash, and count it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +47,7 @@ EVENT_KINDS = (
     "sandbox_blind_spots",
     "shift_test",
     "shift_detected",
+    "non_finite_features",
     "internal_error",
 )
 
@@ -136,6 +145,11 @@ class EventLog:
     each log and closes its descriptor when the last one releases it, so a process that runs many
     Trainers one after another (a sweep) does not keep one descriptor per run.
 
+    Opening and writing never raise ``OSError`` (a full disk, a read-only or missing directory): the first
+    failure is kept in :attr:`failure`, the file is left ending at a line boundary, and every later
+    :meth:`write` is skipped (counted in :attr:`skipped`) until the last user releases the log; the next
+    :meth:`open` of the path then tries again with a fresh log.
+
     Args:
         path: The file to append to; its directory is created if needed.
     """
@@ -145,10 +159,20 @@ class EventLog:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).resolve()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
         self._users = 0
+        self._closed = False
+        self._fd = -1
+        #: Why the log stopped writing (the first failed open, write or fsync), or ``None`` while it works.
+        self.failure: str | None = None
+        #: Lines written whole by this log, and events not written because of :attr:`failure`.
+        self.written = 0
+        self.skipped = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as error:
+            self.failure = f"cannot open it ({_describe(error)})"
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> EventLog:
@@ -160,7 +184,7 @@ class EventLog:
         key = str(Path(path).resolve())
         with cls._registry_lock:
             log = cls._registry.get(key)
-            if log is None or log._fd < 0:
+            if log is None or log._closed:
                 log = cls._registry[key] = cls(key)
             log._users += 1
             return log
@@ -180,26 +204,65 @@ class EventLog:
                 del self._registry[key]
             self.close()
 
-    def write(self, event: PhaseEvent) -> None:
-        """Append ``event`` as one line; ``fsync`` it when its severity is warning or critical.
+    def write(self, event: PhaseEvent) -> bool:
+        """Append ``event`` as one whole line; ``fsync`` it when its severity is warning or critical.
+
+        Returns whether the line is in the file. ``False`` means the log has failed (now or before; see
+        :attr:`failure`): a line the disk took only part of was cut off again, so the file still ends at
+        a line boundary, and nothing more is written to this log.
 
         Args:
             event: The event to append.
+
+        Raises:
+            OSError: The log was closed (:meth:`close`); a failing disk never raises.
         """
         line = (event.to_json() + "\n").encode("utf-8")
         with self._lock:
-            written = os.write(self._fd, line)
-            while written < len(line):  # only on a full disk or a signal; keep the line whole if we can
-                written += os.write(self._fd, line[written:])
+            if self._closed:
+                raise OSError(errno.EBADF, "the event log is closed", str(self.path))
+            if self.failure is not None:
+                self.skipped += 1
+                return False
+            written = 0
+            try:
+                while written < len(line):  # more than one write only on a full disk or a signal
+                    written += os.write(self._fd, line[written:])
+            except OSError as error:
+                self.failure = f"a write failed ({_describe(error)}){self._cut_partial_line(written)}"
+                self.skipped += 1
+                return False
+            self.written += 1
             if event.severity != "info":
-                os.fsync(self._fd)
+                try:
+                    os.fsync(self._fd)
+                except OSError as error:  # the line was written whole; the disk may not keep it
+                    self.failure = f"fsync failed ({_describe(error)})"
+            return True
+
+    def _cut_partial_line(self, written: int) -> str:
+        """Truncate the ``written`` bytes of a line the disk took only part of; say how that went."""
+        if written == 0:
+            return ""
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: the end of the part just written
+            os.ftruncate(self._fd, end - written)
+        except OSError as error:
+            return f"; the last line is torn, as cutting it off failed too ({_describe(error)})"
+        return f"; the {written} bytes of the line it took were cut off again"
 
     def close(self) -> None:
         """Close the descriptor now, whoever still holds the log; a later :meth:`open` of the path reopens it."""
         with self._lock:
+            self._closed = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _describe(error: OSError) -> str:
+    """``OSError: [Errno 28] No space left on device``, without the file name (the caller says which file)."""
+    return f"{type(error).__name__}: [Errno {error.errno}] {error.strerror}" if error.errno else repr(error)
 
 
 def find_event_log(path: str | os.PathLike[str]) -> Path:
@@ -228,8 +291,60 @@ def find_event_log(path: str | os.PathLike[str]) -> Path:
     return found[0]
 
 
-def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
-    """Read every event from an event log file, or from the one ``phase_events.jsonl`` inside a directory.
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of an event log that is not a phase event, skipped by the readers.
+
+    Args:
+        number: Its line number (from 1).
+        reason: Why it could not be read.
+        last: Whether it is the file's last line (then most likely cut short by a crash or a full disk
+            while it was written).
+        recovered: Whether a whole event that followed the torn part on the same line was read (a run
+            that appended to a log whose last line was torn).
+    """
+
+    number: int
+    reason: str
+    last: bool
+    recovered: bool = False
+
+    def describe(self) -> str:
+        """``line 7 (the last line, cut short while it was written): <reason>``."""
+        where = " (the last line, cut short while it was written)" if self.last else ""
+        kept = "; the whole event after the torn part was kept" if self.recovered else ""
+        return f"line {self.number}{where}: {self.reason}{kept}"
+
+
+@dataclass(frozen=True)
+class EventLogContents:
+    """What :func:`read_event_log` read: the events, and the lines it skipped.
+
+    Args:
+        path: The event log file read.
+        events: Every event that could be read, in file order.
+        skipped: The lines that could not, in file order.
+    """
+
+    path: Path
+    events: list[PhaseEvent]
+    skipped: list[SkippedLine]
+
+    def skipped_note(self) -> str:
+        """One sentence on the skipped lines (empty when none was): how many, and which."""
+        if not self.skipped:
+            return ""
+        shown = "; ".join(line.describe() for line in self.skipped[:3])
+        more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+        count = f"{len(self.skipped)} unreadable line{'s' if len(self.skipped) > 1 else ''}"
+        return f"{count} of {self.path} skipped: {shown}{more}"
+
+
+def read_event_log(path: str | os.PathLike[str]) -> EventLogContents:
+    """Read an event log, skipping (and listing) every line that is not a phase event.
+
+    A line torn by a crash or a full disk, at the end or, when a later run appended to the file, in the
+    middle, never makes the whole file unreadable.
 
     Args:
         path: A ``phase_events.jsonl`` file or a directory that holds exactly one (see :func:`find_event_log`).
@@ -237,29 +352,84 @@ def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
     Raises:
         FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
     """
-    return list(iter_events(path))
+    log = find_event_log(path)
+    skipped: list[SkippedLine] = []
+    events = list(_iter_lines(log, skipped))
+    return EventLogContents(log, events, skipped)
 
 
-def iter_events(path: str | os.PathLike[str]) -> Iterator[PhaseEvent]:
-    """Yield the events of :func:`read_events` one by one.
+def read_events(path: str | os.PathLike[str]) -> list[PhaseEvent]:
+    """Read every event from an event log file, or from the one ``phase_events.jsonl`` inside a directory.
+
+    Lines that are not phase events (a last line torn by a crash or a full disk) are skipped with one
+    ``PhaseWarning`` that says which; :func:`read_event_log` returns them instead.
+
+    Args:
+        path: A ``phase_events.jsonl`` file or a directory that holds exactly one (see :func:`find_event_log`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
+    """
+    contents = read_event_log(path)
+    if contents.skipped:
+        from lightning_phases.exceptions import PhaseWarning
+
+        warnings.warn(contents.skipped_note(), PhaseWarning, stacklevel=2)
+    return contents.events
+
+
+def iter_events(path: str | os.PathLike[str], skipped: list[SkippedLine] | None = None) -> Iterator[PhaseEvent]:
+    """Yield the events of an event log one by one, skipping every line that is not a phase event.
 
     The log is looked up when this is called, so a missing or ambiguous log raises here, not at the first
     ``next``.
 
     Args:
         path: A ``phase_events.jsonl`` file or a directory that holds exactly one (see :func:`find_event_log`).
+        skipped: A list to which each skipped line is appended (a :class:`SkippedLine`), as it is met.
 
     Raises:
         FileNotFoundError: ``path`` does not exist, holds no event log, or holds more than one.
     """
-    return _iter_lines(find_event_log(path))
+    return _iter_lines(find_event_log(path), [] if skipped is None else skipped)
 
 
-def _iter_lines(path: Path) -> Iterator[PhaseEvent]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    yield PhaseEvent.from_dict(json.loads(line))
-                except (ValueError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}:{number} is not a phase event line: {error}") from None
+#: Where every event line begins; a whole event glued after a torn line is found by it.
+_LINE_START = b'{"time": '
+
+
+def _iter_lines(path: Path, skipped: list[SkippedLine]) -> Iterator[PhaseEvent]:
+    bad: tuple[int, bytes, str] | None = None  # a bad line is the last one only if no line follows it
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            if bad is not None:
+                yield from _skip(bad, skipped, last=False)
+                bad = None
+            try:
+                yield _parse(raw)
+            except ValueError as error:
+                bad = (number, raw, str(error))
+    if bad is not None:
+        yield from _skip(bad, skipped, last=True)
+
+
+def _parse(raw: bytes) -> PhaseEvent:
+    try:
+        return PhaseEvent.from_dict(json.loads(raw.decode("utf-8")))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"not a phase event line ({type(error).__name__}: {error})") from None
+
+
+def _skip(bad: tuple[int, bytes, str], skipped: list[SkippedLine], last: bool) -> Iterator[PhaseEvent]:
+    """Record a bad line; yield the whole event glued after its torn part, if there is one."""
+    number, raw, reason = bad
+    start = raw.rfind(_LINE_START, 1)
+    recovered = None
+    if start > 0:
+        with contextlib.suppress(ValueError):  # no whole event after the torn part either
+            recovered = _parse(raw[start:])
+    skipped.append(SkippedLine(number, reason, last, recovered is not None))
+    if recovered is not None:
+        yield recovered

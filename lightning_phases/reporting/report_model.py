@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ def build_report(
     stages_run: Iterable[Stage],
     observations: Iterable[Observation],
     events: Sequence[PhaseEvent],
+    earlier: Mapping[tuple[Stage | None, str], int] | None = None,
 ) -> dict[str, Any]:
     """Assemble the phase report as plain data.
 
@@ -55,11 +56,16 @@ def build_report(
         stages_run: The stages that ran (any order, repeats allowed).
         observations: Every callback's observations; those of stages that did not run are kept too.
         events: Every event emitted, counted per stage and kind.
+        earlier: Event counts per ``(stage, kind)`` from before the checkpoint this run resumed from (or
+            was tested from); a stage known only from them gets a row too, marked ``ran: false``.
     """
     observations = list(observations)
+    earlier = earlier or {}
     stages_run = set(stages_run)
-    ran = stages_run | {obs.stage for obs in observations}
+    ran = stages_run | {obs.stage for obs in observations} | {stage for stage, _ in earlier if stage is not None}
     counts: dict[str | None, Counter[str]] = {}
+    for (stage, kind), count in earlier.items():
+        counts.setdefault(stage, Counter())[kind] += count
     for event in events:
         counts.setdefault(event.stage, Counter())[event.kind] += 1
     rows = []
@@ -76,7 +82,8 @@ def build_report(
                 "events": dict(sorted(counts.get(stage, Counter()).items())),
             }
         )
-    return {"time": utc_now(), "stages": rows, "events": dict(sorted(Counter(e.kind for e in events).items()))}
+    totals = sum(counts.values(), Counter())
+    return {"time": utc_now(), "stages": rows, "events": dict(sorted(totals.items()))}
 
 
 def _declared_text(declared: dict[str, Any]) -> list[str]:

@@ -4,14 +4,22 @@ There is one :class:`Reporter` per Trainer, shared by every lightning-phases cal
 rank 0 writes anything; the other ranks make the same decisions and keep their events in
 ``callback.events``. The JSONL log is written first and is the record of truth: every other sink is
 best effort, and a failure there (W&B offline, its service crashed, ``alert`` raising) becomes a console
-warning and never stops training.
+warning and never stops training. Neither does a log directory that is full or read-only: the event log
+and ``phase_report.json`` that cannot be written are each one warning per Trainer call, and every event is
+still kept in memory and sent to the other sinks.
+
+A checkpoint keeps what the report has counted so far (:meth:`Reporter.checkpoint_state`, under the
+checkpoint's ``"lightning_phases"`` key), so a run resumed from it reports, and counts in the loggers' and
+W&B's running counters, every event since the run began, each once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -30,6 +38,10 @@ from lightning_phases.sandbox.audit_hook import suspended
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+#: The key of the reporter's state in a Lightning checkpoint.
+CHECKPOINT_KEY = "lightning_phases"
 
 
 def _unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,9 +124,12 @@ class Reporter:
         self._attached: list[PhaseSource] = []
         self._sources: list[PhaseSource] = []
         self._counts: Counter[tuple[str, str]] = Counter()
+        self.run_id = uuid.uuid4().hex  # tells this reporter's checkpoints from those of an earlier process
+        self._earlier: Counter[tuple[str, Stage | None, str]] = Counter()  # events before a resumed checkpoint
         self.log_dir: Path | None = None
         self.log: EventLog | None = None
         self._guard = SinkGuard(None)
+        self._unwritable: set[str] = set()  # the files of this call that could not be written (each warned once)
         self.wandb: WandbSink | None = None
         self.alert_limiter = AlertLimiter()
 
@@ -155,13 +170,15 @@ class Reporter:
         trainer = self.trainer
         self.table = declared_table(trainer.callbacks)
         self._call_stages = []
+        self._unwritable = set()
         self.is_writer = trainer.is_global_zero
         if not self.is_writer:
             return
         log_dir = resolve_log_dir(trainer)
         self.log_dir = log_dir
         self.log = EventLog.open(log_dir / EVENT_LOG_NAME)
-        self._guard = SinkGuard(self.log.path)
+        self._check_log()
+        self._guard = SinkGuard(self.log)
         wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_logger is None:
             self.wandb = None
@@ -188,7 +205,8 @@ class Reporter:
         """
         if not self.is_writer or self.log is None:
             return
-        self.log.write(event)
+        if not self.log.write(event):
+            self._check_log()
         self.events.append(event)
         self._counts[(event.callback, event.kind)] += 1
         self.log_metrics(
@@ -204,6 +222,22 @@ class Reporter:
             logger.info(text)
         else:
             warn(text)
+
+    def _check_log(self) -> None:
+        """Warn (once per Trainer call) when the event log has stopped writing; training goes on."""
+        if self.log is None or self.log.failure is None:
+            return
+        self._cannot_write(
+            "event log",
+            f"lightning-phases: the event log {self.log.path} is not written any more: {self.log.failure}. "
+            f"It ends with the {self.log.written} whole line(s) written before; every event is still kept in "
+            "memory (each callback's .events, the phase report) and sent to the loggers, W&B and the console.",
+        )
+
+    def _cannot_write(self, what: str, message: str) -> None:
+        if what not in self._unwritable:
+            self._unwritable.add(what)
+            warn(f"{message} Training goes on; nothing more is said about the {what} in this Trainer call.")
 
     @_unjudged
     def log_metrics(self, callback: str, metrics: Mapping[str, float], step: int) -> None:
@@ -245,7 +279,12 @@ class Reporter:
         """
         if not self.is_writer or self.log_dir is None:
             return None
-        path = draw(self.log_dir / f"{key_segment(callback)}_{name}.png")
+        target = self.log_dir / f"{key_segment(callback)}_{name}.png"
+        try:
+            path = draw(target)
+        except OSError as error:
+            self._cannot_write("plots", f"lightning-phases: cannot write the plot {target} ({error}).")
+            return None
         if path is not None and self.wandb is not None:
             self.wandb.image(metric_key(callback, name), path, self.trainer.global_step)
         return path
@@ -262,12 +301,47 @@ class Reporter:
                 self.finish_call()
 
     def report(self) -> dict[str, Any]:
-        """The phase report of everything this Trainer ran so far."""
+        """The phase report of everything this Trainer ran so far (and, resumed, the run before the checkpoint)."""
         observations = []
         for source in self._sources:
             for obs in source.phase_observations():
                 observations.append(Observation(obs.stage, obs.check, obs.verdict, obs.detail, source.name))
-        return build_report(self.table, self.stages_run, observations, self.events)
+        earlier: Counter[tuple[Stage | None, str]] = Counter()
+        for (_, stage, kind), count in self._earlier.items():
+            earlier[(stage, kind)] += count
+        return build_report(self.table, self.stages_run, observations, self.events, earlier)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the report: the events counted so far, per callback, stage and kind."""
+        counts = self._earlier + Counter((e.callback, e.stage, e.kind) for e in self.events)
+        return {
+            "run": self.run_id,
+            "event_counts": [
+                [callback, stage, kind, n] for (callback, stage, kind), n in sorted(counts.items(), key=str)
+            ],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on counting from a checkpoint's :meth:`checkpoint_state` (a resumed run, or a test from a checkpoint).
+
+        A checkpoint this reporter wrote itself (``fit``, then ``test(ckpt_path=...)`` on the same Trainer) adds
+        nothing: its events are already here. Restoring is idempotent, so every callback may call it.
+
+        Args:
+            state: The checkpoint's ``"lightning_phases"`` entry.
+        """
+        if state.get("run") == self.run_id:
+            return
+        self._earlier = Counter({(c, stage, kind): int(n) for c, stage, kind, n in state.get("event_counts", [])})
+        self._counts = Counter()
+        for (callback, _, kind), count in self._earlier.items():
+            self._counts[(callback, kind)] += count
+        self._counts.update((e.callback, e.kind) for e in self.events)
+        if self.wandb is not None:
+            by_kind: Counter[str] = Counter()
+            for (_, kind), count in self._counts.items():
+                by_kind[kind] += count
+            self.wandb.count_earlier(by_kind)
 
     @_unjudged
     def finish_call(self) -> None:
@@ -275,10 +349,7 @@ class Reporter:
         if not self.is_writer or self.log_dir is None:
             return
         report = self.report()
-        path = self.log_dir / REPORT_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        path = self._write_report(report)
         if not self._call_stages:  # the call failed before any stage ran: no empty report on the console
             logger.debug(f"phase report (no stage ran in this call): {path}")
         else:
@@ -289,6 +360,28 @@ class Reporter:
             self.log.release()
             self.log = None
 
-    def _print(self, report: dict[str, Any], path: Path) -> None:
+    def _write_report(self, report: dict[str, Any]) -> Path | None:
+        """Write ``phase_report.json`` whole (through a temporary file) and return its path; ``None`` if it failed."""
+        assert self.log_dir is not None
+        path = self.log_dir / REPORT_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a partial report is no report
+            self._cannot_write(
+                "phase report",
+                f"lightning-phases: cannot write the phase report {path} ({error}); it goes to the console only.",
+            )
+            return None
+        return path
+
+    def _print(self, report: dict[str, Any], path: Path | None) -> None:
         text = format_report(report, stages=self._call_stages)
-        logger.info(text + f"\n(events: {self.log.path if self.log else '-'}; report, every stage so far: {path})")
+        events = "-" if self.log is None else str(self.log.path)
+        if self.log is not None and self.log.failure is not None:
+            events += f" (incomplete: {self.log.failure})"
+        where = "not written" if path is None else str(path)
+        logger.info(text + f"\n(events: {events}; report, every stage so far: {where})")

@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_phases.reporting.console import warn
-from lightning_phases.reporting.events import FIELDS, PhaseEvent
+from lightning_phases.reporting.events import FIELDS, EventLog, PhaseEvent
 from lightning_phases.reporting.report_model import REPORT_COLUMNS, report_rows
 
 
@@ -60,10 +60,14 @@ class AlertLimiter:
 
 
 class SinkGuard:
-    """Runs best-effort sink calls; the first failure of each operation becomes one console warning."""
+    """Runs best-effort sink calls; the first failure of each operation becomes one console warning.
 
-    def __init__(self, log_path: Path | None) -> None:
-        self._log_path = log_path
+    Args:
+        log: The event log the warning points to while it is written; ``None``: no log.
+    """
+
+    def __init__(self, log: EventLog | None) -> None:
+        self._log = log
         self.failures: Counter[str] = Counter()
 
     def __call__(self, operation: str, call: Callable[[], Any]) -> None:
@@ -72,7 +76,8 @@ class SinkGuard:
         except Exception as error:  # a sink must never stop training
             self.failures[operation] += 1
             if self.failures[operation] == 1:
-                where = f"; every event is still in {self._log_path}" if self._log_path else ""
+                log = self._log
+                where = f"; every event is still in {log.path}" if log is not None and log.failure is None else ""
                 warn(
                     f"lightning-phases: {operation} failed ({type(error).__name__}: {error}){where}. "
                     "Training continues; later failures of this operation are not repeated here."
@@ -98,6 +103,14 @@ class WandbSink:
         self._guard = guard
         self.limiter = limiter
         self._counts: Counter[str] = Counter()
+
+    def count_earlier(self, counts: Counter[str]) -> None:
+        """Go on from these counts per kind (a run resumed from a checkpoint), so the summary counts every event.
+
+        Args:
+            counts: Events per kind so far, this call's included.
+        """
+        self._counts = Counter(counts)
 
     def event(self, event: PhaseEvent) -> None:
         """Count ``event`` in the run summary, tag the run with its kind, and alert if it is serious.

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import read_jsonl, run_script
 
 pytestmark = pytest.mark.ddp
@@ -19,3 +20,13 @@ def test_ddp_drop_on_one_rank_gives_the_same_decision_on_both_and_no_hang(tmp_pa
     assert ranks[0]["checked"] == ranks[1]["checked"]  # both ranks judged the same (averaged) values
     logged = read_jsonl(tmp_path / "phase_events.jsonl")
     assert [e["kind"] for e in logged] == ["loss_drop"] and Path(logged[0]["data"]["checkpoint"]).exists()
+
+
+def test_ddp_checkpoint_between_checks_keeps_the_waiting_values_averaged_over_ranks(tmp_path):
+    run_script("ddp_loss_drop_pending.py", str(tmp_path), timeout=300)  # finishes: no rank waits alone
+    local = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(local[0]) == len(local[1]) == 5 and local[0] != local[1]  # steps 11..15, different batches
+    [ckpt] = (tmp_path / "ckpt").glob("*.ckpt")
+    [state] = [s for k, s in torch.load(ckpt, weights_only=False)["callbacks"].items() if "LossDropSentinel" in k]
+    assert state["pending_steps"] == [11, 12, 13, 14, 15]
+    assert state["pending"] == pytest.approx([(a + b) / 2 for a, b in zip(*local, strict=True)])

@@ -535,3 +535,18 @@ def test_a_tied_weight_is_reported_with_the_name_the_user_declared(tmp_path):
         )
     [moved] = events(tmp_path, "param_changed")
     assert "head.weight (= decoder.weight)" in moved["message"]
+
+
+def test_a_fit_resumed_after_a_followed_unfreeze_stays_silent(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1), ParamFreezeAssertion(frozen=["backbone"]), saver]
+    trainer(callbacks, tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=True).fit(
+        DigitsClassifier(), DigitsDataModule()
+    )
+    [ckpt] = sorted((tmp_path / "ckpt").glob("epoch=1*.ckpt"))
+    resumed = tmp_path / "resumed"
+    callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1), ParamFreezeAssertion(frozen=["backbone"])]
+    trainer(callbacks, resumed, max_epochs=3, limit_val_batches=0).fit(
+        DigitsClassifier(), DigitsDataModule(), ckpt_path=ckpt
+    )
+    assert flags(resumed) == []

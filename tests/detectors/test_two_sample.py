@@ -188,3 +188,14 @@ def test_the_other_functions_leave_the_global_rng_alone(call) -> None:
     gen = torch.Generator().manual_seed(12)
     x, y = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
     assert torch.equal(_global_draws_after(lambda: call(x, y)), _global_draws_after(lambda: None))
+
+
+def test_mmd_and_ks_refuse_non_finite_samples_and_run_on_the_finite_rows() -> None:
+    x = torch.rand(50, 4, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[3, 1] = float("nan")
+    y[7, 0] = float("-inf")
+    for test in (lambda a, b: mmd_test(a, b, 100, seed=0), ks_test):
+        with pytest.raises(ValueError, match="0 of the 50 rows of x and 2 of the 50 rows of y hold NaN or inf"):
+            test(x, y)
+        assert 0 < test(x, y[torch.isfinite(y).all(dim=1)]).p_value <= 1  # the clean case runs

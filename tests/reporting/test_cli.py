@@ -131,6 +131,41 @@ def test_report_reads_the_one_log_under_a_run_directory(tmp_path, capsys):
     assert "neither a file nor a directory" in capsys.readouterr().err
 
 
+def events_at(*steps):
+    return [PhaseEvent("LossDropSentinel", "loss_drop", "warning", "train", step, 0, 0, f"at {step}") for step in steps]
+
+
+def test_report_reads_a_log_whose_last_line_is_torn_and_says_so(tmp_path, capsys):
+    log = tmp_path / EVENT_LOG_NAME
+    first, second, third = events_at(1, 2, 3)
+    log.write_text(first.to_json() + "\n" + second.to_json() + "\n" + third.to_json()[:70])
+    html = tmp_path / "page.html"
+    assert report_main(["report", str(tmp_path), "--html", str(html)]) == 0
+    out = capsys.readouterr()
+    [note] = out.err.splitlines()  # one line on stderr
+    assert note.startswith("lightning-phases report: 1 unreadable line of") and "line 3 (the last line" in note
+    assert f"Events (2) from {log}" in out.out and "(1 unreadable line of" in out.out
+    assert "at 1" in out.out and "at 2" in out.out and html.exists()
+
+
+def test_report_skips_and_counts_a_torn_line_in_the_middle(tmp_path, capsys):
+    log = tmp_path / EVENT_LOG_NAME
+    first, second, third = events_at(1, 2, 3)
+    log.write_text(first.to_json() + "\n" + second.to_json()[:50] + "\n" + third.to_json() + "\n")
+    assert report_main(["report", str(log)]) == 0
+    out = capsys.readouterr()
+    assert "line 2:" in out.err and "last line" not in out.err
+    assert f"Events (2) from {log}" in out.out and "at 3" in out.out
+
+
+def test_report_of_a_whole_log_says_nothing_on_stderr(tmp_path, capsys):
+    log = tmp_path / EVENT_LOG_NAME
+    log.write_text("".join(e.to_json() + "\n" for e in events_at(1, 2, 3)))
+    assert report_main(["report", str(log)]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and f"Events (3) from {log}" in out.out and "unreadable" not in out.out
+
+
 def test_the_report_command_imports_neither_torch_nor_lightning() -> None:
     """Printing a run's files must start in a blink: no torch, no Lightning (checked in a fresh interpreter)."""
     code = (

@@ -3,13 +3,22 @@ import math
 import multiprocessing
 import os
 import threading
+import warnings
 
 import pytest
 import torch
 from helpers import read_jsonl
 
-from lightning_phases import PhaseEvent, read_events
-from lightning_phases.reporting.events import EVENT_LOG_NAME, FIELDS, EventLog, find_event_log, iter_events, to_jsonable
+from lightning_phases import PhaseEvent, PhaseWarning, read_events
+from lightning_phases.reporting.events import (
+    EVENT_LOG_NAME,
+    FIELDS,
+    EventLog,
+    find_event_log,
+    iter_events,
+    read_event_log,
+    to_jsonable,
+)
 
 
 def make_event(i=0, severity="warning", **data):
@@ -172,3 +181,57 @@ def test_close_still_closes_and_a_later_open_reopens(tmp_path):
     again.write(make_event(2))
     again.release()
     assert [e.message for e in read_events(path)] == ["loss dropped 1", "loss dropped 2"]
+
+
+def torn(event):
+    """The first 60 bytes of ``event``'s line: what a crash or a full disk leaves of it."""
+    return event.to_json()[:60]
+
+
+def test_a_torn_last_line_is_skipped_and_counted_and_the_rest_is_read(tmp_path):
+    path = tmp_path / EVENT_LOG_NAME
+    path.write_text(make_event(0).to_json() + "\n" + make_event(1).to_json() + "\n" + torn(make_event(2)))
+    contents = read_event_log(path)
+    assert [e.message for e in contents.events] == ["loss dropped 0", "loss dropped 1"]
+    [skipped] = contents.skipped
+    assert (skipped.number, skipped.last, skipped.recovered) == (3, True, False)
+    assert "1 unreadable line of" in contents.skipped_note() and "line 3 (the last line, cut short" in (
+        contents.skipped_note()
+    )
+    with pytest.warns(PhaseWarning, match="line 3 \\(the last line"):
+        assert read_events(path) == contents.events
+
+
+def test_a_torn_line_in_the_middle_is_skipped_and_a_whole_event_glued_after_it_is_kept(tmp_path):
+    """A run that crashed mid-line, then a resumed run appending to the same file: the torn part is skipped."""
+    path = tmp_path / EVENT_LOG_NAME
+    lines = [make_event(0).to_json(), torn(make_event(1)) + make_event(2).to_json(), "garbage", make_event(3).to_json()]
+    path.write_text("\n".join(lines) + "\n")
+    contents = read_event_log(path)
+    assert [e.message for e in contents.events] == ["loss dropped 0", "loss dropped 2", "loss dropped 3"]
+    assert [(s.number, s.last, s.recovered) for s in contents.skipped] == [(2, False, True), (3, False, False)]
+    assert "2 unreadable lines" in contents.skipped_note()
+    skipped = []
+    assert [e.message for e in iter_events(path, skipped)] == [e.message for e in contents.events]
+    assert skipped == contents.skipped
+
+
+def test_a_log_of_whole_lines_reads_with_nothing_skipped_and_no_warning(tmp_path):
+    path = tmp_path / EVENT_LOG_NAME
+    write_log(path, make_event(0), make_event(1))
+    contents = read_event_log(path)
+    assert len(contents.events) == 2 and contents.skipped == [] and contents.skipped_note() == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_events(path) == contents.events
+
+
+def test_a_whole_line_that_is_not_an_event_is_skipped_with_its_reason(tmp_path):
+    path = tmp_path / EVENT_LOG_NAME
+    record = make_event(0).to_dict() | {"severity": "fatal"}
+    path.write_text(json.dumps(record) + "\n" + make_event(1).to_json() + "\n" + '{"no": "fields"}\n')
+    contents = read_event_log(path)
+    assert [e.message for e in contents.events] == ["loss dropped 1"]
+    first, last = contents.skipped
+    assert (first.number, first.last) == (1, False) and "severity='fatal' is not allowed" in first.reason
+    assert (last.number, last.last) == (3, True) and "KeyError" in last.reason
