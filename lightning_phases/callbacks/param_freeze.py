@@ -182,6 +182,8 @@ class ParamFreezeAssertion(PhaseCallback):
         self._frozen_names: list[str] = []
         self._rules_of: dict[str, list[FrozenRule]] = {}
         self._aliases: dict[str, list[str]] = {}
+        self._scheduled: list[str] = []
+        self._watched: dict[str, nn.Parameter] | None = None  # the frozen parameters still watched, by name
         self._tally: dict[tuple[Stage, str], _Tally] = {}
         self._watch = _TrainableWatch()
         self._reported_before: set[str] = set()  # frozen tensors reported in fit before the checkpoint resumed from
@@ -219,6 +221,13 @@ class ParamFreezeAssertion(PhaseCallback):
         self._frozen_names, missing = match_patterns(aliases, self.frozen, self.exclude)
         unused += [pattern for pattern in missing if pattern in self.exclude]
         self._rules_of = {name: self._rules_of[name] for name in self._frozen_names}
+        # only tensors whose every rule has an end can be released by the schedule: the per-batch look is at them
+        self._scheduled = [
+            name
+            for name in self._frozen_names
+            if all(rule.until_epoch is not None or rule.until_step is not None for rule in self._rules_of[name])
+        ]
+        self._watched = None
         if unused:
             roots = sorted({name.split(".")[0] for name in aliases})
             hints = "".join(suggestion(pattern.split(".")[0], roots) for pattern in unused[:1])
@@ -289,9 +298,9 @@ class ParamFreezeAssertion(PhaseCallback):
     def _release_ended(self, trainer: pl.Trainer) -> None:
         epoch, step = trainer.current_epoch, trainer.global_step
         ended: dict[str, list[str]] = {}
-        for name in self._active_frozen():
+        for name in self._scheduled:
             rules = self._rules_of[name]
-            if all(rule.ended(epoch, step) for rule in rules):
+            if name not in self._watch.released and all(rule.ended(epoch, step) for rule in rules):
                 ended.setdefault(" and ".join(rule.describe() for rule in rules), []).append(name)
         for declared, names in ended.items():
             self._release(trainer, names, f"declared frozen {declared}")
@@ -306,6 +315,7 @@ class ParamFreezeAssertion(PhaseCallback):
             if run.outer is not None:
                 run.outer.drop(names)
         self._watch.forget(names)
+        self._watched = None
         self._watch.verify_after_step = trainer.global_step
         self.emit(
             trainer,
@@ -325,8 +335,9 @@ class ParamFreezeAssertion(PhaseCallback):
         A frozen parameter held by an optimizer but not trainable is an info event: optimizers skip
         parameters whose gradient is ``None``; the step that would move it is caught by :meth:`_watch_grads`.
         """
-        params = dict(pl_module.named_parameters())
-        watched = {name: params[name] for name in self._active_frozen() if name in params}
+        if epoch_start or when == "before the first optimizer step":
+            self._watched = None  # looked up again where parameters may have been replaced: between epochs
+        watched = self._watched_params(pl_module)
         trainable, held = self._watch.news(trainer, watched)
         if trainer.world_size > 1:
             trainable, held = _gather_names(trainer, list(watched), trainable, held)
@@ -401,10 +412,17 @@ class ParamFreezeAssertion(PhaseCallback):
         if violations:
             self.act(trainer, violations[0])
 
+    def _watched_params(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        """The frozen parameters still watched, by name (cached: the per-step watch only reads their flags)."""
+        if self._watched is None:
+            params = dict(pl_module.named_parameters())
+            self._watched = {name: params[name] for name in self._active_frozen() if name in params}
+        return self._watched
+
     def _watch_grads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before an optimizer step: a frozen parameter held by the optimizer that has a gradient (a zero
         one counts) will be moved by this step; that is a violation, raised before the step."""
-        params = dict(pl_module.named_parameters())
+        params = self._watched_params(pl_module)
         graded = [
             name
             for name in self._watch.held
@@ -493,9 +511,8 @@ class ParamFreezeAssertion(PhaseCallback):
             return
         if run.scope == "frozen" and stage == "train":
             self._release_ended(trainer)
-            epoch_start = batch_idx == 0 or self._watch.first_batch
-            if epoch_start or trainer.world_size == 1:
-                self._watch_trainable(trainer, pl_module, f"at step {trainer.global_step}", epoch_start=epoch_start)
+            if batch_idx == 0 or self._watch.first_batch:  # later flips: before the next optimizer step
+                self._watch_trainable(trainer, pl_module, f"at step {trainer.global_step}", epoch_start=True)
             if self._watch.first_batch:
                 self._watch.first_batch = False
                 self._check_frozen_batchnorm(trainer, pl_module)
@@ -622,10 +639,8 @@ class ParamFreezeAssertion(PhaseCallback):
         if not changed:
             return False
         restored = baseline.restore(current, [change.name for change in changed]) if self.restore else []
-        if frozen and not self.restore:
-            baseline_now = FreezeBaseline(self._tensors(pl_module, run.names), self.snapshot)
-            if baseline is run.outer:
-                run.outer = baseline_now
+        if frozen and not self.restore and baseline is run.outer:
+            run.outer = FreezeBaseline(self._tensors(pl_module, run.names), self.snapshot)
         if not changes:
             return True
         names = [change.name for change in changes]
