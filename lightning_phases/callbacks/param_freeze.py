@@ -98,9 +98,10 @@ class ParamFreezeAssertion(PhaseCallback):
     ``requires_grad=True`` or are held by an optimizer (where weight decay and momentum move them even
     with zero gradients), and frozen BatchNorm layers in train mode, are violations: with
     ``on_violation="raise"`` the run stops before any update. During training, an unfreeze (a
-    ``requires_grad`` flip or a frozen parameter added to an optimizer) is caught at the next batch start
-    or optimizer step, by identity and flags only (microseconds), before the unfrozen tensors are updated,
-    and reported with its cause when known. An unfreeze is declared by a ``frozen`` entry's
+    ``requires_grad`` flip or a frozen parameter added to an optimizer) is caught at an epoch's first
+    batch or before the next optimizer step, by identity and flags only (microseconds), before the
+    unfrozen tensors are updated, and reported with its cause when known. An unfreeze is declared by a
+    ``frozen`` entry's
     ``until_epoch``/``until_step``, or, with ``follow_finetuning``, by Lightning's ``BaseFinetuning``
     callbacks (``BackboneFinetuning``) on the Trainer: those tensors are released (an info
     ``frozen_released`` event) and never checked or restored again in that fit. The frozen tensors are
