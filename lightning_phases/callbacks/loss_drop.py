@@ -215,11 +215,30 @@ class LossDropSentinel(PhaseCallback):
             return loss if isinstance(loss, Tensor) else None
         if self._source_of_metric() == "validation":  # a validation metric is taken at validation end only
             return None
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None or value is self._last_metric:  # not logged, or logged at epoch level
+        value = self._new_metric(trainer)
+        if value is None:  # not logged since the last value, or logged at epoch level
             return None
-        self._last_metric, self._seen_in = value, "step"
-        return value if isinstance(value, Tensor) else torch.tensor(float(value))
+        self._seen_in = "step"
+        return value
+
+    def _new_metric(self, trainer: pl.Trainer) -> Tensor | None:
+        """The monitored metric if it was logged since the last value taken, else ``None``.
+
+        ``trainer.callback_metrics`` hands out a new tensor object for the same logged value at every read
+        (a detached view of Lightning's cached result), so identity cannot tell a fresh value from a stale one.
+        Each ``self.log`` call stores a new tensor, though, and the view shares its memory: a value is new when
+        its memory is not that of the last value taken (which is held, so its memory cannot be reused).
+        """
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return None
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value))
+        last = self._last_metric
+        if last is not None and value.device == last.device and value.data_ptr() == last.data_ptr():
+            return None
+        self._last_metric = value
+        return value
 
     def _source_of_metric(self) -> str | None:
         """Where the monitored metric comes from, fixed by where it was first seen: ``"step"`` or ``"validation"``.
@@ -241,12 +260,11 @@ class LossDropSentinel(PhaseCallback):
     def _validation_value(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor == "loss" or self._source_of_metric() == "step":
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None or value is self._last_metric:
+        value = self._new_metric(trainer)
+        if value is None:
             return
-        self._last_metric, self._seen_in = value, "validation"
-        tensor = value if isinstance(value, Tensor) else torch.tensor(float(value))
-        self._pending.append(_as_scalar(tensor, trainer.strategy.root_device))
+        self._seen_in = "validation"
+        self._pending.append(_as_scalar(value, trainer.strategy.root_device))
         self._pending_steps.append(trainer.global_step)
         self._check(trainer, pl_module, "validation", "validate")
 

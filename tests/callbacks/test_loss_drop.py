@@ -424,3 +424,24 @@ def test_each_mid_epoch_validation_value_is_judged_once_with_checkpointing_on(tm
     )
     trainer.fit(Scripted(), DigitsDataModule())
     assert sentinel.source == "validation" and sentinel.checked == 8  # 4 validations per epoch, 2 epochs
+
+
+class LogsEveryFifthStep(Scripted):
+    """Logs ``dense`` at every step and ``sparse`` only at every fifth step."""
+
+    @override
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("dense", loss.detach())
+        if self.global_step % 5 == 0:
+            self.log("sparse", loss.detach() * 2)
+        return loss
+
+
+def test_a_metric_logged_every_fifth_step_is_judged_once_per_log(tmp_path):
+    """Lightning hands out a new tensor for the same stale value at every batch: it is not a new value."""
+    sentinel = LossDropSentinel(monitor="sparse")
+    trainer = small_trainer([sentinel], max_steps=60, max_epochs=-1, limit_train_batches=1.0, default_root_dir=tmp_path)
+    trainer.fit(LogsEveryFifthStep(), DigitsDataModule())
+    assert sentinel.source == "step" and sentinel.checked == 12
+    assert [step for step, _ in sentinel.curve] == list(range(1, 60, 5))  # global_step after each logging step
