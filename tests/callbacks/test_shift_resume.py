@@ -150,8 +150,12 @@ def test_two_processes_test_from_a_one_process_checkpoint_and_back(fitted: dict[
     for rank, info in enumerate(ranks):
         [result] = [r for r in info["test_results"] if r["stage"] == "test"]
         assert (result["n_reference"], result["n_current"]) == (200, TEST_SIZE)
-        assert result["p_value"] == expected["p_value"], (rank, result, expected)
-        assert result["statistic"] == expected["statistic"], (rank, result, expected)
+        # The same rows in the same order give the same permutations; the float32 kernel sums may round
+        # differently with another thread count (1 process on 2 threads vs 2 processes on 1), so the
+        # statistic agrees to float32 precision and the p-value to one permutation at most.
+        assert result["statistic"] == pytest.approx(expected["statistic"], rel=1e-5), (rank, result, expected)
+        one_permutation = 1.5 / (TRACKER["n_permutations"] + 1)
+        assert result["p_value"] == pytest.approx(expected["p_value"], abs=one_permutation), (rank, result, expected)
         reference, current = info["test_samples"]
         assert torch.equal(sorted_rows(reference), sorted_rows(expected_reference))
         assert torch.equal(sorted_rows(current), sorted_rows(expected_current))
