@@ -1,61 +1,87 @@
-"""A robust, trend-aware, scale-free detector of sudden drops and spikes in a positive series (a loss).
+"""A robust, trend-aware, multi-scale detector of sudden drops and spikes in a loss or any metric.
 
-Each new value is judged against a forecast from recent history, in log space, so that multiplying the
-whole series by a positive constant changes no decision:
+Each value comes with its training step. Values are summarised at every time scale at once: at level ``k``
+the steps are cut into blocks of ``2**k`` steps (aligned to step multiples) and each block is summarised by
+the lower median of its values. A drop is judged at each level when one of its blocks completes:
 
-* The baseline is the last ``window`` accepted values. Its trend is a robust line: the slope is the
-  difference of the medians of its two halves divided by their distance, the intercept the median of
-  what is left. Its noise is the median absolute deviation (MAD) from that line. No mean or standard
-  deviation is used anywhere, so one spike cannot poison the baseline.
-* A deviation counts only beyond both the trend's forecast and the baseline's latest level (the median
-  of its last ``persistence`` values): a curve that merely flattens sits above its extrapolated descent,
-  but it has not risen above where it just was, so it is not a spike.
-* A decision needs persistence: the median residual of the last ``persistence`` values must lie more than
-  ``threshold`` standard errors of such a median (``1.2533 * sigma / sqrt(persistence)``, sigma from the
-  MAD) and more than ``min_change`` (relative) beyond the forecast.
-* Values beyond a decision bound are kept out of the baseline, so a spike and its recovery leave the
-  baseline where it was (the recovery is not a "drop") and a drop that unfolds over many values is
-  measured against the level before it; if they persist for a whole window without a decision, the new
-  level is accepted. After a flagged drop the baseline restarts at the new level.
-* No decision is made before ``warmup`` values were seen, so the fast descent at the start of training is
-  never flagged; non-finite values are reported on their own and never enter the state.
+* The **forecast** is a Theil-Sen line through the level's last ``window`` blocks (the baseline), at the
+  positions of its newest ``persistence`` blocks (the recent blocks). No mean or standard deviation is used
+  anywhere, so one spike cannot poison a baseline.
+* The **noise** is the largest of three robust estimates: the median absolute deviation of the baseline
+  blocks from that line; the wander of the level's block medians from one block to the next, over every
+  block it keeps (four windows); and what the per-value noise (from successive differences of the last
+  values) implies for a block median. Block medians are measured at their own scale, so noise that is
+  correlated from step to step (an epoch's data order, a schedule) is accounted for.
+* A **drop** needs the median of the recent blocks to lie more than ``threshold`` standard errors of such
+  a median and more than ``min_change`` below the forecast, and below every baseline block by
+  ``min_change`` too (a curve that merely stops flattening is not a drop). A **spike** is the mirror image.
+
+Short, sharp drops complete at fine levels within a few steps; a fall that takes longer than a window of
+fine blocks (a phase change, grokking's validation collapse) is a sudden change at a coarser level. Blocks
+are aligned to steps, so a metric seen every step, every 5th or every 20th step is judged on the same
+blocks at the levels that scales share (levels finer than the sampling interval are skipped), and its
+decisions agree up to the sampling.
+
+There is no warm-up count. Drops are judged only once the descent that began the series (or followed the
+last flagged drop) has stopped speeding up: over the history since then, the recent half declined by no
+more than the first half, or by less than ``min_change``. However long an early descent that gathers speed
+lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
+
+The scale is chosen by the values: ``log(value - floor)`` when a lower bound ``floor`` is declared (a value
+at or below it is ``impossible``), ``log(value)`` while every value has been positive (relative changes;
+multiplying the series by a constant changes nothing), and the values themselves once a value <= 0 has been
+seen (signed losses such as a Gaussian NLL; changes are then relative to the forecast's magnitude and the
+series' typical size). Block summaries are lower medians kept in the series' own units, which commute with
+these monotone maps, so a change of scale re-judges the whole history exactly.
+
+After a spike the drop back is not a drop: a drop must also end below the level the spike rose from.
+Non-finite values are reported on their own and never enter the state.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-from lightning_phases.validation import check_bool, check_choice, check_positive
+from lightning_phases.validation import check_choice, check_number, check_positive
 
 Direction = Literal["drop", "spike", "both"]
+LEVELS = 13  # blocks of 1 to 4096 steps
 _MAD_TO_SIGMA = 1.4826
 _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units of sigma / sqrt(n)
-_MIN_SIGMA = 1e-3  # in log units: a 0.1% relative wiggle; keeps perfectly smooth curves from dividing by 0
+_NOISE_VALUES = 256  # last values the per-value noise is estimated from
+_ARMING_BLOCKS = 8
+MIN_EVIDENCE = 5  # values the recent blocks must hold together: sparse levels judge over more blocks
+
+
+def _lower_median(values: list[float]) -> float:
+    """The lower median: an element of ``values``."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def _middle_pair(values: list[float]) -> tuple[float, float]:
+    """The two middle elements (the same one twice for an odd count): under any monotone map ``t`` the
+    median of the mapped values is the mean of the mapped pair, so a block is re-judged exactly on any scale."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2], ordered[len(ordered) // 2]
 
 
 def _median(values: list[float]) -> float:
-    """The median of a non-empty list (like ``statistics.median``, without its generality: this is the hot path)."""
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-class _Trend(NamedTuple):
-    """A robust line through a window of log values (see :meth:`DropDetector._trend`)."""
-
-    slope: float
-    intercept: float  # at the window's first position
-    latest: float  # the median of its last ``persistence`` values
-    residuals: list[float]
-
-
-def _robust_sigma(trend: _Trend) -> float:
-    """Sigma of the residuals around the line, from their median absolute deviation."""
-    mad = _median([abs(r - trend.intercept) for r in trend.residuals])
-    return max(_MAD_TO_SIGMA * mad, _MIN_SIGMA)
+def _theil_sen(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Slope and intercept (at x = 0) of the Theil-Sen line: medians of pairwise slopes and of intercepts."""
+    slopes = [
+        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+    ]
+    slope = _median(slopes) if slopes else 0.0
+    return slope, _median([y - slope * x for x, y in zip(xs, ys, strict=True)])
 
 
 @dataclass(frozen=True)
@@ -63,14 +89,18 @@ class Verdict:
     """The outcome of one update that found something.
 
     Args:
-        kind: ``"drop"``, ``"spike"`` or ``"non_finite"``.
+        kind: ``"drop"``, ``"spike"``, ``"impossible"`` (at or below the declared floor) or ``"non_finite"``.
         value: The value that completed the evidence (the newest one).
-        forecast: The forecast for the newest value, in the series' own units.
-        level: The median of the last ``persistence`` values, in the series' own units.
+        forecast: The forecast for the recent blocks, in the series' own units.
+        level: The median of the recent blocks, in the series' own units.
         score: How many standard errors the recent median lies from the forecast (signed).
         threshold: The score that had to be exceeded.
-        change: Relative change of the recent median against the forecast, e.g. ``-0.9`` for a 90% drop.
-        onset: Index (0-based count of finite values) of the first value of the persistent deviation.
+        change: Change of the recent median against the forecast, relative to the forecast (log scale:
+            ``-0.9`` is a 90% drop; signed scale: relative to the forecast's magnitude, or ``nan`` at 0).
+        difference: ``level - forecast`` in the series' own units.
+        onset_step: The first step of the recent blocks: where the evidence begins.
+        block_steps: Steps per block at the level that decided (the time scale of the change).
+        scale: ``"log"``, ``"log_above_floor"`` or ``"signed"``: the scale it was judged on.
     """
 
     kind: str
@@ -80,194 +110,302 @@ class Verdict:
     score: float
     threshold: float
     change: float
-    onset: int
+    difference: float
+    onset_step: int
+    block_steps: int
+    scale: str
+
+
+class _Level:
+    """Blocks of ``2**k`` steps, each summarised by the lower median of its values."""
+
+    __slots__ = ("blocks", "current", "current_block", "shift")
+
+    def __init__(self, shift: int, keep: int) -> None:
+        self.shift = shift
+        self.current_block: int | None = None
+        self.current: list[float] = []
+        # completed blocks: (first step, last step, lower middle value, upper middle value, number of values)
+        self.blocks: deque[tuple[int, int, float, float, int]] = deque(maxlen=keep)
+
+    def add(self, step: int, value: float) -> bool:
+        """Add a value; ``True`` when it completed the previous block (the new value opens the next one)."""
+        block = step >> self.shift
+        completed = False
+        if block != self.current_block and self.current:
+            first = self.current_block << self.shift  # type: ignore[operator]
+            self.blocks.append((first, first + (1 << self.shift) - 1, *_middle_pair(self.current), len(self.current)))
+            self.current = []
+            completed = True
+        self.current_block = block
+        self.current.append(value)
+        return completed
 
 
 class DropDetector:
-    """Detects sudden drops (and, if asked, spikes) in a positive series; see the module docstring.
+    """Detects sudden drops (and, if asked, spikes) in a series of values with their steps.
+
+    See the module docstring for how it decides.
 
     Args:
         direction: ``"drop"``, ``"spike"`` or ``"both"``.
-        window: Values in the baseline the forecast is fitted on.
-        persistence: Recent values whose median must deviate; the detection delay is about half of it.
-        threshold: Standard errors of the recent median (from the baseline's MAD, in log space) it must deviate by.
+        threshold: Standard errors of the recent blocks' median (from the baseline's robust spread at the
+            same time scale) a change must exceed.
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
-        warmup: Values seen before the first decision.
-        long_horizon: Also judge the recent values against the trend of the window *before* the baseline, so
-            a fall that is steady but follows a long plateau (the validation loss of grokking) is flagged
-            when it has left that plateau by the same bounds. Meant for smooth series (validation values);
-            on noisy per-step losses an old trend extrapolated two windows ahead is too uncertain.
+        window: Blocks in each level's baseline (the forecast's line and the noise are fitted on them).
+        persistence: Newest blocks whose median must deviate (more, up to three times as many, until they
+            hold at least 5 values); the detection delay is about this many blocks of the level that decides.
+        floor: A declared lower bound of the series (``0.0`` for a cross-entropy); a value at or below it is
+            an ``"impossible"`` verdict, and changes are judged in ``log(value - floor)``.
     """
 
     def __init__(
         self,
         direction: Direction = "drop",
-        window: int = 50,
-        persistence: int = 8,
-        threshold: float = 7.0,
+        threshold: float = 5.0,
         min_change: float = 0.2,
-        warmup: int = 100,
-        long_horizon: bool = False,
+        window: int = 12,
+        persistence: int = 3,
+        floor: float | None = None,
     ) -> None:
         self.direction = check_choice("direction", direction, ("drop", "spike", "both"))
-        self.window = check_positive("window", window, integer=True)
-        self.persistence = check_positive("persistence", persistence, integer=True)
-        if self.window < 4:
-            raise ValueError(f"window={window!r} must be at least 4, to fit a trend on two halves.")
         self.threshold = check_positive("threshold", threshold)
-        self.min_change = check_positive("min_change", min_change)
-        if self.min_change >= 1:
-            raise ValueError(f"min_change={min_change!r} must be below 1 (a relative change, e.g. 0.2 for 20%).")
-        self.warmup = check_positive("warmup", warmup, allow_zero=True, integer=True)
-        self.long_horizon = check_bool("long_horizon", long_horizon)
-        self._least_below, self._least_above = -math.log1p(-self.min_change), math.log1p(self.min_change)
+        self.min_change = check_number(
+            "min_change", min_change, low=0, low_inclusive=False, high=1, high_inclusive=False
+        )
+        self.window = check_positive("window", window, integer=True)
+        if self.window < 4:
+            raise ValueError(f"window={window!r} must be at least 4 blocks, to fit a line and its spread.")
+        self.persistence = check_positive("persistence", persistence, integer=True)
+        self.floor = None if floor is None else check_number("floor", floor)
+        self._log_below, self._log_above = -math.log1p(-self.min_change), math.log1p(self.min_change)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything (a new series)."""
         self.seen = 0
-        self.smallest_positive = math.inf
-        self.baseline: deque[float] = deque(maxlen=self.window)
-        self.older: deque[float] = deque(maxlen=self.window)  # values that left the baseline, for long_horizon
-        self.recent: deque[float] = deque(maxlen=self.persistence)
-        self.held = 0
+        self.all_positive = True
+        self.last_step = -1
+        self._levels = [_Level(k, 4 * self.window + 3 * self.persistence) for k in range(LEVELS)]
+        self._recent_values: deque[float] = deque(maxlen=_NOISE_VALUES)
+        self._gaps: deque[int] = deque(maxlen=15)
+        self._interval = 1
+        self._restart()
+
+    def _restart(self) -> None:
+        """A new history after a flagged drop: blocks, arming and the spike memory start again."""
+        for level in self._levels:
+            level.blocks.clear()
+        self.armed = False
+        self.since_step: int | None = None  # the first step of the current history
+        self.pre_spike: float | None = None  # the raw level a flagged spike rose from
         self.spike_armed = True
-        self._fitted: tuple[int, _Trend] | None = None
-        self._spread: tuple[int, float] | None = None
-        self._version = 0  # bumped whenever the baseline changes, so a fit is computed once per baseline
+        self.spike_step = -1  # the step a spike was last flagged at: a coarser level's view of it is not new
+        self.spike_onset = -1  # the first step of its evidence
 
-    # The series ------------------------------------------------------------------------------------
+    def _forget_spike(self) -> None:
+        """Take a recovered spike's blocks out of every level, and watch for the next one."""
+        for level in self._levels:
+            kept = [block for block in level.blocks if block[1] < self.spike_onset]
+            level.blocks.clear()
+            level.blocks.extend(kept)
+        self.pre_spike, self.spike_armed, self.spike_step, self.spike_onset = None, True, -1, -1
 
-    def _log(self, value: float) -> float:
-        if value > 0:
-            self.smallest_positive = min(self.smallest_positive, value)
-            return math.log(value)
-        # zero or below (a loss that collapsed to 0): far below anything seen, relative to the series' scale
-        floor = self.smallest_positive if math.isfinite(self.smallest_positive) else 1.0
-        return math.log(floor) - math.log(1e6)
+    # The scale --------------------------------------------------------------------------------------
 
-    def update(self, value: float) -> Verdict | None:
-        """Take the next value; return a :class:`Verdict` if it completes a drop, a spike or is non-finite.
+    @property
+    def scale(self) -> str:
+        """``"log_above_floor"``, ``"log"`` or ``"signed"``: the scale values are judged on now."""
+        if self.floor is not None:
+            return "log_above_floor"
+        return "log" if self.all_positive else "signed"
+
+    def _to(self, value: float) -> float:
+        if self.floor is not None:
+            return math.log(value - self.floor)
+        return math.log(value) if self.all_positive else value
+
+    def _back(self, value: float) -> float:
+        if self.floor is not None:
+            return math.exp(value) + self.floor
+        return math.exp(value) if self.all_positive else value
+
+    def _block(self, block: tuple[int, int, float, float, int]) -> float:
+        """A block's median on the judged scale."""
+        return (self._to(block[2]) + self._to(block[3])) / 2
+
+    def _least(self, forecast: float) -> tuple[float, float]:
+        """The smallest change below / above ``forecast`` (on the judged scale) that counts."""
+        if self.scale != "signed":
+            return self._log_below, self._log_above
+        size = max(abs(forecast), sum(abs(v) for v in self._recent_values) / len(self._recent_values))
+        return self.min_change * size, self.min_change * size
+
+    def _value_noise(self) -> float:
+        """Sigma of single values on the judged scale, from successive differences (robust to any smooth trend)."""
+        values = [self._to(v) for v in self._recent_values]
+        if len(values) < 3:
+            return 0.0
+        return _MAD_TO_SIGMA * _median([abs(b - a) for a, b in itertools.pairwise(values)]) / math.sqrt(2)
+
+    # Updates ----------------------------------------------------------------------------------------
+
+    def update(self, value: float, step: int | None = None) -> Verdict | None:
+        """Take the next value; return a :class:`Verdict` if it completes a drop or spike, or cannot be.
 
         Args:
             value: The next value of the series.
+            step: Its training step (increasing); by default one step after the last value.
         """
+        step = self.last_step + 1 if step is None else int(step)
         if not math.isfinite(value):
-            return Verdict("non_finite", value, math.nan, math.nan, math.nan, self.threshold, math.nan, self.seen)
-        if len(self.recent) == self.persistence:
-            self._admit(self.recent[0])
-        self.recent.append(self._log(value))
+            return self._verdict("non_finite", value, math.nan, math.nan, math.nan, step, 1)
+        if self.floor is not None and value <= self.floor:
+            return self._verdict("impossible", value, self.floor, value, math.nan, step, 1)
+        if step <= self.last_step:  # a repeated or earlier step (a re-run validation): judged as the next one
+            step = self.last_step + 1
+        if self.last_step >= 0:
+            self._gaps.append(step - self.last_step)
+            if self.seen % 16 == 0:
+                self._interval = _lower_median(list(self._gaps))
+        self.last_step = step
         self.seen += 1
-        if (
-            self.seen < self.warmup
-            or len(self.recent) < self.persistence
-            or len(self.baseline) < max(4, self.window // 2)
-        ):
-            return None
-        return self._judge(value)
-
-    def _changed(self) -> None:
-        self._version += 1
-
-    def _fit(self) -> _Trend:
-        """The baseline's robust line (computed once per baseline)."""
-        if self._fitted is None or self._fitted[0] != self._version:
-            self._fitted = (self._version, self._trend(list(self.baseline)))
-        return self._fitted[1]
-
-    def _sigma(self) -> float:
-        """The baseline's robust sigma; asked for only where the fixed ``min_change`` bound does not decide."""
-        if self._spread is None or self._spread[0] != self._version:
-            self._spread = (self._version, _robust_sigma(self._fit()))
-        return self._spread[1]
-
-    def _trend(self, values: list[float]) -> _Trend:
-        """Robust line through ``values``: slope, intercept, the latest level and the residuals."""
-        half = len(values) // 2
-        slope = (_median(values[-half:]) - _median(values[:half])) / (len(values) - half)
-        residuals = [v - slope * t for t, v in enumerate(values)]
-        return _Trend(slope, _median(residuals), _median(values[-self.persistence :]), residuals)
-
-    def _bounds(self, sigma: float) -> tuple[float, float]:
-        """How far (in log units) the recent median must lie below / above the forecast to count."""
-        beyond_noise = self.threshold * sigma * _MEDIAN_SE / math.sqrt(self.persistence)
-        return max(beyond_noise, self._least_below), max(beyond_noise, self._least_above)
-
-    def _admit(self, x: float) -> None:
-        """Move a value leaving the recent window into the baseline, unless it lies beyond a decision bound.
-
-        Held-out values keep a drop (or spike) that unfolds over many values from dragging the baseline
-        along with it; if they persist for a whole window without a decision, the new level is accepted.
-        """
-        if len(self.baseline) < max(4, self.window // 2):
-            self.baseline.append(x)
-            self._changed()
-            return
-        slope, intercept, latest, _ = self._fit()
-        forecast = intercept + slope * len(self.baseline)
-        low, high = x - min(forecast, latest), x - max(forecast, latest)
-        # within the min_change bounds the value is admitted whatever the noise (the bounds are never smaller)
-        if (low < -self._least_below or high > self._least_above) and self._beyond(low, high):
-            self.held += 1
-            if self.held < self.window:
-                return
-            self.baseline.clear()  # a new level that lasted a whole window: accept it
-            self.older.clear()
-        self.held = 0
-        if len(self.baseline) == self.window:
-            self.older.append(self.baseline[0])
-        self.baseline.append(x)
-        self._changed()
-
-    def _beyond(self, low: float, high: float) -> bool:
-        below, above = self._bounds(self._sigma())
-        return low < -below or high > above
-
-    def _judge(self, value: float) -> Verdict | None:
-        # The noise (a MAD: a list and a sort) is computed only where the fixed min_change bounds, which the
-        # decision bounds never undercut, leave the decision open: on most values of a quiet series, never.
-        slope, intercept, latest, _ = self._fit()
-        start = len(self.baseline)
-        forecasts = [intercept + slope * (start + j) for j in range(len(self.recent))]
-        below = _median([x - min(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
-        above = _median([x - max(f, latest) for x, f in zip(self.recent, forecasts, strict=True)])
-        dropped = below < -self._least_below and below < -self._bounds(self._sigma())[0]
-        if not dropped and self.long_horizon and len(self.older) == self.window:
-            old = self._trend(list(self.older))
-            ahead = len(self.older) + start  # the recent values' positions, counted from the older window
-            old_forecasts = [old.intercept + old.slope * (ahead + j) for j in range(len(self.recent))]
-            long_below = _median([x - min(f, old.latest) for x, f in zip(self.recent, old_forecasts, strict=True)])
-            noise = max(_robust_sigma(old), self._sigma()) if long_below < -self._least_below else 0.0
-            if noise and long_below < -self._bounds(noise)[0]:
-                dropped, below, forecasts = True, long_below, old_forecasts
-        spiked = above > self._least_above and above > self._bounds(self._sigma())[1]
-        if not self.spike_armed and not spiked and above < self._bounds(self._sigma())[1] / 2:
-            self.spike_armed = True  # back near the forecast: a later spike is a new one
-        kind = None
-        if dropped and self.direction in ("drop", "both"):
-            kind = "drop"
-        elif spiked and self.spike_armed and self.direction in ("spike", "both"):
-            kind = "spike"
-        if kind is None:
-            return None
-        level_residual = below if dropped or not spiked else above
-        score = level_residual / (self._sigma() * _MEDIAN_SE / math.sqrt(len(self.recent)))
-        forecast_log = forecasts[-1]
-        level = math.exp(_median(list(self.recent)))
-        onset = self.seen - len(self.recent)
-        verdict = Verdict(
-            kind, value, math.exp(forecast_log), level, score, self.threshold, math.expm1(level_residual), onset
-        )
-        if kind == "drop":  # restart the baseline at the new level, so one drop is flagged once
-            self.baseline.clear()
-            self.older.clear()
-            self.baseline.extend(self.recent)
-            self.recent.clear()
-            self.held = 0
-            self._changed()
-        else:  # keep judging against the old baseline, but flag this spike once
-            self.spike_armed = False
+        if value <= 0:
+            self.all_positive = False
+        self._recent_values.append(value)
+        if self.since_step is None:
+            self.since_step = step
+        verdict = None
+        for k, level in enumerate(self._levels):
+            if level.add(step, value) and verdict is None and self._active(k):
+                verdict = self._judge(level, value)
         return verdict
+
+    def _active(self, k: int) -> bool:
+        """Levels whose blocks are shorter than the sampling interval hold one value per block, like the
+        first level that is not: only that level and coarser ones judge."""
+        return (1 << k) * 1.5 >= self._interval
+
+    def _judge(self, level: _Level, value: float) -> Verdict | None:
+        blocks = list(level.blocks)
+        persistence, evidence = 0, 0
+        while persistence < min(len(blocks), 3 * self.persistence) and (
+            persistence < self.persistence or evidence < MIN_EVIDENCE
+        ):
+            persistence += 1
+            evidence += blocks[-persistence][4]
+        if evidence < MIN_EVIDENCE or len(blocks) < self.window + persistence:
+            return None
+        blocks = blocks[-self.window - persistence :]
+        baseline, recent = blocks[: self.window], blocks[self.window :]
+        base = [self._block(b) for b in baseline]
+        now = _median([self._block(b) for b in recent])
+        lowest, highest = min(base), max(base)
+        least_below, least_above = self._least(_median(base))
+        if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
+            # back where a flagged spike rose from: its blocks leave every baseline, so neither the way back
+            # nor what follows is judged against them
+            self._forget_spike()
+            return None
+        dropping = now < lowest - least_below
+        spiking = now > highest + least_above
+        if not (dropping or spiking):
+            return None
+        xs = [(b[0] + b[1]) / 2 for b in baseline]
+        slope, intercept = _theil_sen(xs, base)
+        forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
+        forecast = _median(forecasts)
+        residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
+        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
+        per_block = sum(b[4] for b in baseline) / len(baseline)
+        floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
+        kept = [self._block(b) for b in level.blocks if b[0] >= self.since_step]
+        wander = _MAD_TO_SIGMA * _median([abs(b - a) for a, b in itertools.pairwise(kept)]) / math.sqrt(2)
+        sigma = max(spread, wander, floor_noise, 1e-12)
+        error = sigma * _MEDIAN_SE / math.sqrt(persistence)
+        least_below, least_above = self._least(forecast)
+        bound_below = max(self.threshold * error, least_below)
+        bound_above = max(self.threshold * error, least_above)
+        score = residual / error
+        if dropping and residual < -bound_below:
+            if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
+                return None  # back from a spike, not below where it rose from
+            if not self._armed():
+                return None
+            verdict = self._verdict(
+                "drop",
+                value,
+                self._back(forecast),
+                self._back(now),
+                score,
+                recent[0][0],
+                level.blocks[-1][1] - level.blocks[-1][0] + 1,
+                forecast_t=forecast,
+                now_t=now,
+            )
+            self._restart()
+            return verdict if self.direction != "spike" else None
+        if spiking and residual > bound_above and self.spike_armed and recent[0][0] > self.spike_step:
+            self.spike_armed, self.spike_step, self.spike_onset = False, self.last_step, recent[0][0]
+            if self.pre_spike is None or self._to(self.pre_spike) > forecast:
+                self.pre_spike = self._back(forecast)
+            if self.direction == "drop":
+                return None
+            return self._verdict(
+                "spike",
+                value,
+                self._back(forecast),
+                self._back(now),
+                score,
+                recent[0][0],
+                level.blocks[-1][1] - level.blocks[-1][0] + 1,
+                forecast_t=forecast,
+                now_t=now,
+            )
+        return None
+
+    def _armed(self) -> bool:
+        """Whether the descent that began this history has slowed (checked until it has, then kept)."""
+        if self.armed:
+            return True
+        for level in self._levels:  # the finest level whose blocks still cover the whole history
+            blocks = [b for b in level.blocks if b[0] >= (self.since_step or 0) >> level.shift << level.shift]
+            if len(level.blocks) == level.blocks.maxlen and level.blocks[0][0] > (self.since_step or 0):
+                continue
+            if len(blocks) < _ARMING_BLOCKS:
+                return False
+            series = [self._block(b) for b in blocks]
+            quarter = max(1, len(series) // 4)
+            middle = len(series) // 2
+            start = _median(series[:quarter])
+            half = _median(series[middle - quarter // 2 : middle - quarter // 2 + quarter])
+            end = _median(series[-quarter:])
+            least = self._least(end)[0]
+            # no longer speeding up: the recent half fell no more than the first half did (or too little to count)
+            self.armed = start - end <= least or half - end <= max(start - half, least)
+            return self.armed
+        return False
+
+    def _verdict(
+        self,
+        kind: str,
+        value: float,
+        forecast: float,
+        level: float,
+        score: float,
+        onset_step: int,
+        block_steps: int,
+        forecast_t: float | None = None,
+        now_t: float | None = None,
+    ) -> Verdict:
+        difference = level - forecast
+        if forecast_t is not None and now_t is not None and self.scale != "signed":
+            change = math.expm1(now_t - forecast_t)
+        else:
+            change = difference / abs(forecast) if forecast else math.nan
+        return Verdict(
+            kind, value, forecast, level, score, self.threshold, change, difference, onset_step, block_steps, self.scale
+        )
 
     # Checkpointing -----------------------------------------------------------------------------------
 
@@ -275,12 +413,21 @@ class DropDetector:
         """Everything needed to continue exactly where this detector is, as plain data."""
         return {
             "seen": self.seen,
-            "smallest_positive": self.smallest_positive,
-            "baseline": list(self.baseline),
-            "older": list(self.older),
-            "recent": list(self.recent),
-            "held": self.held,
+            "all_positive": self.all_positive,
+            "last_step": self.last_step,
+            "levels": [
+                {"block": lv.current_block, "current": list(lv.current), "blocks": [list(b) for b in lv.blocks]}
+                for lv in self._levels
+            ],
+            "recent_values": list(self._recent_values),
+            "gaps": list(self._gaps),
+            "interval": self._interval,
+            "armed": self.armed,
+            "since_step": self.since_step,
+            "pre_spike": self.pre_spike,
             "spike_armed": self.spike_armed,
+            "spike_step": self.spike_step,
+            "spike_onset": self.spike_onset,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -289,11 +436,20 @@ class DropDetector:
         Args:
             state: A dict from :meth:`state_dict`.
         """
+        self.reset()
         self.seen = int(state["seen"])
-        self.smallest_positive = float(state["smallest_positive"])
-        self.baseline = deque(state["baseline"], maxlen=self.window)
-        self.older = deque(state["older"], maxlen=self.window)
-        self.recent = deque(state["recent"], maxlen=self.persistence)
-        self.held = int(state["held"])
+        self.all_positive = bool(state["all_positive"])
+        self.last_step = int(state["last_step"])
+        for level, saved in zip(self._levels, state["levels"], strict=True):
+            level.current_block = saved["block"]
+            level.current = [float(v) for v in saved["current"]]
+            level.blocks.extend((int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4])) for b in saved["blocks"])
+        self._recent_values.extend(float(v) for v in state["recent_values"])
+        self._gaps.extend(int(g) for g in state["gaps"])
+        self._interval = int(state["interval"])
+        self.armed = bool(state["armed"])
+        self.since_step = state["since_step"]
+        self.pre_spike = state["pre_spike"]
         self.spike_armed = bool(state["spike_armed"])
-        self._changed()
+        self.spike_step = int(state["spike_step"])
+        self.spike_onset = int(state["spike_onset"])
