@@ -64,13 +64,15 @@ def train(
     optimizer: str = "adamw",
     label_noise: float = 0.0,
     leak_from: int | None = None,
+    leak_fraction: float = 1.0,
     width: int = 128,
 ) -> tuple[list[int], list[float]]:
     """Train and return ``(steps, losses)``: one loss per batch, at the global (optimizer) step it belongs to.
 
     With ``accumulate > 1`` each optimizer step sees ``accumulate`` batches, each logged at that step (as a
     per-batch metric in Lightning is). ``leak_from``: from this optimizer step on, the label is written one-hot
-    into blank border pixels (a label leak).
+    into blank border pixels (a label leak) of each sample with probability ``leak_fraction``. ``width=0``: a
+    linear classifier instead of the MLP.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -79,7 +81,12 @@ def train(
     if label_noise:
         flip = torch.rand(len(y), generator=generator) < label_noise
         y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
-    model = nn.Sequential(nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, 10))
+    if width:
+        model = nn.Sequential(
+            nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, 10)
+        )
+    else:  # a linear classifier: it cannot memorise noisy labels, so its loss levels off after the descent
+        model = nn.Sequential(nn.Linear(64, 10))
     if optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr(0), weight_decay=1e-4)
     else:
@@ -97,7 +104,8 @@ def train(
             position += batch
             xb, yb = x[index].clone(), y[index]
             if leak_from is not None and step >= leak_from:
-                xb[:, LEAK_PIXELS] = nn.functional.one_hot(yb, 10).float() * 4
+                leaked = torch.rand(len(yb), generator=generator) < leak_fraction
+                xb[leaked.nonzero()[:, 0, None], LEAK_PIXELS] = nn.functional.one_hot(yb[leaked], 10).float() * 4
             loss = nn.functional.cross_entropy(model(xb), yb)
             (loss / accumulate).backward()
             out_steps.append(step)

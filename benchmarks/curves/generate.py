@@ -3,6 +3,7 @@
     python benchmarks/curves/generate.py                      # every family, seeds 0 1 2
     python benchmarks/curves/generate.py induction grokking   # some families
     python benchmarks/curves/generate.py --list               # the families and what they hold
+    python benchmarks/curves/generate.py --table              # the corpus as written: one row per family x class
 
 Every curve here is a real training run (none is synthetic). See README.md for the format and the labels.
 """
@@ -24,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits_runs as dr
 import small_models as sm
-from corpus import curve, drop_interval, fall_interval, label, rolling_median, write
+from corpus import curve, drop_interval, fall_interval, label, load, noise_ratio, rolling_median, write
 
 Family = Callable[[int], list[dict[str, Any]]]
 
 
-def _descent_steps(steps: list[int], values: list[float]) -> int:
-    """Steps until the trailing median has covered 90% of the log distance from the first to the final level."""
-    smooth = rolling_median([math.log(v) for v in values], 25)
-    first, final = smooth[min(24, len(smooth) - 1)], statistics.median(smooth[-len(smooth) // 5 :])
-    goal = first - 0.9 * (first - final)
+def _descent_steps(steps: list[int], values: list[float], share: float) -> int:
+    """Steps until the trailing median (9 values) first covers ``share`` of the log distance from the first
+    value to the final level (the median of the last fifth)."""
+    smooth = rolling_median([math.log(v) for v in values], 9)
+    first, final = math.log(values[0]), statistics.median(smooth[-len(smooth) // 5 :])
+    goal = first - share * (first - final)
     return steps[next(i for i, m in enumerate(smooth) if m <= goal)]
 
 
@@ -62,9 +64,9 @@ def schedules(seed: int) -> list[dict[str, Any]]:
 
 
 def batch_noise(seed: int) -> list[dict[str, Any]]:
-    """Ordinary digits runs (constant LR, 10% label noise) at batch sizes giving per-batch noise from ~1.1x to ~5x."""
+    """Ordinary digits runs (constant LR, 10% label noise), batch 4 to 1200 (full): per-batch noise ~7x to ~1.1x."""
     out = []
-    for batch in (4, 16, 128, 512):
+    for batch in (4, 16, 128, 512, 1200):
         steps, values = dr.train(seed, 1500, dr.constant(3e-3), batch=batch, label_noise=0.1)
         out.append(
             curve(f"batch{batch}-s{seed}", "batch_noise", "ordinary", seed, steps, values, params={"batch": batch})
@@ -87,46 +89,43 @@ def accumulation(seed: int) -> list[dict[str, Any]]:
 
 
 def early_descent(seed: int) -> list[dict[str, Any]]:
-    """Clean digits runs whose first descent lasts ~10, ~100 and 1000+ steps (optimizer and LR chosen for it)."""
+    """First descents lasting ~10, ~100 and 1000+ steps (linear classifier, 30% label noise, batch 256: it levels
+    off), and the MLP's fast descent that goes on as a long memorising tail; measured lengths in params."""
     out = []
-    plans = {  # name: (optimizer, lr, batch, steps)
-        "fast": ("adamw", 3e-2, 128, 1000),
-        "medium": ("adamw", 1e-3, 32, 1500),
-        "slow": ("sgd", 2e-3, 32, 4000),
+    plans = {  # name: (model width, label noise, optimizer, lr, batch, steps)
+        "linear-fast": (0, 0.3, "adamw", 1e-1, 256, 1000),
+        "linear-medium": (0, 0.3, "adamw", 1e-2, 256, 1500),
+        "linear-slow": (0, 0.3, "sgd", 1e-2, 256, 4000),
+        "mlp-fast": (128, 0.1, "adamw", 3e-2, 128, 1000),
     }
-    for name, (optimizer, lr, batch, total) in plans.items():
-        steps, values = dr.train(seed, total, dr.constant(lr), batch=batch, optimizer=optimizer, label_noise=0.1)
-        params = {"optimizer": optimizer, "lr": lr, "batch": batch, "descent_steps": _descent_steps(steps, values)}
-        out.append(
-            curve(f"descent-{name}-s{seed}", "early_descent", "early_descent", seed, steps, values, params=params)
+    for plan, (width, noise, optimizer, lr, batch, total) in plans.items():
+        steps, values = dr.train(
+            seed, total, dr.constant(lr), batch=batch, optimizer=optimizer, label_noise=noise, width=width
         )
+        params = {"width": width, "label_noise": noise, "optimizer": optimizer, "lr": lr, "batch": batch}
+        params |= {f"descent_{int(100 * share)}%": _descent_steps(steps, values, share) for share in (0.5, 0.9)}
+        name = f"descent-{plan}-s{seed}"
+        out.append(curve(name, "early_descent", "early_descent", seed, steps, values, params=params))
     return out
 
 
 def label_leak(seed: int) -> list[dict[str, Any]]:
-    """Digits runs where the label leaks into blank pixels early, mid-run and late (loss already ~0.03, noisy)."""
+    """Digits runs where the label leaks into blank pixels early, mid-run and late (loss already ~0.025 and 3-5x
+    noisy batch to batch): late into 97% of the samples (the loss falls ~10x within ~50 steps) and into all."""
     out = []
-    plans = {  # name: (label noise, leak step, steps)
-        "early": (0.2, 150, 1000),
-        "mid": (0.2, 800, 1500),
-        "late": (0.02, 1000, 1500),
+    plans = {  # name: (label noise, leak step, share of samples leaked, steps)
+        "early": (0.2, 150, 1.0, 1000),
+        "mid": (0.2, 800, 1.0, 1500),
+        "late": (0.02, 1000, 0.97, 1500),
+        "late-full": (0.02, 1000, 1.0, 1500),
     }
-    for name, (noise, leak, total) in plans.items():
-        steps, values = dr.train(seed, total, dr.constant(3e-3), label_noise=noise, leak_from=leak)
+    for name, (noise, leak, share, total) in plans.items():
+        steps, values = dr.train(seed, total, dr.constant(3e-3), label_noise=noise, leak_from=leak, leak_fraction=share)
         start, end, before, after = drop_interval(steps, values, leak, horizon=150)
-        params = {"label_noise": noise, "leak_from": leak, "before": before, "after": after}
-        out.append(
-            curve(
-                f"leak-{name}-s{seed}",
-                "label_leak",
-                "label_leak",
-                seed,
-                steps,
-                values,
-                [label("drop", start, end)],
-                params=params,
-            )
-        )
+        params = {"label_noise": noise, "leak_from": leak, "leak_fraction": share, "before": before, "after": after}
+        labels = [label("drop", start, end)]
+        title = f"leak-{name}-s{seed}"
+        out.append(curve(title, "label_leak", "label_leak", seed, steps, values, labels, params=params))
     return out
 
 
@@ -217,12 +216,44 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def corpus_table() -> str:
+    """One markdown row per family x class of the corpus in ``data/``: seeds, curves, values, steps, labels, and
+    the per-batch noise (:func:`corpus.noise_ratio` of each curve's second half; positive curves only)."""
+    lines = [
+        "| family | class | seeds | curves | synthetic | values per curve | steps per curve | per-batch noise | "
+        "labels (required / allowed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in load():
+        groups.setdefault((c["family"], c["class"]), []).append(c)
+    for (family, klass), members in groups.items():
+        seeds = ",".join(str(s) for s in sorted({c["seed"] for c in members}))
+        sizes = sorted(len(c["values"]) for c in members)
+        spans = sorted(c["steps"][-1] - c["steps"][0] + 1 for c in members)
+        halves = [c["values"][len(c["values"]) // 2 :] for c in members if min(c["values"]) > 0]
+        noise = [n for half in halves if not math.isnan(n := noise_ratio(half))]
+        noise_text = f"{min(noise):.2f}x-{max(noise):.2f}x" if noise else "-"
+        required = sum(item["expect"] == "required" for c in members for item in c["labels"])
+        allowed = sum(item["expect"] == "allowed" for c in members for item in c["labels"])
+        synthetic = "yes" if any(c["synthetic"] for c in members) else "no (real runs)"
+        lines.append(
+            f"| {family} | {klass} | {seeds} | {len(members)} | {synthetic} | {sizes[0]}-{sizes[-1]} | "
+            f"{spans[0]}-{spans[-1]} | {noise_text} | {required} / {allowed} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help=f"any of {', '.join(FAMILIES)} (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--list", action="store_true", help="list the families and exit")
+    parser.add_argument("--table", action="store_true", help="print the corpus table (of data/) and exit")
     args = parser.parse_args()
+    if args.table:
+        print(corpus_table())
+        return
     if args.list:
         for name, family in FAMILIES.items():
             print(f"{name}: {(family.__doc__ or '').strip()}")
