@@ -4,6 +4,10 @@
     python benchmarks/loss_drop.py --quick         # seed 0 only
     python benchmarks/loss_drop.py --json out.json # also write every number and every flag as JSON
     python benchmarks/loss_drop.py --sentinel my_module:make   # score another sentinel factory
+    python benchmarks/loss_drop.py --families label_leak induction --detectors sentinel
+
+From Python: ``results, cost = evaluate(curves, baselines(make))`` then ``summary_rows(curves, results)``
+(``curves`` from ``benchmarks/curves/corpus.load()``).
 
 Detectors, all on the same curves: the sentinel (``lightning_phases.detectors.change.DropDetector`` with the
 callback's defaults, through :func:`sentinel_factory`; or any ``make(curve) -> detector`` given with
@@ -444,20 +448,12 @@ def mlp_step_us(repeats: int = 300) -> float:
     return statistics.median(times[20:]) * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seed 0 only")
-    parser.add_argument("--json", type=Path, help="write every number and flag here")
-    parser.add_argument("--sentinel", help="MODULE:FACTORY, a make(curve) -> detector to score as the sentinel")
-    parser.add_argument("--families", nargs="+", help="only these corpus families")
-    parser.add_argument("--detectors", nargs="+", help="only these detectors (by name)")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    curves = [c for c in load(args.families) if not args.quick or c["seed"] == 0]
-    make_sentinel = load_factory(args.sentinel) if args.sentinel else sentinel_factory()
-    scratch = tempfile.mkdtemp(prefix="loss_drop_bench_")
-    monitors: dict[str, MonitorFactory | None] = {
+OPTIONAL = ("river PageHinkley", "river ADWIN", "ruptures PELT (offline)")  # skipped if not installed
+
+
+def baselines(make_sentinel: Callable[[dict[str, Any]], Any]) -> dict[str, MonitorFactory | None]:
+    """Every scored detector by name: a factory ``curve -> Monitor``, or None for the offline PELT."""
+    return {
         "sentinel": lambda c: Adapted(make_sentinel(c)),
         SPIKES_ONLY: lambda _: SpikeRule(),
         "river PageHinkley": lambda _: RiverPageHinkley(),
@@ -465,10 +461,20 @@ def main() -> None:
         "Theil-Sen + MAD blocks": TheilSenBlocks,
         "ruptures PELT (offline)": None,
     }
-    if args.detectors:
-        monitors = {name: make for name, make in monitors.items() if name in args.detectors}
-    classes = list(dict.fromkeys(c["class"] for c in curves))
-    results: dict[tuple[str, int], list[Score]] = {}
+
+
+Results = dict[tuple[str, int], list[Score]]
+
+
+def evaluate(
+    curves: list[dict[str, Any]], monitors: dict[str, MonitorFactory | None]
+) -> tuple[Results, dict[str, tuple[float, int]]]:
+    """Score every monitor on every curve at every sampling.
+
+    Returns ``{(name, k): [Score per curve]}`` and ``{name: (seconds, values)}`` at k = 1. A baseline in
+    ``OPTIONAL`` whose package is missing is left out (with a note on stderr); any other import error raises.
+    """
+    results: Results = {}
     cost: dict[str, tuple[float, int]] = {}
     for name, make in monitors.items():
         try:
@@ -485,16 +491,20 @@ def main() -> None:
                         total, n = cost.get(name, (0.0, 0))
                         cost[name] = (total + seconds, n + count)
                 results[name, k] = scores
-        except ImportError as error:  # river or ruptures not installed
+        except ImportError as error:
+            if name not in OPTIONAL:
+                raise
             print(f"skipped {name}: {error}", file=sys.stderr)
             continue
         print(f"scored {name}", file=sys.stderr, flush=True)
-    spike_check = None
-    if SPIKES_ONLY in monitors:
-        spike_check = check_spike_rule([c for c in curves if c["seed"] == 0], scratch)
+    return results, cost
+
+
+def summary_rows(curves: list[dict[str, Any]], results: Results) -> list[dict[str, Any]]:
+    """One row per class (and ``"all"``) x detector x sampling: the numbers the tables show."""
     names = list(dict.fromkeys(name for name, _ in results))
     rows = []
-    for group in [*classes, "all"]:
+    for group in [*dict.fromkeys(c["class"] for c in curves), "all"]:
         members = [i for i, c in enumerate(curves) if group in ("all", c["class"])]
         subset = [curves[i] for i in members]
         for name in names:
@@ -504,6 +514,30 @@ def main() -> None:
                     agree(c, results[name, 1][i], results[name, k][i]) for c, i in zip(subset, members, strict=True)
                 ]  # fmt: skip
                 rows.append({"class": group, "detector": name, "k": k, **summarise(subset, scores, agreements)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seed 0 only")
+    parser.add_argument("--json", type=Path, help="write every number and flag here")
+    parser.add_argument("--sentinel", help="MODULE:FACTORY, a make(curve) -> detector to score as the sentinel")
+    parser.add_argument("--families", nargs="+", help="only these corpus families")
+    parser.add_argument("--detectors", nargs="+", help="only these detectors (by name)")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    curves = [c for c in load(args.families) if not args.quick or c["seed"] == 0]
+    monitors = baselines(load_factory(args.sentinel) if args.sentinel else sentinel_factory())
+    if args.detectors:
+        monitors = {name: make for name, make in monitors.items() if name in args.detectors}
+    results, cost = evaluate(curves, monitors)
+    rows = summary_rows(curves, results)
+    names = list(dict.fromkeys(name for name, _ in results))
+    classes = list(dict.fromkeys(c["class"] for c in curves))
+    spike_check = None
+    if SPIKES_ONLY in monitors:
+        spike_check = check_spike_rule([c for c in curves if c["seed"] == 0], tempfile.mkdtemp(prefix="spikes_"))
     seeds = sorted({c["seed"] for c in curves})
     print(f"# Loss-drop detectors on the curve corpus: {len(curves)} curves, seeds {seeds}\n")
     print("Summary: required labels found / required (found within the delay target) · false alarms\n")

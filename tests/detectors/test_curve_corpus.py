@@ -127,3 +127,35 @@ def test_sampling_keeps_every_kth_value_with_its_step():
     every10 = corpus.curve("v", "toy", "grokking", 0, range(10, 1010, 10), [1.0] * 100, source="validation")
     assert loss_drop.sample(every10, 20)[0][:3] == [10, 30, 50]  # validation: at least 20 steps apart
     assert loss_drop.sample(every10, 5)[0] == every10["steps"]
+
+
+class _TakesStep:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, value, step):
+        self.seen.append((value, step))
+        return type("Verdict", (), {"kind": "drop"})() if value < 0.5 else None
+
+
+class _ValueOnly:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, value):
+        self.seen.append(value)
+
+
+def test_the_sentinel_adapter_passes_the_step_only_to_a_detector_that_takes_one():
+    with_step, value_only = _TakesStep(), _ValueOnly()
+    assert loss_drop.Adapted(with_step).update(0.4, 7) == loss_drop.Flag("drop", 7)
+    assert loss_drop.Adapted(value_only).update(0.4, 7) is None
+    assert with_step.seen == [(0.4, 7)] and value_only.seen == [0.4]
+
+
+def test_the_default_sentinel_factory_drives_the_project_detector_on_step_and_validation_curves():
+    make = loss_drop.sentinel_factory()
+    for c in (CURVES[0], BY_CLASS["grokking"][0]):
+        monitor = loss_drop.Adapted(make(c))
+        flags = [monitor.update(v, s) for s, v in zip(c["steps"], c["values"], strict=True)]
+        assert all(f is None or f.kind in ("drop", "spike", "non_finite", "impossible") for f in flags)
