@@ -159,8 +159,10 @@ def fall_interval(
     """The largest fall of a curve whose onset is not known (a phase change, grokking's collapse).
 
     The level before is the highest trailing median at or after ``after_step``, the level after the lowest
-    trailing median after it; the fall runs from the last step still within 10% of the way down (in log space if
-    ``log``) to the first step 90% of the way down. Returns ``(start, end, before, after)``.
+    trailing median after it; the fall runs from the last step still within 5% of the way down (in log space if
+    ``log``) to the first step 90% of the way down. Such falls leave their plateau gradually: a start at 5%
+    rather than later keeps an early, correct flag from counting as a false alarm. Returns
+    ``(start, end, before, after)``.
     """
     scaled = _scale(values, log)
     smooth = rolling_median(scaled, width)
@@ -169,7 +171,7 @@ def fall_interval(
     bottom = min(range(peak, len(smooth)), key=smooth.__getitem__)
     high, low = smooth[peak], smooth[bottom]
     end = next(i for i in range(peak, bottom + 1) if smooth[i] <= high - 0.9 * (high - low))
-    start = max(i for i in range(peak, end + 1) if smooth[i] >= high - 0.1 * (high - low))
+    start = max(i for i in range(peak, end + 1) if smooth[i] >= high - 0.05 * (high - low))
     unscale = math.exp if log else float
     return steps[start], steps[end], unscale(high), unscale(low)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import digits_runs as dr
 import small_models as sm
-from corpus import curve, drop_interval, fall_interval, label, load, noise_ratio, rolling_median, write
+from corpus import DATA, curve, drop_interval, fall_interval, label, load, noise_ratio, rolling_median, write
 
 Family = Callable[[int], list[dict[str, Any]]]
 
@@ -123,7 +123,8 @@ def label_leak(seed: int) -> list[dict[str, Any]]:
         steps, values = dr.train(seed, total, dr.constant(3e-3), label_noise=noise, leak_from=leak, leak_fraction=share)
         start, end, before, after = drop_interval(steps, values, leak, horizon=150)
         params = {"label_noise": noise, "leak_from": leak, "leak_fraction": share, "before": before, "after": after}
-        labels = [label("drop", start, end)]
+        # the leak's first batches bring pixel values the model never saw: the loss may rise before it falls
+        labels = [label("spike", start, end, "allowed"), label("drop", start, end)]
         title = f"leak-{name}-s{seed}"
         out.append(curve(title, "label_leak", "label_leak", seed, steps, values, labels, params=params))
     return out
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--list", action="store_true", help="list the families and exit")
     parser.add_argument("--table", action="store_true", help="print the corpus table (of data/) and exit")
+    parser.add_argument("--out", type=Path, default=DATA, help="directory to write to (default: data/ here)")
     args = parser.parse_args()
     if args.table:
         print(corpus_table())
@@ -265,7 +267,7 @@ def main() -> None:
     for name in args.families or FAMILIES:
         start = time.perf_counter()
         curves = [c for seed in args.seeds for c in FAMILIES[name](seed)]
-        path = write(name, curves)
+        path = write(name, curves, args.out)
         print(f"{name}: {len(curves)} curves, {time.perf_counter() - start:.0f} s -> {path}", flush=True)
 
 
