@@ -5,6 +5,7 @@
     python benchmarks/loss_drop.py --json out.json # also write every number and every flag as JSON
     python benchmarks/loss_drop.py --sentinel my_module:make   # score another sentinel factory
     python benchmarks/loss_drop.py --families label_leak induction --detectors sentinel
+    python benchmarks/loss_drop.py --classes ordinary nll_crossing --quick
 
 From Python: ``results, cost = evaluate(curves, baselines(make))`` then ``summary_rows(curves, results)``
 (``curves`` from ``benchmarks/curves/corpus.load()``).
@@ -523,13 +524,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every number and flag here")
     parser.add_argument("--sentinel", help="MODULE:FACTORY, a make(curve) -> detector to score as the sentinel")
     parser.add_argument("--families", nargs="+", help="only these corpus families")
+    parser.add_argument("--classes", nargs="+", help="only curves of these classes")
     parser.add_argument("--detectors", nargs="+", help="only these detectors (by name)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    curves = [c for c in load(args.families) if not args.quick or c["seed"] == 0]
+    curves = [
+        c
+        for c in load(args.families)
+        if (not args.quick or c["seed"] == 0) and (not args.classes or c["class"] in args.classes)
+    ]
     monitors = baselines(load_factory(args.sentinel) if args.sentinel else sentinel_factory())
     if args.detectors:
+        unknown = set(args.detectors) - set(monitors)
+        if unknown:
+            parser.error(f"unknown detectors {sorted(unknown)}; choose from {list(monitors)}")
         monitors = {name: make for name, make in monitors.items() if name in args.detectors}
     results, cost = evaluate(curves, monitors)
     rows = summary_rows(curves, results)
