@@ -92,16 +92,25 @@ def sentinel_factory() -> Callable[[dict[str, Any]], Any]:
 
 
 class Adapted(Monitor):
-    """Drives ``detector.update(value, step)``, or ``detector.update(value)`` where it takes no step."""
+    """Drives ``detector.update(value, step=step)`` where ``update`` has a ``step`` parameter (or takes a second
+    positional argument), else ``detector.update(value)``."""
 
     def __init__(self, detector: Any) -> None:
         self.detector = detector
-        parameters = inspect.signature(detector.update).parameters.values()
-        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.with_step = len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+        parameters = inspect.signature(detector.update).parameters
+        positional = [p for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.by_name = "step" in parameters and parameters["step"].kind is not inspect.Parameter.POSITIONAL_ONLY
+        self.by_position = not self.by_name and (
+            len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
+        )
 
     def update(self, value: float, step: int) -> Flag | None:
-        verdict = self.detector.update(value, step) if self.with_step else self.detector.update(value)
+        if self.by_name:
+            verdict = self.detector.update(value, step=step)
+        elif self.by_position:
+            verdict = self.detector.update(value, step)
+        else:
+            verdict = self.detector.update(value)
         return None if verdict is None else Flag(str(verdict.kind), step)
 
 

@@ -138,6 +138,14 @@ class _TakesStep:
         return type("Verdict", (), {"kind": "drop"})() if value < 0.5 else None
 
 
+class _StepByKeyword:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, value, *, step):
+        self.seen.append((value, step))
+
+
 class _ValueOnly:
     def __init__(self):
         self.seen = []
@@ -147,10 +155,11 @@ class _ValueOnly:
 
 
 def test_the_sentinel_adapter_passes_the_step_only_to_a_detector_that_takes_one():
-    with_step, value_only = _TakesStep(), _ValueOnly()
+    with_step, by_keyword, value_only = _TakesStep(), _StepByKeyword(), _ValueOnly()
     assert loss_drop.Adapted(with_step).update(0.4, 7) == loss_drop.Flag("drop", 7)
+    assert loss_drop.Adapted(by_keyword).update(0.6, 8) is None
     assert loss_drop.Adapted(value_only).update(0.4, 7) is None
-    assert with_step.seen == [(0.4, 7)] and value_only.seen == [0.4]
+    assert with_step.seen == [(0.4, 7)] and by_keyword.seen == [(0.6, 8)] and value_only.seen == [0.4]
 
 
 def test_the_default_sentinel_factory_drives_the_project_detector_on_step_and_validation_curves():
