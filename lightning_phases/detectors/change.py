@@ -27,12 +27,13 @@ last flagged drop) has stopped speeding up: over the history since then, the rec
 more than the first half, or by less than ``min_change``. However long an early descent that gathers speed
 lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
 
-The scale is chosen by the values: ``log(value - floor)`` when a lower bound ``floor`` is declared (a value
-at or below it is ``impossible``), ``log(value)`` while every value has been positive (relative changes;
-multiplying the series by a constant changes nothing), and the values themselves once a value <= 0 has been
-seen (signed losses such as a Gaussian NLL; changes are then relative to the forecast's magnitude and the
-series' typical size). Block summaries are lower medians kept in the series' own units, which commute with
-these monotone maps, so a change of scale re-judges the whole history exactly.
+The scale is chosen by the values: ``log(value - floor)`` while every value lies above a declared lower
+bound ``floor`` (a value below it is ``impossible``), ``log(value)`` while every value has been positive
+(relative changes; multiplying the series by a constant changes nothing), and the values themselves once a
+value at the floor (a hinge loss of exactly 0) or at or below 0 has been seen (signed losses such as a
+Gaussian NLL; changes are then relative to the forecast's magnitude and the series' typical size).
+Block summaries are their middle values, kept in the series' own units: a median commutes
+with these monotone maps, so a change of scale re-judges the whole history exactly.
 
 After a spike the drop back is not a drop: a drop must also end below the level the spike rose from.
 Non-finite values are reported on their own and never enter the state.
@@ -54,7 +55,8 @@ _MAD_TO_SIGMA = 1.4826
 _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units of sigma / sqrt(n)
 _NOISE_VALUES = 256  # last values the per-value noise is estimated from
 _ARMING_BLOCKS = 8
-MIN_EVIDENCE = 5  # values the recent blocks must hold together: sparse levels judge over more blocks
+_ARMING_EVERY = 4  # values between looks at whether the early descent stopped speeding up
+MIN_EVIDENCE = 8  # values the recent blocks must hold together: sparse levels judge over more blocks
 
 
 def _lower_median(values: list[float]) -> float:
@@ -82,6 +84,20 @@ def _theil_sen(xs: list[float], ys: list[float]) -> tuple[float, float]:
     ]
     slope = _median(slopes) if slopes else 0.0
     return slope, _median([y - slope * x for x, y in zip(xs, ys, strict=True)])
+
+
+def _difference_sigma(values: list[float]) -> float:
+    """Sigma of the noise around any smooth trend, from the spread of successive differences about their median
+    (a steady slope shifts every difference alike, so it is not counted as noise)."""
+    if len(values) < 3:
+        return 0.0
+    differences = [b - a for a, b in itertools.pairwise(values)]
+    centre = _median(differences)
+    deviations = [abs(d - centre) for d in differences]
+    typical = _median(deviations)
+    if typical == 0:  # most values repeat exactly (a hinge loss at 0): the mean deviation still sees the rest
+        return _MEDIAN_SE * sum(deviations) / len(deviations) / math.sqrt(2)
+    return _MAD_TO_SIGMA * typical / math.sqrt(2)
 
 
 @dataclass(frozen=True)
@@ -154,15 +170,15 @@ class DropDetector:
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
         window: Blocks in each level's baseline (the forecast's line and the noise are fitted on them).
         persistence: Newest blocks whose median must deviate (more, up to three times as many, until they
-            hold at least 5 values); the detection delay is about this many blocks of the level that decides.
-        floor: A declared lower bound of the series (``0.0`` for a cross-entropy); a value at or below it is
-            an ``"impossible"`` verdict, and changes are judged in ``log(value - floor)``.
+            hold at least 8 values); the detection delay is about this many blocks of the level that decides.
+        floor: A declared lower bound of the series (``0.0`` for a cross-entropy); a value below it is an
+            ``"impossible"`` verdict, and changes are judged in ``log(value - floor)`` while values stay above it.
     """
 
     def __init__(
         self,
         direction: Direction = "drop",
-        threshold: float = 5.0,
+        threshold: float = 6.0,
         min_change: float = 0.2,
         window: int = 12,
         persistence: int = 3,
@@ -186,6 +202,7 @@ class DropDetector:
         self.seen = 0
         self.all_positive = True
         self.last_step = -1
+        self._magnitude = 0.0  # the sum of |value|: the series' typical size, for changes on the signed scale
         self._levels = [_Level(k, 4 * self.window + 3 * self.persistence) for k in range(LEVELS)]
         self._recent_values: deque[float] = deque(maxlen=_NOISE_VALUES)
         self._gaps: deque[int] = deque(maxlen=15)
@@ -216,19 +233,15 @@ class DropDetector:
     @property
     def scale(self) -> str:
         """``"log_above_floor"``, ``"log"`` or ``"signed"``: the scale values are judged on now."""
-        if self.floor is not None:
-            return "log_above_floor"
-        return "log" if self.all_positive else "signed"
+        if not self.all_positive:
+            return "signed"
+        return "log" if self.floor is None else "log_above_floor"
 
     def _to(self, value: float) -> float:
-        if self.floor is not None:
-            return math.log(value - self.floor)
-        return math.log(value) if self.all_positive else value
+        return math.log(value - (self.floor or 0.0)) if self.all_positive else value
 
     def _back(self, value: float) -> float:
-        if self.floor is not None:
-            return math.exp(value) + self.floor
-        return math.exp(value) if self.all_positive else value
+        return math.exp(value) + (self.floor or 0.0) if self.all_positive else value
 
     def _block(self, block: tuple[int, int, float, float, int]) -> float:
         """A block's median on the judged scale."""
@@ -238,15 +251,12 @@ class DropDetector:
         """The smallest change below / above ``forecast`` (on the judged scale) that counts."""
         if self.scale != "signed":
             return self._log_below, self._log_above
-        size = max(abs(forecast), sum(abs(v) for v in self._recent_values) / len(self._recent_values))
+        size = max(abs(forecast), self._magnitude / self.seen)
         return self.min_change * size, self.min_change * size
 
     def _value_noise(self) -> float:
         """Sigma of single values on the judged scale, from successive differences (robust to any smooth trend)."""
-        values = [self._to(v) for v in self._recent_values]
-        if len(values) < 3:
-            return 0.0
-        return _MAD_TO_SIGMA * _median([abs(b - a) for a, b in itertools.pairwise(values)]) / math.sqrt(2)
+        return _difference_sigma([self._to(v) for v in self._recent_values])
 
     # Updates ----------------------------------------------------------------------------------------
 
@@ -260,7 +270,7 @@ class DropDetector:
         step = self.last_step + 1 if step is None else int(step)
         if not math.isfinite(value):
             return self._verdict("non_finite", value, math.nan, math.nan, math.nan, step, 1)
-        if self.floor is not None and value <= self.floor:
+        if self.floor is not None and value < self.floor:
             return self._verdict("impossible", value, self.floor, value, math.nan, step, 1)
         if step <= self.last_step:  # a repeated or earlier step (a re-run validation): judged as the next one
             step = self.last_step + 1
@@ -270,12 +280,15 @@ class DropDetector:
                 self._interval = _lower_median(list(self._gaps))
         self.last_step = step
         self.seen += 1
-        if value <= 0:
+        if value <= (self.floor or 0.0):
             self.all_positive = False
         self._recent_values.append(value)
+        self._magnitude += abs(value)
         if self.since_step is None:
             self.since_step = step
         verdict = None
+        if not self.armed and self.seen % _ARMING_EVERY == 0:
+            self._arm()  # judged on the history before any evidence of a drop, as it grows
         for k, level in enumerate(self._levels):
             if level.add(step, value) and verdict is None and self._active(k):
                 verdict = self._judge(level, value)
@@ -319,8 +332,7 @@ class DropDetector:
         spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
         per_block = sum(b[4] for b in baseline) / len(baseline)
         floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
-        kept = [self._block(b) for b in level.blocks if b[0] >= self.since_step]
-        wander = _MAD_TO_SIGMA * _median([abs(b - a) for a, b in itertools.pairwise(kept)]) / math.sqrt(2)
+        wander = _difference_sigma([self._block(b) for b in level.blocks if b[0] >= self.since_step])
         sigma = max(spread, wander, floor_noise, 1e-12)
         error = sigma * _MEDIAN_SE / math.sqrt(persistence)
         least_below, least_above = self._least(forecast)
@@ -330,7 +342,7 @@ class DropDetector:
         if dropping and residual < -bound_below:
             if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
                 return None  # back from a spike, not below where it rose from
-            if not self._armed():
+            if not self.armed:
                 return None
             verdict = self._verdict(
                 "drop",
@@ -364,16 +376,14 @@ class DropDetector:
             )
         return None
 
-    def _armed(self) -> bool:
-        """Whether the descent that began this history has slowed (checked until it has, then kept)."""
-        if self.armed:
-            return True
+    def _arm(self) -> None:
+        """Arm once the descent that began this history has stopped speeding up (then it stays armed)."""
         for level in self._levels:  # the finest level whose blocks still cover the whole history
             blocks = [b for b in level.blocks if b[0] >= (self.since_step or 0) >> level.shift << level.shift]
             if len(level.blocks) == level.blocks.maxlen and level.blocks[0][0] > (self.since_step or 0):
                 continue
             if len(blocks) < _ARMING_BLOCKS:
-                return False
+                return
             series = [self._block(b) for b in blocks]
             quarter = max(1, len(series) // 4)
             middle = len(series) // 2
@@ -383,8 +393,7 @@ class DropDetector:
             least = self._least(end)[0]
             # no longer speeding up: the recent half fell no more than the first half did (or too little to count)
             self.armed = start - end <= least or half - end <= max(start - half, least)
-            return self.armed
-        return False
+            return
 
     def _verdict(
         self,
@@ -415,6 +424,7 @@ class DropDetector:
             "seen": self.seen,
             "all_positive": self.all_positive,
             "last_step": self.last_step,
+            "magnitude": self._magnitude,
             "levels": [
                 {"block": lv.current_block, "current": list(lv.current), "blocks": [list(b) for b in lv.blocks]}
                 for lv in self._levels
@@ -440,6 +450,7 @@ class DropDetector:
         self.seen = int(state["seen"])
         self.all_positive = bool(state["all_positive"])
         self.last_step = int(state["last_step"])
+        self._magnitude = float(state["magnitude"])
         for level, saved in zip(self._levels, state["levels"], strict=True):
             level.current_block = saved["block"]
             level.current = [float(v) for v in saved["current"]]
