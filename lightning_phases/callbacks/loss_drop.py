@@ -34,9 +34,6 @@ from lightning_phases.validation import (
 )
 
 OnViolation = Literal["warn", "checkpoint", "suspend", "raise"]
-# Detector settings by where the values come from: per training step, or once per validation.
-STEP_DEFAULTS: dict[str, Any] = {"window": 50, "persistence": 8, "warmup": 100, "long_horizon": False}
-VALIDATION_DEFAULTS: dict[str, Any] = {"window": 12, "persistence": 2, "warmup": 6, "long_horizon": True}
 CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkpoints)
 # A learning rate counts as changed once some param group's rate moved by more than this (relative) from the
 # last recorded rates: a step cut or a restart does, the small per-step moves of a long cosine or linear
@@ -47,10 +44,13 @@ LR_CHANGE = 0.1
 class LossDropSentinel(PhaseCallback):
     """Catch sudden drops (and, if asked, spikes) in the training loss or any logged metric.
 
-    Each value is judged by a robust, trend-aware, scale-free detector
-    (:class:`lightning_phases.detectors.change.DropDetector`): in log space, against a robust line through
-    recent history, with persistence and a warm-up, so the fast descent at the start of training, ordinary
-    noise and a spike's recovery are never flagged. A flagged drop says what coincided with it, within the
+    Each value is judged with its training step by a robust, trend-aware, multi-scale detector
+    (:class:`lightning_phases.detectors.change.DropDetector`): at every time scale from one step to
+    thousands, the newest blocks' median against a Theil-Sen line through the blocks before, in log space
+    for positive values and in the values' own units once a value <= 0 appears, with no warm-up count: drops
+    are judged once the early descent stops speeding up, so it is never flagged, however long it lasts, and
+    neither are ordinary noise or a spike's way back. A value below a declared ``floor`` is a critical
+    ``impossible_loss`` event whatever the detector thinks. A flagged drop says what coincided with it, within the
     detection window: a change of any optimizer param group's learning rate by more than 10% (a step cut, a
     restart; not the small per-step moves of a long cosine schedule), or of the set of trainable parameters
     (an unfreeze). Values are kept on the device and checked every ``check_every_n_steps`` steps,
@@ -71,15 +71,16 @@ class LossDropSentinel(PhaseCallback):
         strict: When the monitored metric has not been logged by the end of a training epoch in which
             validation ran (or of the first epoch, when there is no validation), raise a ``ValueError`` that
             lists the logged metrics; ``False`` warns once instead (as ``EarlyStopping(strict=...)``).
-        threshold: How many standard errors of the recent median (from the baseline's robust spread, in log
-            space) a deviation must exceed.
+        threshold: How many standard errors of the recent blocks' median (from the robust spread of blocks at
+            the same time scale) a change must exceed.
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
-        window: Values in the baseline; default 50 for per-step values, 12 for validation values.
-        persistence: Recent values whose median must deviate; default 8 per step, 2 for validation.
-        warmup: Values seen before the first decision; default 100 per step, 6 for validation.
-        long_horizon: Also judge against the trend of the window before the baseline, so a steady fall after
-            a long plateau (the validation loss of grokking) is flagged; default on for validation values, off
-            for per-step values (too noisy to extrapolate an old trend that far).
+        window: Blocks each time scale's forecast and noise are fitted on.
+        persistence: Newest blocks whose median must deviate (more where they hold fewer than 8 values); the
+            detection delay is about this many blocks of the time scale that decides.
+        floor: A lower bound the monitored value cannot cross when the code is right (``0.0`` for a
+            cross-entropy or an MSE); the first value below it is a ``critical`` ``impossible_loss`` event,
+            then the ``on_violation`` action. Changes are then judged in ``log(value - floor)``. ``None``
+            declares no bound.
         check_every_n_steps: Training steps between checks of per-step values; between checks values stay on
             the device with no host synchronisation. Validation values are checked when validation ends.
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
@@ -102,10 +103,9 @@ class LossDropSentinel(PhaseCallback):
         strict: bool = True,
         threshold: PositiveFloat = 7.0,
         min_change: OpenUnitFloat = 0.2,
-        window: PositiveInt | None = None,
-        persistence: PositiveInt | None = None,
-        warmup: NonNegativeInt | None = None,
-        long_horizon: bool | None = None,
+        window: PositiveInt = 12,
+        persistence: PositiveInt = 3,
+        floor: float | None = None,
         check_every_n_steps: PositiveInt = 10,
         cooldown: NonNegativeInt = 50,
         ignore_explained: bool = False,
@@ -122,13 +122,10 @@ class LossDropSentinel(PhaseCallback):
                 "min_change", min_change, low=0, low_inclusive=False, high=1, high_inclusive=False
             ),
         }
-        for option, value in (("window", window), ("persistence", persistence), ("warmup", warmup)):
-            if value is not None:
-                self.detector_options[option] = check_positive(
-                    option, value, allow_zero=option == "warmup", integer=True
-                )
-        if long_horizon is not None:
-            self.detector_options["long_horizon"] = check_bool("long_horizon", long_horizon)
+        self.detector_options["window"] = check_positive("window", window, integer=True)
+        self.detector_options["persistence"] = check_positive("persistence", persistence, integer=True)
+        self.floor = None if floor is None else check_number("floor", floor)
+        self.detector_options["floor"] = self.floor
         DropDetector(direction=self.direction, **self.detector_options)  # their combination is valid
         self.check_every_n_steps = check_positive("check_every_n_steps", check_every_n_steps, integer=True)
         self.cooldown = check_positive("cooldown", cooldown, allow_zero=True, integer=True)
@@ -141,7 +138,6 @@ class LossDropSentinel(PhaseCallback):
         self._accumulated: Tensor | None = None
         self._last_metric: Any = None
         self._seen_in: str | None = None  # where the monitored metric was first seen
-        self._context: deque[tuple[int, int]] = deque()  # (value index, global step) of recent values
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
         self._last_rates: tuple[float, ...] | None = None  # the rates at the last recorded change
         self._rates_now: tuple[float, ...] = ()
@@ -294,8 +290,7 @@ class LossDropSentinel(PhaseCallback):
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str, stage: Stage) -> None:
         if self.source is None:
             self.source = source
-            defaults = STEP_DEFAULTS if source == "step" else VALIDATION_DEFAULTS
-            self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})
+            self.detector = DropDetector(direction=self.direction, **self.detector_options)
         device = trainer.strategy.root_device
         # values restored from a checkpoint wait on the CPU; the rest are on the device already (no copy)
         values = torch.stack([v if v.device == device else v.to(device) for v in self._pending])
@@ -308,10 +303,7 @@ class LossDropSentinel(PhaseCallback):
         assert self.detector is not None
         verdicts = []
         for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
-            self._context.append((self.detector.seen, step))
-            while len(self._context) > 2 * (self.detector.window + self.detector.persistence):
-                self._context.popleft()
-            verdict = self.detector.update(value)
+            verdict = self.detector.update(value, step)
             self.checked += 1
             if math.isfinite(value):
                 self.curve.append((step, value))
@@ -322,7 +314,12 @@ class LossDropSentinel(PhaseCallback):
             self._flag(trainer, verdict, stage, index)
 
     def _flag(self, trainer: pl.Trainer, verdict: Verdict, stage: Stage, index: int) -> None:
-        kind = {"drop": "loss_drop", "spike": "loss_spike", "non_finite": "non_finite_loss"}[verdict.kind]
+        kind = {
+            "drop": "loss_drop",
+            "spike": "loss_spike",
+            "non_finite": "non_finite_loss",
+            "impossible": "impossible_loss",
+        }[verdict.kind]
         if index < self._quiet_until.get(kind, -1):
             return
         self._quiet_until[kind] = index + self.cooldown
@@ -334,7 +331,10 @@ class LossDropSentinel(PhaseCallback):
             "score": verdict.score,
             "threshold": verdict.threshold,
             "change": verdict.change,
-            "onset_step": self._context_at(verdict.onset)[1],
+            "difference": verdict.difference,
+            "onset_step": verdict.onset_step,
+            "block_steps": verdict.block_steps,
+            "scale": verdict.scale,
         }
         if kind == "non_finite_loss":
             self.emit(
@@ -346,18 +346,25 @@ class LossDropSentinel(PhaseCallback):
                 stage=stage,
             )
             return
-        data.update(self._explain(verdict.onset))
+        if kind == "impossible_loss":
+            data["floor"] = self.floor
+            message = (
+                f"{self.monitor} is {verdict.value:.6g} at step {trainer.global_step}, below its declared floor "
+                f"{self.floor:g}: a bug in the loss or the data, not a capability"
+            )
+            self.flags.append((trainer.global_step, kind, verdict.value))
+            if self.on_violation != "warn":
+                data["checkpoint"] = self._save_checkpoint(trainer, kind)
+            self.act(trainer, self.emit(trainer, kind, message, data, severity="critical", stage=stage))
+            return
+        data.update(self._explain(verdict.onset_step, verdict.block_steps))
         explained = data["lr_changed"] or data["trainable_changed"]
         self.flags.append((trainer.global_step, kind, verdict.value))
         quiet = explained and self.ignore_explained
         if not quiet and self.on_violation != "warn":
             data["checkpoint"] = self._save_checkpoint(trainer, kind)
-        word = "dropped" if kind == "loss_drop" else "spiked"
-        message = (
-            f"{self.monitor} {word} {abs(verdict.change):.0%} below the forecast {verdict.forecast:.4g} "
-            if kind == "loss_drop"
-            else f"{self.monitor} {word} {verdict.change:.0%} above the forecast {verdict.forecast:.4g} "
-        ) + f"(now {verdict.level:.4g}, score {verdict.score:.1f}, threshold {verdict.threshold:g})"
+        message = f"{self.monitor} {_describe_change(verdict)} (now {verdict.level:.4g}, score {verdict.score:.1f}, "
+        message += f"threshold {verdict.threshold:g}, over blocks of {verdict.block_steps} step(s))"
         if explained:
             message += "; it coincides with " + " and ".join(data["explained_by"])
         if quiet:
@@ -365,19 +372,15 @@ class LossDropSentinel(PhaseCallback):
         else:
             self.violation(trainer, kind, message, data, stage=stage)
 
-    def _context_at(self, index: int) -> tuple[int, int]:
-        """(value index, global step) of value ``index``, or of the oldest value still remembered."""
-        return next((c for c in self._context if c[0] >= index), self._context[0])
-
-    def _explain(self, onset: int) -> dict[str, Any]:
+    def _explain(self, onset_step: int, block_steps: int) -> dict[str, Any]:
         """Learning-rate and trainable-set changes within the detection window, until now.
 
-        The onset is where the evidence window of the decision begins; a drop that unfolds over several
-        values is decided some values after it began. Changes since ``window`` values before the onset (the
-        span the forecast was fitted on) count as coinciding.
+        The onset is where the evidence of the decision begins; a drop that unfolds over several values is
+        decided some values after it began. Changes since ``window`` blocks of the deciding time scale before
+        the onset (the span the forecast was fitted on) count as coinciding.
         """
         assert self.detector is not None
-        since = self._context_at(onset - self.detector.window)[1]
+        since = onset_step - self.detector.window * block_steps
         recent = [change for change in self._changes if change[0] >= since]
         rates = [change for change in recent if change[1] == "lr"]
         trainable = [change for change in recent if change[1] == "trainable"]
@@ -446,7 +449,6 @@ class LossDropSentinel(PhaseCallback):
             "flags": list(self.flags),
             "pending": torch.stack(self._pending).tolist() if self._pending else [],
             "pending_steps": list(self._pending_steps),
-            "context": list(self._context),
             "changes": [list(change) for change in self._changes],
             "last_rates": None if self._last_rates is None else list(self._last_rates),
             "last_trainable": self._last_trainable,
@@ -473,15 +475,13 @@ class LossDropSentinel(PhaseCallback):
         self.flags = [tuple(flag) for flag in state_dict["flags"]]
         self._pending = [torch.tensor(value, dtype=torch.float32) for value in state_dict.get("pending", [])]
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
-        self._context = deque(tuple(point) for point in state_dict.get("context", []))
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
         rates = state_dict.get("last_rates")
         self._last_rates = None if rates is None else tuple(rates)
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")
         if self.source is not None and state_dict["detector"] is not None:
-            defaults = STEP_DEFAULTS if self.source == "step" else VALIDATION_DEFAULTS
-            self.detector = DropDetector(direction=self.direction, **{**defaults, **self.detector_options})
+            self.detector = DropDetector(direction=self.direction, **self.detector_options)
             self.detector.load_state_dict(state_dict["detector"])
 
     # Report -------------------------------------------------------------------------------------------
@@ -508,6 +508,14 @@ def _as_scalar(value: Tensor, device: torch.device) -> Tensor:
     if value.device != device:
         value = value.to(device)
     return value.reshape(()) if value.dim() else value
+
+
+def _describe_change(verdict: Verdict) -> str:
+    """``dropped 59% below the forecast 2.969`` on a log scale; in the values' own units on the signed scale."""
+    word, side = ("dropped", "below") if verdict.kind == "drop" else ("spiked", "above")
+    if verdict.scale == "signed":
+        return f"{word} by {abs(verdict.difference):.4g} {side} the forecast {verdict.forecast:.4g}"
+    return f"{word} {abs(verdict.change):.0%} {side} the forecast {verdict.forecast:.4g}"
 
 
 def _learning_rates(trainer: pl.Trainer) -> tuple[float, ...]:

@@ -56,7 +56,7 @@ _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units o
 _NOISE_VALUES = 256  # last values the per-value noise is estimated from
 _ARMING_BLOCKS = 8
 _ARMING_EVERY = 4  # values between looks at whether the early descent stopped speeding up
-MIN_EVIDENCE = 8  # values the recent blocks must hold together: sparse levels judge over more blocks
+MIN_EVIDENCE = 8  # steps the recent blocks must span together: the finest levels judge over more blocks
 
 
 def _lower_median(values: list[float]) -> float:
@@ -169,8 +169,8 @@ class DropDetector:
             same time scale) a change must exceed.
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
         window: Blocks in each level's baseline (the forecast's line and the noise are fitted on them).
-        persistence: Newest blocks whose median must deviate (more, up to three times as many, until they
-            hold at least 8 values); the detection delay is about this many blocks of the level that decides.
+        persistence: Newest blocks whose median must deviate (more where they span fewer than 8 steps); the
+            detection delay is about this many blocks of the level that decides.
         floor: A declared lower bound of the series (``0.0`` for a cross-entropy); a value below it is an
             ``"impossible"`` verdict, and changes are judged in ``log(value - floor)`` while values stay above it.
     """
@@ -203,7 +203,7 @@ class DropDetector:
         self.all_positive = True
         self.last_step = -1
         self._magnitude = 0.0  # the sum of |value|: the series' typical size, for changes on the signed scale
-        self._levels = [_Level(k, 4 * self.window + 3 * self.persistence) for k in range(LEVELS)]
+        self._levels = [_Level(k, 4 * self.window + max(self.persistence, MIN_EVIDENCE)) for k in range(LEVELS)]
         self._recent_values: deque[float] = deque(maxlen=_NOISE_VALUES)
         self._gaps: deque[int] = deque(maxlen=15)
         self._interval = 1
@@ -301,13 +301,11 @@ class DropDetector:
 
     def _judge(self, level: _Level, value: float) -> Verdict | None:
         blocks = list(level.blocks)
-        persistence, evidence = 0, 0
-        while persistence < min(len(blocks), 3 * self.persistence) and (
-            persistence < self.persistence or evidence < MIN_EVIDENCE
-        ):
-            persistence += 1
-            evidence += blocks[-persistence][4]
-        if evidence < MIN_EVIDENCE or len(blocks) < self.window + persistence:
+        block_steps = 1 << level.shift
+        # the recent blocks span MIN_EVIDENCE steps at least: at the finest scales a handful of batches whose
+        # losses happen to be low (heavy tails, an epoch's data order) is not evidence
+        persistence = max(self.persistence, -(-MIN_EVIDENCE // block_steps))
+        if len(blocks) < self.window + persistence:
             return None
         blocks = blocks[-self.window - persistence :]
         baseline, recent = blocks[: self.window], blocks[self.window :]

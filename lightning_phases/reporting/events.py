@@ -36,6 +36,7 @@ EVENT_KINDS = (
     "loss_drop",
     "loss_spike",
     "non_finite_loss",
+    "impossible_loss",
     "param_changed",
     "frozen_param_trainable",
     "frozen_param_in_optimizer",

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-MARKERS = {"loss_drop": ("v", "tab:red"), "loss_spike": ("^", "tab:orange"), "non_finite_loss": ("x", "black")}
+MARKERS = {
+    "loss_drop": ("v", "tab:red"),
+    "loss_spike": ("^", "tab:orange"),
+    "non_finite_loss": ("x", "black"),
+    "impossible_loss": ("X", "tab:purple"),
+}
 
 
 def plot_series(
