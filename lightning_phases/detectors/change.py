@@ -24,8 +24,9 @@ decisions agree up to the sampling.
 
 There is no warm-up count. Drops are judged only once the descent that began the series (or followed the
 last flagged drop) has stopped speeding up: over the history since then, the recent half declined by no
-more than the first half, or by less than ``min_change``. However long an early descent that gathers speed
-lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
+more than the first half, or by less than ``min_change``, or the series rose by more than ``min_change``
+above where it began (the validation loss of a model that memorises first). However long an early descent
+that gathers speed lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
 
 The scale is chosen by the values: ``log(value - floor)`` while every value lies above a declared lower
 bound ``floor`` (a value below it is ``impossible``), ``log(value)`` while every value has been positive
@@ -297,7 +298,7 @@ class DropDetector:
     def _active(self, k: int) -> bool:
         """Levels whose blocks are shorter than the sampling interval hold one value per block, like the
         first level that is not: only that level and coarser ones judge."""
-        return (1 << k) * 1.5 >= self._interval
+        return (1 << k) * 2 >= self._interval
 
     def _judge(self, level: _Level, value: float) -> Verdict | None:
         blocks = list(level.blocks)
@@ -307,6 +308,7 @@ class DropDetector:
         persistence = max(self.persistence, -(-MIN_EVIDENCE // block_steps))
         if len(blocks) < self.window + persistence:
             return None
+        older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
         blocks = blocks[-self.window - persistence :]
         baseline, recent = blocks[: self.window], blocks[self.window :]
         base = [self._block(b) for b in baseline]
@@ -330,14 +332,21 @@ class DropDetector:
         spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
         per_block = sum(b[4] for b in baseline) / len(baseline)
         floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
-        wander = _difference_sigma([self._block(b) for b in level.blocks if b[0] >= self.since_step])
+        wander = _difference_sigma([self._block(b) for b in level.blocks if b[1] >= self.since_step])
         sigma = max(spread, wander, floor_noise, 1e-12)
         error = sigma * _MEDIAN_SE / math.sqrt(persistence)
         least_below, least_above = self._least(forecast)
         bound_below = max(self.threshold * error, least_below)
         bound_above = max(self.threshold * error, least_above)
         score = residual / error
-        if dropping and residual < -bound_below:
+        if dropping and residual >= -bound_below and len(older) == self.window:
+            # a fall that gathers speed over longer than a window (grokking's validation loss) keeps every
+            # window's line close to it: judge it against the line of the window before the baseline too,
+            # with the uncertainty of extrapolating that line so far ahead
+            long = self._long_horizon(older, recent, sigma, persistence)
+            if long is not None and long[1] < -max(self.threshold * long[2], self._least(long[0])[0]):
+                forecast, residual, score = long[0], long[1], long[1] / long[2]
+        if dropping and residual < -max(self.threshold * error, self._least(forecast)[0]) and score < 0:
             if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
                 return None  # back from a spike, not below where it rose from
             if not self.armed:
@@ -374,6 +383,31 @@ class DropDetector:
             )
         return None
 
+    def _long_horizon(
+        self,
+        older: list[tuple[int, int, float, float, int]],
+        recent: list[tuple[int, int, float, float, int]],
+        sigma: float,
+        persistence: int,
+    ) -> tuple[float, float, float] | None:
+        """(forecast, residual, standard error) of the recent blocks against the line through ``older``."""
+        xs = [(b[0] + b[1]) / 2 for b in older]
+        ys = [self._block(b) for b in older]
+        slope, intercept = _theil_sen(xs, ys)
+        positions = [(b[0] + b[1]) / 2 for b in recent]
+        forecasts = [intercept + slope * x for x in positions]
+        residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
+        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
+        noise = max(spread, sigma)
+        span = xs[-1] - xs[0]
+        if span <= 0:
+            return None
+        centre = sum(xs) / len(xs)
+        slope_error = noise * math.sqrt(12 / len(xs)) / span
+        ahead = _median(positions) - centre
+        error = math.hypot(noise * _MEDIAN_SE / math.sqrt(persistence), ahead * slope_error)
+        return _median(forecasts), residual, error
+
     def _arm(self) -> None:
         """Arm once the descent that began this history has stopped speeding up (then it stays armed)."""
         for level in self._levels:  # the finest level whose blocks still cover the whole history
@@ -389,8 +423,11 @@ class DropDetector:
             half = _median(series[middle - quarter // 2 : middle - quarter // 2 + quarter])
             end = _median(series[-quarter:])
             least = self._least(end)[0]
-            # no longer speeding up: the recent half fell no more than the first half did (or too little to count)
-            self.armed = start - end <= least or half - end <= max(start - half, least)
+            # no longer speeding up: the recent half fell no more than the first half did (or too little to
+            # count); or the series rose well above where it began (a validation loss while the model
+            # memorises): whatever descent began it is over
+            rose = max(series) - start > self._least(start)[1]
+            self.armed = rose or start - end <= least or half - end <= max(start - half, least)
             return
 
     def _verdict(
