@@ -76,8 +76,7 @@ BAD: dict[type, dict[str, Bad]] = {
         "min_change": Bad("0.2", (0, 1, 1.5, -0.1, False), numeric=True),
         "window": Bad("50", (0, -3, 2, 3.0, 50.5, True), numeric=True),
         "persistence": Bad("8", (0, 2.0, True), numeric=True),
-        "warmup": Bad("100", (-1, 1.5, False), numeric=True),
-        "long_horizon": Bad("yes", (1, "false")),
+        "floor": Bad("0", (float("nan"), float("inf"), True), numeric=True),
         "check_every_n_steps": Bad("10", (0, -1, 2.5, True, None), numeric=True),
         "cooldown": Bad("50", (-1, 1.5, True, None), numeric=True),
         "ignore_explained": Bad("no", (0, None)),
@@ -243,8 +242,7 @@ def test_valid_non_default_values_construct(tmp_path):
         min_change=0.5,
         window=20,
         persistence=3,
-        warmup=0,
-        long_horizon=True,
+        floor=-1.0,
         check_every_n_steps=1,
         cooldown=0,
         ignore_explained=True,
@@ -257,8 +255,7 @@ def test_valid_non_default_values_construct(tmp_path):
         "min_change": 0.5,
         "window": 20,
         "persistence": 3,
-        "warmup": 0,
-        "long_horizon": True,
+        "floor": -1.0,
     }
     assert sentinel.name == "val-loss_1.0"
 

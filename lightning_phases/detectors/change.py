@@ -23,8 +23,8 @@ blocks at the levels that scales share (levels finer than the sampling interval 
 decisions agree up to the sampling.
 
 There is no warm-up count. Drops are judged only once the descent that began the series (or followed the
-last flagged drop) has stopped speeding up: over the history since then, the recent half declined by no
-more than the first half, or by less than ``min_change``, or the series rose by more than ``min_change``
+last flagged drop) has slowed down: over the history since then, the recent half declined by at most half
+as much as the first half, or by less than ``min_change``, or the series rose by more than ``min_change``
 above where it began (the validation loss of a model that memorises first). However long an early descent
 that gathers speed lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
 
@@ -55,7 +55,7 @@ LEVELS = 13  # blocks of 1 to 4096 steps
 _MAD_TO_SIGMA = 1.4826
 _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units of sigma / sqrt(n)
 _NOISE_VALUES = 256  # last values the per-value noise is estimated from
-_ARMING_BLOCKS = 8
+_ARMING_BLOCKS = 16
 _ARMING_EVERY = 4  # values between looks at whether the early descent stopped speeding up
 MIN_EVIDENCE = 8  # steps the recent blocks must span together: the finest levels judge over more blocks
 
@@ -423,11 +423,11 @@ class DropDetector:
             half = _median(series[middle - quarter // 2 : middle - quarter // 2 + quarter])
             end = _median(series[-quarter:])
             least = self._least(end)[0]
-            # no longer speeding up: the recent half fell no more than the first half did (or too little to
+            # slowing down: the recent half fell at most half as far as the first half did (or too little to
             # count); or the series rose well above where it began (a validation loss while the model
             # memorises): whatever descent began it is over
             rose = max(series) - start > self._least(start)[1]
-            self.armed = rose or start - end <= least or half - end <= max(start - half, least)
+            self.armed = rose or start - end <= least or half - end <= max((start - half) / 2, least)
             return
 
     def _verdict(
