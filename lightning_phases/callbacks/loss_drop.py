@@ -101,7 +101,7 @@ class LossDropSentinel(PhaseCallback):
         direction: Literal["drop", "spike", "both"] = "drop",
         on_violation: OnViolation = "warn",
         strict: bool = True,
-        threshold: PositiveFloat = 7.0,
+        threshold: PositiveFloat = 6.0,
         min_change: OpenUnitFloat = 0.2,
         window: PositiveInt = 12,
         persistence: PositiveInt = 3,
