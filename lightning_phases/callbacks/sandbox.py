@@ -9,17 +9,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.exceptions import SandboxViolation
 from lightning_phases.phases import PhaseTable, Stage, current_stage
+from lightning_phases.reporting.console import warn
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.report_model import Observation
@@ -120,6 +122,7 @@ class SandboxCheck(PhaseCallback):
         self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)
         self.allow_temp = check_bool("allow_temp", allow_temp)
         self.policy = SandboxPolicy(self.allow_hosts, self.allow_write_dirs, self.allow_subprocess, allow_temp)
+        self._frozen: _Settings | None = None  # what this Trainer call judges with, taken at setup
         self.blind_spots: list[str] = []
         self._trainer: weakref.ref[pl.Trainer] | None = None
         self._stack: list[Stage] = []
@@ -155,7 +158,8 @@ class SandboxCheck(PhaseCallback):
         self._unraised.clear()
         self._seen_before += self._seen  # each Trainer call reports each escape again
         self._seen = Counter()
-        self.policy.resolve_names()
+        self._frozen = _Settings(self.on_violation, self.stages, self.policy.with_resolved_names(), self.policy)
+        self._warned.discard("settings changed")
         log_dir = self.reporter.log_dir if trainer.is_global_zero else None
         spool_name = SPOOL_NAME if self.name == type(self).__name__ else f"sandbox_spool-{key_segment(self.name)}.jsonl"
         spool = trainer.strategy.broadcast(str(log_dir / spool_name) if log_dir is not None else None, src=0)
@@ -179,18 +183,20 @@ class SandboxCheck(PhaseCallback):
 
     @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        self._check_settings(trainer)
         self._stack.append(stage)
         self._activate(trainer, stage)
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         audit.activate(None, id(self))
+        self._check_settings(trainer)
         self._drain(trainer)
         if self._stack:
             self._stack.pop()
         if self._stack:
             self._activate(trainer, self._stack[-1])
-        if stage in self.stages:
+        if stage in self._settings.stages:
             self._raise_if_violated(trainer)
 
     @override
@@ -203,7 +209,7 @@ class SandboxCheck(PhaseCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.on_violation == "raise" and stage in self.stages:
+        if self._settings.on_violation == "raise" and stage in self._settings.stages:
             self._drain(trainer)
             self._raise_if_violated(trainer)
         else:
@@ -221,14 +227,14 @@ class SandboxCheck(PhaseCallback):
             spots += ", torch.distributed sockets"
         if self.allow_subprocess:
             spots += ", allowed subprocesses"
-        for stage in self.stages:
+        for stage in self._settings.stages:
             if not self._started[stage]:
                 continue
             events = [e for e in self.events if e.kind == "sandbox_violation" and e.stage == stage]
             attempts = sum(n for key, n in (self._seen_before + self._seen).items() if key[-1] == stage)
             verdict = "violated" if events else "verified"
-            done = "blocked" if self.mode == "block" else "allowed (warn)"
-            detail = f"audit hook ({self.on_violation}), {len(events)} violation(s)"
+            done = "allowed (warn)" if self._settings.on_violation == "warn" else "blocked"
+            detail = f"audit hook ({self._settings.on_violation}), {len(events)} violation(s)"
             if events:
                 detail += f", {attempts} attempt(s) {done}"
             rows.append(Observation(stage, "sandboxed", verdict, f"{detail}; {spots}"))
@@ -236,8 +242,38 @@ class SandboxCheck(PhaseCallback):
 
     # Internals ----------------------------------------------------------------------------------------------
 
+    @property
+    def _settings(self) -> _Settings:
+        """What this Trainer call judges with: the arguments as they were at setup."""
+        if self._frozen is None:
+            self._frozen = _Settings(self.on_violation, self.stages, self.policy, self.policy)
+        return self._frozen
+
+    def _check_settings(self, trainer: pl.Trainer) -> None:
+        """Changes of ``on_violation``, ``stages`` or ``policy`` during a Trainer call are ignored, and said once."""
+        frozen = self._settings
+        changed = [
+            name
+            for name, differs in (
+                ("on_violation", self.on_violation != frozen.on_violation),
+                ("stages", tuple(self.stages) != frozen.stages),
+                ("policy", self.policy is not frozen.source),
+            )
+            if differs
+        ]
+        if changed and "settings changed" not in self._warned:
+            self._warned.add("settings changed")
+            self.emit(
+                trainer,
+                "sandbox_settings_changed",
+                f"{', '.join(changed)} changed during a Trainer call; ignored: the sandbox keeps the settings it had "
+                f"at setup (on_violation={frozen.on_violation!r}, stages={list(frozen.stages)}) until the call ends",
+                {"changed": changed, "on_violation": frozen.on_violation, "stages": list(frozen.stages)},
+                severity="warning",
+            )
+
     def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
-        if stage not in self.stages:
+        if stage not in self._settings.stages:
             audit.activate(None, id(self))
             return
         self._started[stage] += 1
@@ -245,7 +281,7 @@ class SandboxCheck(PhaseCallback):
 
     def _raise_if_violated(self, trainer: pl.Trainer) -> None:
         """With ``on_violation="raise"``: stop the run once any rank's sandbox was violated (agreed by all)."""
-        if self.on_violation != "raise":
+        if self._settings.on_violation != "raise":
             return
         violated = bool(self._unraised)
         if trainer.world_size > 1:  # rank 0 alone sees other processes' violations (the spool)
@@ -259,20 +295,23 @@ class SandboxCheck(PhaseCallback):
         )
 
     def _session(self, trainer: pl.Trainer, stage: str, report: Callable[[Violation], Any] | None) -> Session:
+        settings = self._settings
         return Session(
-            self.policy.with_write_dirs(run_write_dirs(trainer)),
-            self.mode,
+            settings.policy.with_write_dirs(run_write_dirs(trainer)),
+            "warn" if settings.on_violation == "warn" else "block",
             stage,
             rank=trainer.global_rank,
             report=report,
             spool=self._spool_path,
             seen=self._seen,
+            alive=partial(_running, weakref.ref(trainer)),
         )
 
-    def _report(self, violation: Violation) -> PhaseEvent:
+    def _report(self, violation: Violation) -> PhaseEvent | None:
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
-            raise RuntimeError("SandboxCheck lost its Trainer")
+        if trainer is None or not self._in_call:  # a thread started in a sandboxed stage, after the call ended
+            warn(f"{self.name}: {violation.message()} (after the Trainer call ended: not in the event log)")
+            return None
         event = self.emit(trainer, "sandbox_violation", violation.message(), violation.data(), stage=violation.stage)
         self._unraised.append(event)
         if not trainer.is_global_zero and self._spool_path is not None:
@@ -327,7 +366,7 @@ class SandboxCheck(PhaseCallback):
         self._patched = strategy
 
     def _worker_session(self, trainer: pl.Trainer, stage: Stage) -> Session | None:
-        return self._session(trainer, stage, report=None) if stage in self.stages else None
+        return self._session(trainer, stage, report=None) if stage in self._settings.stages else None
 
     def _active_blind_spots(self) -> list[str]:
         spots = []
@@ -337,6 +376,21 @@ class SandboxCheck(PhaseCallback):
         if self.allow_subprocess:
             spots.append("what the allowed subprocesses (" + ", ".join(self.allow_subprocess) + ") do")
         return spots
+
+
+class _Settings(NamedTuple):
+    """What a Trainer call judges with, taken at setup: later changes of the arguments do not reach it."""
+
+    on_violation: str
+    stages: tuple[Stage, ...]
+    policy: SandboxPolicy
+    source: SandboxPolicy  # the callback's policy at setup; the snapshot above also has its host names looked up
+
+
+def _running(trainer: weakref.ref[pl.Trainer]) -> bool:
+    """Whether the Trainer still runs the call that activated a session (not interrupted, finished or gone)."""
+    alive = trainer()
+    return alive is not None and alive.state.status == TrainerStatus.RUNNING
 
 
 class _SandboxedLoaders:

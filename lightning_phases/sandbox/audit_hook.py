@@ -14,9 +14,9 @@ global rank 0 drains into the event log; each line is fsync'd before the operati
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
+import ipaddress
 import json
 import os
 import site
@@ -24,13 +24,16 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from types import FrameType
+from multiprocessing.process import BaseProcess
+from types import FrameType, SimpleNamespace
 from typing import Any
 
 from lightning_phases.exceptions import SandboxViolation
+from lightning_phases.sandbox import guards
 from lightning_phases.sandbox.policy import WATCHED_EVENTS, Escape, SandboxPolicy, resolve_path
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +83,11 @@ class Violation:
         return (
             f"{self.escape.category} escape {verb}: {self.escape.audit_event} to {self.escape.target} "
             f"from {self.location} ({self.function}){where} during {self.stage}; "
-            f"to allow it, pass SandboxCheck({self.escape.allow_hint})"
+            + (
+                f"to allow it, pass SandboxCheck({self.escape.allow_hint})"
+                if self.escape.allow_hint
+                else "no SandboxCheck argument allows it in a sandboxed stage"
+            )
         )
 
     def data(self) -> dict[str, Any]:
@@ -99,9 +106,11 @@ class Violation:
         }
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Session:
     """The sandbox active in this process: policy, mode, stage, and where violations go.
+
+    A session is immutable: a sandboxed stage judges with the settings it started with.
 
     Args:
         policy: What is allowed.
@@ -112,6 +121,11 @@ class Session:
         report: Called with each new violation in the owning process; it must put the event on disk.
         spool: The spool file other processes append to.
         owner_pid: The process that may call ``report``; a forked child spools instead.
+        seen: Attempts per escape (shared with the callback, which counts them for the report).
+        alive: Whether the stage that activated the session still runs; when it says no at an escape, the
+            session switches itself off (its stage ended without its cleanup, e.g. another callback's
+            ``on_exception`` raised first). ``None``: always.
+        owner: Who activated it (see :func:`activate`).
     """
 
     policy: SandboxPolicy
@@ -123,6 +137,16 @@ class Session:
     spool: str | None = None
     owner_pid: int = field(default_factory=os.getpid)
     seen: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
+    alive: Callable[[], bool] | None = None
+    owner: int = 0
+
+    def detached(self, process: str | None = None) -> Session:
+        """A copy for another process: it spools, counts its own attempts, and needs no liveness check.
+
+        Args:
+            process: How the other process is named in events; by default as in this session.
+        """
+        return replace(self, report=None, seen=Counter(), alive=None, process=process or self.process)
 
     def judge(self, event: str, args: tuple[Any, ...], frame: FrameType | None) -> tuple[Violation, Any] | None:
         """The violation ``event`` makes and its event (once recorded), or ``None`` if the operation is allowed.
@@ -135,7 +159,7 @@ class Session:
             args: Its arguments.
             frame: The frame that made the audited call.
         """
-        escape = self.policy.check(event, args)
+        escape = _check(self.policy, event, args)
         if escape is None or (escape.category == "write" and _library_write(frame, self.policy, escape.target)):
             return None
         location, function = user_location(frame)
@@ -145,7 +169,7 @@ class Session:
             location,
             function,
             self.stage,
-            "child process" if in_child else self.process,
+            "child process" if in_child and self.process == "main" else self.process,
             self.rank,
             blocked=self.mode == "block",
         )
@@ -159,57 +183,196 @@ class Session:
         return violation, event
 
 
-_sessions: dict[int, Session] = {}
-_active: tuple[Session, ...] = ()
-_busy: set[int] = set()
+_check = SandboxPolicy.check  # taken at import: patching the class later changes no active sandbox
+_C_LOOKUP_EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
+_REPORTING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reporting") + os.sep
+
+
+def _make_gate() -> SimpleNamespace:
+    """The hook and the functions that drive it, over state held only in this closure (no module global to flip).
+
+    * ``active``: the sessions every thread is judged by (one per ``SandboxCheck`` whose stage runs);
+    * ``inherited``: sessions of threads started while a sandbox judged the thread that started them: such a
+      thread is judged by them until it ends, also after the stage;
+    * ``busy``: threads inside the hook or inside lightning-phases' own reporting, which is not judged.
+    """
+    sessions: dict[int, Session] = {}
+    active: tuple[Session, ...] = ()
+    inherited: dict[int, tuple[weakref.ref[threading.Thread], tuple[Session, ...]]] = {}
+    busy: set[int] = set()
+    watched = WATCHED_EVENTS
+    prejudged = guards._prejudged
+    get_ident = threading.get_ident
+
+    def thread_sessions(ident: int) -> tuple[Session, ...]:
+        entry = inherited.get(ident)
+        if entry is None:
+            return ()
+        thread = entry[0]()
+        if thread is None or thread.ident != ident or not thread.is_alive():
+            inherited.pop(ident, None)  # it ended; its ident may be reused by a thread that is not sandboxed
+            return ()
+        return entry[1]
+
+    def here() -> tuple[Session, ...]:
+        extra = thread_sessions(get_ident()) if inherited else ()
+        return active + tuple(s for s in extra if s not in active)
+
+    def retire(session: Session) -> None:
+        nonlocal active
+        for owner, held in list(sessions.items()):
+            if held is session:
+                del sessions[owner]
+        active = tuple(sessions.values())
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event not in watched:
+            return
+        judging = active
+        extra = thread_sessions(get_ident()) if inherited else ()
+        if not judging and not extra:
+            return
+        ident = get_ident()
+        if ident in busy:
+            return  # our own reporting (the event log, W&B) must not judge itself
+        if ident in prejudged and event in _C_LOOKUP_EVENTS and _names_host(args):
+            return  # the guard judged this connect by its host name already
+        busy.add(ident)
+        blocked: Violation | None = None
+        blocked_event = None
+        try:
+            frame = sys._getframe(1)
+            for session in judging + tuple(s for s in extra if s not in judging):
+                if session in judging and session.alive is not None and not session.alive():
+                    retire(session)  # its stage ended without its cleanup
+                    continue
+                judged = session.judge(event, args, frame)
+                if judged is not None and judged[0].blocked and blocked is None:
+                    blocked, blocked_event = judged
+        finally:
+            busy.discard(ident)
+        if blocked is not None:
+            raise SandboxViolation(blocked.message(), blocked_event)
+
+    def activate(session: Session | None, owner: int = 0) -> None:
+        nonlocal active
+        if session is not None:
+            install()
+            sessions[owner] = replace(session, owner=owner)
+        else:
+            sessions.pop(owner, None)
+        active = tuple(sessions.values())
+
+    def inherit(thread: threading.Thread, judging: tuple[Session, ...]) -> None:
+        if judging and thread.ident is not None:
+            inherited[thread.ident] = (weakref.ref(thread), judging)
+
+    def unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
+        code = getattr(method, "__code__", None)
+        if code is None or not code.co_filename.startswith(_REPORTING_DIR):
+            raise ValueError(f"unjudged() takes lightning-phases' own reporting methods only, not {method!r}")
+
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ident = get_ident()
+            if ident in busy:
+                return method(*args, **kwargs)
+            busy.add(ident)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                busy.discard(ident)
+
+        return wrapper
+
+    return SimpleNamespace(hook=hook, activate=activate, here=here, inherit=inherit, unjudged=unjudged)
+
+
+def _names_host(args: tuple[Any, ...]) -> bool:
+    address = args[1] if len(args) > 1 else None
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], (str, bytes)):
+        return False
+    try:
+        ipaddress.ip_address(os.fsdecode(address[0]).split("%")[0])
+    except ValueError:
+        return True
+    return False
+
+
+_gate = _make_gate()
 _installed = False
 
 
-def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
-    if event not in WATCHED_EVENTS:
-        return
-    sessions = _active
-    if not sessions:
-        return
-    ident = threading.get_ident()
-    if ident in _busy:
-        return  # our own reporting (the event log, W&B) must not judge itself
-    _busy.add(ident)
-    blocked: Violation | None = None
-    blocked_event = None
-    try:
-        frame = sys._getframe(1)
-        for session in sessions:  # every active sandbox judges; the first that blocks names the error
-            judged = session.judge(event, args, frame)
-            if judged is not None and judged[0].blocked and blocked is None:
-                blocked, blocked_event = judged
-    finally:
-        _busy.discard(ident)
-    if blocked is not None:
-        raise SandboxViolation(blocked.message(), blocked_event)
+def unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap one of lightning-phases' own reporting methods so that what it does is not judged (the event
+    log, loggers, W&B alerts and tables, which a sandboxed stage must not turn into violations of itself).
 
+    Only functions defined in ``lightning_phases/reporting`` are accepted: no other code can be made unjudged.
 
-@contextlib.contextmanager
-def suspended() -> Iterator[None]:
-    """Do not judge what this thread does inside the block: lightning-phases' own reporting (the event log,
-    loggers, W&B alerts and tables), which a sandboxed stage must not turn into violations of itself."""
-    ident = threading.get_ident()
-    if ident in _busy:
-        yield
-        return
-    _busy.add(ident)
-    try:
-        yield
-    finally:
-        _busy.discard(ident)
+    Args:
+        method: The reporting method.
+    """
+    return _gate.unjudged(method)
 
 
 def install() -> None:
-    """Install the audit hook in this process, once; it stays for the life of the process, gated."""
+    """Install the audit hook and the guards in this process, once; they stay for the life of the process, gated.
+
+    Threads and ``multiprocessing`` processes started while a sandbox judges the starting thread carry it:
+    a thread until it ends, a spawned or forkserver child from its start-up (a forked one inherits it).
+    """
     global _installed
-    if not _installed:
-        sys.addaudithook(_audit_hook)
-        _installed = True
+    if _installed:
+        return
+    _installed = True
+    sys.addaudithook(_gate.hook)
+    guards.install()
+    threading.Thread.start = _thread_start(threading.Thread.start)  # type: ignore[method-assign]
+    BaseProcess.start = _process_start(BaseProcess.start)  # type: ignore[method-assign]
+
+
+def _thread_start(original: Callable[[threading.Thread], None]) -> Callable[[threading.Thread], None]:
+    @functools.wraps(original)
+    def start(self: threading.Thread) -> None:
+        judging = _gate.here()
+        original(self)
+        _gate.inherit(self, judging)
+
+    return start
+
+
+def _process_start(original: Callable[[BaseProcess], None]) -> Callable[[BaseProcess], None]:
+    @functools.wraps(original)
+    def start(self: BaseProcess) -> None:
+        judging = _gate.here()
+        if judging:  # pickled with the process object to a spawned child, where unpickling activates it
+            self._lightning_phases_sandbox = ChildSandbox(judging)  # type: ignore[attr-defined]
+        original(self)
+
+    return start
+
+
+class ChildSandbox:
+    """The sandboxes of a ``multiprocessing`` child, carried in its pickled process object.
+
+    Unpickling it in a spawned or forkserver child (before the child's target runs) installs the hook and
+    activates the sessions; violations go to the spool file.
+
+    Args:
+        sessions: The sessions judging the thread that started the child.
+    """
+
+    def __init__(self, sessions: tuple[Session, ...]) -> None:
+        self.sessions = [session.detached() for session in sessions]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sessions": self.sessions}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.sessions = state["sessions"]
+        if os.getpid() != self.sessions[0].owner_pid:
+            for session in self.sessions:
+                activate(replace(session, process="multiprocessing child"), session.owner)
 
 
 def activate(session: Session | None, owner: int = 0) -> None:
@@ -222,18 +385,12 @@ def activate(session: Session | None, owner: int = 0) -> None:
         session: The session, or ``None``.
         owner: Who activates it (a callback's ``id``); ``0`` for a process's only sandbox (a worker).
     """
-    global _active
-    if session is not None:
-        install()
-        _sessions[owner] = session
-    else:
-        _sessions.pop(owner, None)
-    _active = tuple(_sessions.values())
+    _gate.activate(session, owner)
 
 
-def active_sessions() -> tuple[Session, ...]:
-    """The active sandboxes of this process."""
-    return _active
+def is_active() -> bool:
+    """Whether any sandbox judges the calling thread now."""
+    return bool(_gate.here())
 
 
 # Attribution ----------------------------------------------------------------------------------------------
@@ -396,7 +553,7 @@ class SandboxedWorkerInit:
 
     def __init__(self, user_fn: Callable[[int], Any] | None, sessions: Mapping[int, Session]) -> None:
         self.user_fn = user_fn
-        self.sessions = {owner: replace(session, report=None, seen=Counter()) for owner, session in sessions.items()}
+        self.sessions = {owner: session.detached() for owner, session in sessions.items()}
 
     def __call__(self, worker_id: int) -> None:
         for owner, session in self.sessions.items():
