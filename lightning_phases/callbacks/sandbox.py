@@ -26,19 +26,27 @@ from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.sandbox import audit_hook as audit
+from lightning_phases.sandbox import landlock
 from lightning_phases.sandbox.audit_hook import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
 from lightning_phases.sandbox.policy import SandboxPolicy, check_programs, check_write_dirs, parse_host_rule
-from lightning_phases.validation import check_bool
+from lightning_phases.validation import check_bool, check_choice
 
 OnViolation = Literal["warn", "block", "raise"]
+Enforce = Literal["hook", "kernel"]
 SPOOL_NAME = "sandbox_spool.jsonl"
 #: Seconds between two looks at the spool file during a stage.
 SPOOL_POLL_S = 1.0
 
 #: What an audit hook cannot see in any run.
 ALWAYS_BLIND = (
-    "files and sockets opened by native code (torch.save(obj, path), C extensions, ctypes)",
+    "files and sockets opened by native code in the main process (torch.save(obj, path), C extensions, ctypes)",
     "writes and sends on descriptors opened before the sandboxed stage",
+    "functions taken before the sandbox was installed (from os import mkfifo) and _socket.socket methods called "
+    "directly (a host-name connect through them sends its DNS query; the connect itself is refused)",
+    "threads started with _thread.start_new_thread, once the stage has ended",
+    "a symlink swapped in between check and open by a process that is not sandboxed",
+    "a spawned child's or DataLoader worker's start-up before the sandbox is activated in it",
+    "hostile code that switches the hook off (ctypes, gc, the package's internal functions)",
 )
 
 #: The stages each Trainer call runs (``trainer.state.fn``).
@@ -95,6 +103,12 @@ class SandboxCheck(PhaseCallback):
         allow_subprocess: Programs that may be run, by name (``"git"``) or absolute path. What they do is
             not seen.
         allow_temp: Also allow writes under the system temporary directory.
+        enforce: ``"hook"`` (default): the audit hook alone. ``"kernel"``: DataLoader workers and
+            ``multiprocessing`` spawn/forkserver children started in sandboxed stages are also confined by
+            the kernel (Linux Landlock): they can write only beneath the allowed directories (and shared
+            memory), and, where the kernel has Landlock network rules and every allowed host names a port,
+            make TCP connections only to those ports and open no TCP server. Native code in them cannot
+            undo it. Where Landlock is unavailable, an info event says so and the hook alone guards them.
         name: This instance's name in events, metric keys, alerts and report rows; by default the class name
             (made distinct when a Trainer holds several).
     """
@@ -111,6 +125,7 @@ class SandboxCheck(PhaseCallback):
         allow_write_dirs: Sequence[str] = (),
         allow_subprocess: Sequence[str] = (),
         allow_temp: bool = False,
+        enforce: Enforce = "hook",
         name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, on_violation=on_violation, name=name)
@@ -121,6 +136,8 @@ class SandboxCheck(PhaseCallback):
         self.allow_write_dirs = check_write_dirs("allow_write_dirs", allow_write_dirs)
         self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)
         self.allow_temp = check_bool("allow_temp", allow_temp)
+        self.enforce = check_choice("enforce", enforce, ("hook", "kernel"))
+        self.kernel: str = "off"  # "landlock ABI <n>", "unsupported: <why>" or "off", said at setup
         self.policy = SandboxPolicy(self.allow_hosts, self.allow_write_dirs, self.allow_subprocess, allow_temp)
         self._frozen: _Settings | None = None  # what this Trainer call judges with, taken at setup
         self.blind_spots: list[str] = []
@@ -173,6 +190,8 @@ class SandboxCheck(PhaseCallback):
         sandboxed_now = [s for s in _STAGES_OF_CALL.get(trainer.state.fn.value, ()) if s in self.stages]
         if not sandboxed_now:
             return  # e.g. predict, not sandboxed: nothing to say about what the hook cannot see
+        if self.enforce == "kernel":
+            self._say_kernel(trainer)
         self.emit(
             trainer,
             "sandbox_blind_spots",
@@ -235,6 +254,8 @@ class SandboxCheck(PhaseCallback):
             verdict = "violated" if events else "verified"
             done = "allowed (warn)" if self._settings.on_violation == "warn" else "blocked"
             detail = f"audit hook ({self._settings.on_violation}), {len(events)} violation(s)"
+            if self.enforce == "kernel":
+                detail += f"; kernel confinement of workers and children: {self.kernel}"
             if events:
                 detail += f", {attempts} attempt(s) {done}"
             rows.append(Observation(stage, "sandboxed", verdict, f"{detail}; {spots}"))
@@ -272,6 +293,26 @@ class SandboxCheck(PhaseCallback):
                 severity="warning",
             )
 
+    def _say_kernel(self, trainer: pl.Trainer) -> None:
+        reason = landlock.unsupported_reason()
+        abi = landlock.abi_version() if reason is None else 0
+        self.kernel = f"landlock ABI {abi}" if reason is None else f"unsupported: {reason}"
+        if reason is None:
+            message = (
+                f"kernel confinement on (Landlock ABI {abi}): DataLoader workers and multiprocessing children "
+                "started in sandboxed stages can write only beneath the allowed directories"
+                + (", and connect over TCP only to allowed ports" if abi >= 4 else "")
+            )
+        else:
+            message = f"kernel confinement unavailable ({reason}); the audit hook alone guards workers and children"
+        self.emit(
+            trainer,
+            "sandbox_kernel_confinement",
+            message,
+            {"enforced": reason is None, "landlock_abi": abi, "reason": reason},
+            severity="info",
+        )
+
     def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
         if stage not in self._settings.stages:
             audit.activate(None, id(self))
@@ -305,6 +346,7 @@ class SandboxCheck(PhaseCallback):
             spool=self._spool_path,
             seen=self._seen,
             alive=partial(_running, weakref.ref(trainer)),
+            kernel=self.kernel.startswith("landlock"),
         )
 
     def _report(self, violation: Violation) -> PhaseEvent | None:

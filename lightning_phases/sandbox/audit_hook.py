@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import ipaddress
 import json
+import multiprocessing.util
 import os
 import site
 import sys
@@ -26,14 +27,14 @@ import tempfile
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from types import FrameType, SimpleNamespace
 from typing import Any
 
 from lightning_phases.exceptions import SandboxViolation
-from lightning_phases.sandbox import guards
+from lightning_phases.sandbox import guards, landlock
 from lightning_phases.sandbox.policy import WATCHED_EVENTS, Escape, SandboxPolicy, resolve_path
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +127,8 @@ class Session:
             session switches itself off (its stage ended without its cleanup, e.g. another callback's
             ``on_exception`` raised first). ``None``: always.
         owner: Who activated it (see :func:`activate`).
+        kernel: Whether DataLoader workers and ``multiprocessing`` children are also confined by the kernel
+            (Landlock, see :func:`confine_process`).
     """
 
     policy: SandboxPolicy
@@ -139,6 +142,7 @@ class Session:
     seen: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
     alive: Callable[[], bool] | None = None
     owner: int = 0
+    kernel: bool = False
 
     def detached(self, process: str | None = None) -> Session:
         """A copy for another process: it spools, counts its own attempts, and needs no liveness check.
@@ -373,6 +377,25 @@ class ChildSandbox:
         if os.getpid() != self.sessions[0].owner_pid:
             for session in self.sessions:
                 activate(replace(session, process="multiprocessing child"), session.owner)
+            confine_process(self.sessions)
+
+
+def confine_process(sessions: Iterable[Session]) -> None:
+    """Confine this process (a DataLoader worker, a ``multiprocessing`` child) by the kernel for every session
+    that asks for it: writes only beneath its allowed directories, shared memory (``/dev/shm``) and
+    multiprocessing's own temp directory; TCP connects only to the ports of its allowed hosts where each
+    names a port. Stacked, so the strictest session wins; it lasts for the rest of the process.
+
+    Args:
+        sessions: The sessions active in this process.
+    """
+    for session in sessions:
+        if not session.kernel:
+            continue
+        rules = session.policy.allow_hosts
+        ports = None if any(rule.port is None for rule in rules) else [rule.port for rule in rules]
+        dirs = [*session.policy.write_dirs, "/dev/shm", multiprocessing.util.get_temp_dir()]
+        landlock.confine(dirs, ports)
 
 
 def activate(session: Session | None, owner: int = 0) -> None:
@@ -558,5 +581,6 @@ class SandboxedWorkerInit:
     def __call__(self, worker_id: int) -> None:
         for owner, session in self.sessions.items():
             activate(replace(session, process=f"dataloader worker {worker_id}", owner_pid=os.getpid()), owner)
+        confine_process(list(self.sessions.values()))
         if self.user_fn is not None:
             self.user_fn(worker_id)

@@ -209,19 +209,18 @@ def _fd_path(fd: int) -> str | None:
 
 
 def resolve_path(path: Any, dir_fd: Any = None) -> str | None:
-    """The absolute, symlink-resolved form of a path argument, or ``None`` where it names nothing on disk.
+    """The absolute, symlink-resolved form of a path argument, or ``None`` for a descriptor.
 
-    A descriptor is resolved to the file it refers to; a relative path against ``dir_fd`` when one is given
-    (as the ``os`` functions' ``dir_fd=`` argument), else against the current directory.
+    A relative path is resolved against ``dir_fd`` when one is given (as the ``os`` functions' ``dir_fd=``
+    argument), else against the current directory. A descriptor was judged when it was opened (or opened
+    before the stage: a declared blind spot).
 
     Args:
         path: A ``str``, ``bytes`` or path-like object, or an ``int`` descriptor.
         dir_fd: The directory descriptor a relative path is relative to; ``None`` or ``-1`` for none.
     """
-    if path is None:
+    if path is None or isinstance(path, int):
         return None
-    if isinstance(path, int):
-        return _fd_path(path)
     text = os.fsdecode(path)
     if not os.path.isabs(text) and isinstance(dir_fd, int) and dir_fd >= 0:
         base = _fd_path(dir_fd)

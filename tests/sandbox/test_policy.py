@@ -157,3 +157,35 @@ def test_an_installed_but_inactive_hook_blocks_nothing() -> None:
     audit.install()
     assert not audit.is_active()
     subprocess.run(["true"], check=True)  # installed but inactive: nothing is blocked
+
+
+def test_the_new_rules_are_quiet_on_what_stays_inside(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    p = policy(write_dirs=[str(inside)], hosts=["127.0.0.1:8080"])
+    with socket.socket() as inet, socket.socket(socket.AF_UNIX) as unix:
+        assert p.check("socket.bind", (inet, ("127.0.0.1", 8080))) is None  # an allowed host and port
+        assert p.check("socket.bind", (unix, str(inside / "sock"))) is None  # AF_UNIX: multiprocessing, W&B
+        assert p.check("socket.bind", (inet, ("127.0.0.1", 9090))) is not None
+    assert p.check("socket.__new__", (None, socket.AF_INET, socket.SOCK_STREAM, 0)) is None
+    assert p.check("socket.__new__", (None, socket.AF_INET, socket.SOCK_RAW, 1)) is not None
+    assert p.check("sqlite3.connect", (":memory:",)) is None
+    assert p.check("sqlite3.connect", (f"file:{outside / 'db'}?mode=ro",)) is None  # read-only
+    assert p.check("sqlite3.connect", (str(inside / "db"),)) is None
+    assert p.check("sqlite3.connect", (f"file:{outside / 'db'}",)).target == str(outside / "db")  # type: ignore[union-attr]
+    (inside / "data").write_text("x")
+    assert p.check("os.symlink", ("data", str(inside / "latest"), -1)) is None  # a link that stays inside
+    assert p.check("os.symlink", (str(outside), str(inside / "out"), -1)) is not None
+    assert p.check("os.link", (str(inside / "data"), str(inside / "copy"), -1, -1)) is None
+    fd = os.open(inside, os.O_RDONLY)
+    try:
+        assert p.check("os.mkdir", ("sub", 0o777, fd)) is None  # relative to an allowed directory
+        assert p.check("os.chmod", ("data", 0o600, fd)) is None
+    finally:
+        os.close(fd)
+    fd = os.open(outside, os.O_RDONLY)
+    try:
+        assert p.check("os.mkdir", ("sub", 0o777, fd)).target == str(outside / "sub")  # type: ignore[union-attr]
+    finally:
+        os.close(fd)

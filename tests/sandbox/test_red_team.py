@@ -11,6 +11,7 @@ no sandbox, to show that every side-effect check sees the effect when it happens
 from __future__ import annotations
 
 import _posixsubprocess
+import _socket
 import contextlib
 import json
 import multiprocessing
@@ -89,7 +90,7 @@ class Arena:
         fake_git = self.fake_bin / "git"
         fake_git.write_text(f"#!/bin/sh\ntouch {self.outside}/fake_git_ran\n")
         fake_git.chmod(0o755)
-        for name in ("connect_by_name", "connect_ex_by_name"):
+        for name in ("connect_by_name", "connect_ex_by_name", "c_level_connect_by_name"):
             server = socket.socket()
             server.bind(("127.0.0.1", 0))
             server.listen(4)
@@ -186,6 +187,11 @@ def connect_by_name(a: Arena) -> None:
     with socket.socket() as sock:
         sock.settimeout(2)
         sock.connect(("localhost", a.port_of("connect_by_name", a.tcp)))
+
+
+def c_level_connect_by_name(a: Arena) -> None:
+    with socket.socket() as sock:  # a blind spot for the look-up (made before the audit event), not the connect
+        _socket.socket.connect(sock, ("localhost", a.port_of("c_level_connect_by_name", a.tcp)))
 
 
 def connect_ex_by_name(a: Arena) -> None:
@@ -447,6 +453,9 @@ CASES: dict[str, Case] = {
     "connect_ex_by_name": Case(
         connect_ex_by_name, "socket.connect", lambda a: helpers.connections(a.tcp["connect_ex_by_name"]) > 0
     ),
+    "c_level_connect_by_name": Case(
+        c_level_connect_by_name, "socket.connect", lambda a: helpers.connections(a.tcp["c_level_connect_by_name"]) > 0
+    ),
     "sendto_by_name": Case(sendto_by_name, "socket.sendto", lambda a: a.datagrams("sendto_by_name")),
     "sendto_flags_by_name": Case(sendto_flags_by_name, "socket.sendto", lambda a: a.datagrams("sendto_flags_by_name")),
     "bind_and_serve": Case(bind_and_serve, "socket.bind", lambda a: a.peer_received("bind_and_serve")),
@@ -612,6 +621,29 @@ def test_settings_changed_mid_stage_are_ignored_and_reported(
     assert changed["data"]["stages"] == ["sanity_check", "train", "validate", "test"]  # as at setup
     assert arena.sandbox is not None
     assert [obs.verdict for obs in arena.sandbox.phase_observations()] == ["violated"]
+
+
+BLIND = {  # what stays blind: a phrase of its info-event entry, and of its README row
+    "native code in the main process": "native code in the main process",
+    "_socket.socket methods called": "`_socket.socket` methods called directly",
+    "_thread.start_new_thread": "`_thread.start_new_thread` once the stage has ended",
+    "symlink swapped in between check and open": "symlink swapped in between check and open",
+    "start-up before the sandbox is activated": "start-up before the sandbox is activated",
+    "hostile code": "hostile code in the main process can switch an audit hook off",
+    "descriptors opened before": "descriptors opened before the stage",
+}
+
+
+def test_what_stays_blind_is_named_in_the_info_event_and_the_readme(
+    sandboxed: tuple[Arena, Attacker, list[dict[str, Any]]],
+) -> None:
+    _, _, events = sandboxed
+    [info] = [e for e in events if e["kind"] == "sandbox_blind_spots"]
+    readme = (ROOT / "README.md").read_text()
+    blind_row = next(line for line in readme.splitlines() if line.startswith("| **blind**"))
+    for in_event, in_readme in BLIND.items():
+        assert any(in_event in spot for spot in info["data"]["blind_spots"]), in_event
+        assert in_readme in blind_row or in_readme in readme, in_readme
 
 
 def test_the_reporters_switch_is_not_reachable() -> None:
