@@ -70,23 +70,29 @@ _STAGE_OF_LOADER = {
 class SandboxCheck(PhaseCallback):
     """Detect or block network, DNS, subprocess and file-write escapes in the stages declared sandboxed.
 
-    A PEP 578 audit hook, installed once per process and switched on only while a sandboxed stage runs, sees
-    ``socket.connect``/``sendto``/``sendmsg`` to IP addresses, DNS look-ups, ``http.client`` and ``urllib``
-    requests, ``subprocess``, ``os.system``, ``os.exec*``, ``os.posix_spawn*``, file opens for writing and
-    ``os``/``shutil`` file operations. Allowed without asking: AF_UNIX sockets (W&B's service,
-    multiprocessing), writes under the Trainer's ``default_root_dir``, every logger's directory, the W&B run
-    directory and every checkpoint directory. Loopback is not allowed by default: a local service is outside
-    the sandbox too. DataLoader workers are sandboxed for the stage their loader serves (forked workers
-    inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the user's); their
-    violations reach the main process's event log.
+    A tripwire for ordinary code, not a jail for hostile code: a PEP 578 audit hook, installed once per
+    process and switched on only while a sandboxed stage runs, judges connects and sends (to a host name by
+    the name, before any look-up), DNS look-ups, ``http.client`` and ``urllib`` requests, servers
+    (``bind``/``listen``/``accept``) and raw sockets, ``subprocess``, ``os.system``, ``os.exec*``,
+    ``os.posix_spawn*`` and direct ``fork_exec``, file opens for writing and ``os``/``shutil`` file and
+    metadata operations (paths resolved with ``dir_fd`` and the current directory; links that lead out are
+    refused), ``mkfifo``/``mknod`` and ``sqlite3.connect``. Allowed without asking: AF_UNIX sockets (W&B's
+    service, multiprocessing), writes under the Trainer's ``default_root_dir``, every logger's directory,
+    the W&B run directory and every checkpoint directory. Loopback is not allowed by default: a local
+    service is outside the sandbox too. DataLoader workers are sandboxed for the stage their loader serves
+    (forked workers inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the
+    user's), and so are ``multiprocessing`` children and threads started in the stage (a thread until it
+    ends); their violations reach the main process's event log.
 
     The sandboxed stages are those the phase table declares ``sandboxed: true`` (by default every stage but
     ``predict``; declare more or fewer with :class:`~lightning_phases.Phases`). Several ``SandboxCheck``
-    callbacks may be active at once: each judges every operation with its own allowances.
+    callbacks may be active at once: each judges every operation with its own allowances, so the strictest
+    wins. A Trainer call judges with the arguments as they were at its setup: changing them during the call
+    is ignored and reported.
 
     What no audit hook sees is reported at setup as an info event and in the phase report: native code
     (``torch.save`` to a path, torch.distributed's gloo/NCCL/TCPStore sockets, ctypes), writes on
-    descriptors opened earlier, and what allowed subprocesses do.
+    descriptors opened earlier, what allowed subprocesses do, and the other blind spots the README lists.
 
     Args:
         stages: Narrow the sandboxed stages to these; ``None`` (default): every stage declared sandboxed.
