@@ -152,20 +152,26 @@ class Session:
         """
         return replace(self, report=None, seen=Counter(), alive=None, process=process or self.process)
 
-    def judge(self, event: str, args: tuple[Any, ...], frame: FrameType | None) -> tuple[Violation, Any] | None:
+    def judge(
+        self, event: str, args: tuple[Any, ...], frame: FrameType | None, live: bool = False
+    ) -> tuple[Violation, Any] | None:
         """The violation ``event`` makes and its event (once recorded), or ``None`` if the operation is allowed.
 
         The event is what ``report`` returned, or ``None`` where the violation went to the spool or repeats
-        one already reported.
+        one already reported. Raises :class:`_Ended` when ``live`` is asked and the session's stage no longer
+        runs (asked only at an escape, so allowed operations pay nothing for it).
 
         Args:
             event: The audit event name.
             args: Its arguments.
             frame: The frame that made the audited call.
+            live: Check :attr:`alive` before recording an escape.
         """
         escape = _check(self.policy, event, args)
         if escape is None or (escape.category == "write" and _library_write(frame, self.policy, escape.target)):
             return None
+        if live and self.alive is not None and not self.alive():
+            raise _Ended
         location, function = user_location(frame)
         in_child = os.getpid() != self.owner_pid
         violation = Violation(
@@ -185,6 +191,10 @@ class Session:
             elif self.spool is not None:
                 write_spool(self.spool, violation)
         return violation, event
+
+
+class _Ended(Exception):
+    """A session's stage ended without its cleanup (another callback's ``on_exception`` raised first)."""
 
 
 _check = SandboxPolicy.check  # taken at import: patching the class later changes no active sandbox
@@ -246,11 +256,12 @@ def _make_gate() -> SimpleNamespace:
         blocked_event = None
         try:
             frame = sys._getframe(1)
-            for session in judging + tuple(s for s in extra if s not in judging):
-                if session in judging and session.alive is not None and not session.alive():
-                    retire(session)  # its stage ended without its cleanup
+            for session in judging + tuple(s for s in extra if s not in judging) if extra else judging:
+                try:  # a thread started in the stage stays judged by its sessions after the stage
+                    judged = session.judge(event, args, frame, live=session not in extra)
+                except _Ended:
+                    retire(session)
                     continue
-                judged = session.judge(event, args, frame)
                 if judged is not None and judged[0].blocked and blocked is None:
                     blocked, blocked_event = judged
         finally:
