@@ -374,25 +374,25 @@ class SandboxPolicy:
     def _open(self, event: str, args: tuple[Any, ...]) -> Escape | None:
         path, mode, flags = ((*tuple(args), None, None, 0))[:3]
         writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _WRITE_FLAGS)
-        if not writes or path is None:
+        resolved = resolve_path(path) if writes else None
+        if resolved is None:
             return None
-        escape = self._write(event, path)
-        if escape is not None or isinstance(path, int):
-            return escape
+        if not self.write_allowed(resolved):
+            return Escape("write", event, resolved, f"allow_write_dirs=[{os.path.dirname(resolved)!r}]")
         if not os.path.isabs(os.fsdecode(path)):  # "open" does not say whether dir_fd= was given: try them all
             for directory in open_directories():
                 escape = self._write(event, os.path.join(directory, os.fsdecode(path)))
                 if escape is not None:
                     return escape
-        return self._hard_linked(event, resolve_path(path))
+        return self._hard_linked(event, resolved)
 
-    def _hard_linked(self, event: str, resolved: str | None) -> Escape | None:
+    def _hard_linked(self, event: str, resolved: str) -> Escape | None:
         """A write through an existing file with more than one name: another name may be outside."""
         try:
-            info = os.stat(resolved) if resolved is not None else None
+            info = os.stat(resolved)
         except OSError:
             return None
-        if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink < 2:
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink < 2:
             return None
         return Escape("write", event, f"{resolved} (a hard link: {info.st_nlink} names)", "")
 
