@@ -229,8 +229,7 @@ def _make_gate() -> SimpleNamespace:
         return entry[1]
 
     def here() -> tuple[Session, ...]:
-        extra = thread_sessions(get_ident()) if inherited else ()
-        return active + tuple(s for s in extra if s not in active)
+        return _union(active, thread_sessions(get_ident()) if inherited else ())
 
     def retire(session: Session) -> None:
         nonlocal active
@@ -249,16 +248,16 @@ def _make_gate() -> SimpleNamespace:
         ident = get_ident()
         if ident in busy:
             return  # our own reporting (the event log, W&B) must not judge itself
-        if ident in prejudged and event in _C_LOOKUP_EVENTS and _names_host(args):
+        if event in _C_LOOKUP_EVENTS and ident in prejudged and _names_host(args):
             return  # the guard judged this connect by its host name already
         busy.add(ident)
         blocked: Violation | None = None
         blocked_event = None
         try:
             frame = sys._getframe(1)
-            for session in judging + tuple(s for s in extra if s not in judging) if extra else judging:
+            for session in _union(judging, extra) if extra else judging:
                 try:  # a thread started in the stage stays judged by its sessions after the stage
-                    judged = session.judge(event, args, frame, live=session not in extra)
+                    judged = session.judge(event, args, frame, session not in extra)
                 except _Ended:
                     retire(session)
                     continue
@@ -301,6 +300,12 @@ def _make_gate() -> SimpleNamespace:
         return wrapper
 
     return SimpleNamespace(hook=hook, activate=activate, here=here, inherit=inherit, unjudged=unjudged)
+
+
+def _union(first: tuple[Session, ...], second: tuple[Session, ...]) -> tuple[Session, ...]:
+    """``first`` and the sessions of ``second`` not in it (a function of its own: a comprehension in the hook
+    would make the hook allocate a cell at every call, also for the events it ignores)."""
+    return first + tuple(s for s in second if s not in first)
 
 
 def _names_host(args: tuple[Any, ...]) -> bool:

@@ -354,7 +354,7 @@ class SandboxPolicy:
             event: The audit event name, e.g. ``"socket.connect"``.
             args: The audit event's arguments.
         """
-        handler = _HANDLERS.get(event)
+        handler = _handler_of(event)
         return handler(self, event, args) if handler is not None else None
 
     def write_allowed(self, path: str) -> bool:
@@ -657,6 +657,8 @@ _HANDLERS: Mapping[str, Callable[[SandboxPolicy, str, tuple[Any, ...]], Escape |
         GUARD_EVENTS["fork_exec"]: SandboxPolicy._fork_exec,
     }
 )
+
+_handler_of = dict(_HANDLERS).get  # a private copy: the read-only table above cannot change what is judged
 
 #: The audit events the policy judges; every other event is ignored at the cost of one set look-up.
 WATCHED_EVENTS = frozenset(_HANDLERS)
