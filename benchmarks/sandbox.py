@@ -29,15 +29,17 @@ RUNS = 5
 
 
 def per_event(mode: str) -> dict[str, float]:
-    """Seconds per unwatched audit event and per read-only ``open`` (a watched event that is allowed)."""
+    """Seconds per unwatched audit event, per read-only ``open`` and per ``open(path, "w")`` in an allowed
+    directory (watched events that are allowed)."""
     from lightning_phases.sandbox import audit_hook as audit
     from lightning_phases.sandbox.policy import SandboxPolicy
 
-    with tempfile.NamedTemporaryFile() as handle:  # made before the sandbox: it forbids /tmp writes
+    with tempfile.NamedTemporaryFile() as handle, tempfile.TemporaryDirectory() as allowed:
+        target = os.path.join(allowed, "written")
         if mode != "none":
             audit.install()
         if mode == "active":
-            audit.activate(audit.Session(SandboxPolicy(), "block", "train"))
+            audit.activate(audit.Session(SandboxPolicy(write_dirs=[allowed]), "block", "train"))
         start = time.perf_counter()
         for _ in range(EVENTS):
             sys.audit("lightning_phases.benchmark")
@@ -46,8 +48,12 @@ def per_event(mode: str) -> dict[str, float]:
         for _ in range(OPENS):
             open(handle.name, "rb").close()
         opened = (time.perf_counter() - start) / OPENS
+        start = time.perf_counter()
+        for _ in range(OPENS):
+            open(target, "w").close()
+        written = (time.perf_counter() - start) / OPENS
         audit.activate(None)
-    return {"unwatched": unwatched, "open_read": opened}
+    return {"unwatched": unwatched, "open_read": opened, "open_write": written}
 
 
 MODELS = {  # name: (DigitsClassifier args, DigitsDataModule args, steps)
@@ -86,7 +92,12 @@ def main() -> None:
     print()
     print("| audited event | no hook ns | hook installed, inactive ns | sandbox active ns |")
     print("|---|---|---|---|")
-    for key, label in (("unwatched", "unwatched event (e.g. builtins.id)"), ("open_read", "open(path, 'rb')")):
+    labels_ = (
+        ("unwatched", "unwatched event (e.g. builtins.id)"),
+        ("open_read", "open(path, 'rb')"),
+        ("open_write", "open(path, 'w') in an allowed directory"),
+    )
+    for key, label in labels_:
         cells = " | ".join(f"{events[mode][key] * 1e9:.0f}" for mode in ("none", "installed", "active"))
         print(f"| {label} | {cells} |")
     labels = {"bare": "bare Trainer", "hook": "hook installed, no sandbox", "sandbox": "SandboxCheck (block)"}

@@ -118,6 +118,7 @@ BAD: dict[type, dict[str, Bad]] = {
         "allow_write_dirs": Bad({"/tmp": True}, ("/tmp", 5, None, b"/tmp")),
         "allow_subprocess": Bad({"git": True}, ("git", 5, None, b"git")),
         "allow_temp": Bad("yes", (1, None)),
+        "enforce": Bad(1, ("landlock", None, "Kernel")),
         "name": NAME,
     },
     ShiftTracker: {
@@ -281,6 +282,7 @@ def test_valid_non_default_values_construct(tmp_path):
         allow_write_dirs=[tmp_path, "relative"],
         allow_subprocess=["git", "/usr/bin/env"],
         allow_temp=True,
+        enforce="kernel",
         name="outer",
     )
     assert sandbox.allow_write_dirs == (str(tmp_path.resolve()), str((tmp_path / "relative").resolve()))

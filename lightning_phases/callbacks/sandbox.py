@@ -9,34 +9,44 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.exceptions import SandboxViolation
 from lightning_phases.phases import PhaseTable, Stage, current_stage
+from lightning_phases.reporting.console import warn
 from lightning_phases.reporting.events import PhaseEvent
 from lightning_phases.reporting.names import key_segment
 from lightning_phases.reporting.report_model import Observation
 from lightning_phases.sandbox import audit_hook as audit
+from lightning_phases.sandbox import landlock
 from lightning_phases.sandbox.audit_hook import SandboxedWorkerInit, Session, SpoolReader, Violation, escape_key
 from lightning_phases.sandbox.policy import SandboxPolicy, check_programs, check_write_dirs, parse_host_rule
-from lightning_phases.validation import check_bool
+from lightning_phases.validation import check_bool, check_choice
 
 OnViolation = Literal["warn", "block", "raise"]
+Enforce = Literal["hook", "kernel"]
 SPOOL_NAME = "sandbox_spool.jsonl"
 #: Seconds between two looks at the spool file during a stage.
 SPOOL_POLL_S = 1.0
 
 #: What an audit hook cannot see in any run.
 ALWAYS_BLIND = (
-    "files and sockets opened by native code (torch.save(obj, path), C extensions, ctypes)",
+    "files and sockets opened by native code in the main process (torch.save(obj, path), C extensions, ctypes)",
     "writes and sends on descriptors opened before the sandboxed stage",
+    "functions taken before the sandbox was installed (from os import mkfifo) and _socket.socket methods called "
+    "directly (a host-name connect through them sends its DNS query; the connect itself is refused)",
+    "threads started with _thread.start_new_thread, once the stage has ended",
+    "a symlink swapped in between check and open by a process that is not sandboxed",
+    "a spawned child's or DataLoader worker's start-up before the sandbox is activated in it",
+    "hostile code that switches the hook off (ctypes, gc, the package's internal functions)",
 )
 
 #: The stages each Trainer call runs (``trainer.state.fn``).
@@ -60,23 +70,29 @@ _STAGE_OF_LOADER = {
 class SandboxCheck(PhaseCallback):
     """Detect or block network, DNS, subprocess and file-write escapes in the stages declared sandboxed.
 
-    A PEP 578 audit hook, installed once per process and switched on only while a sandboxed stage runs, sees
-    ``socket.connect``/``sendto``/``sendmsg`` to IP addresses, DNS look-ups, ``http.client`` and ``urllib``
-    requests, ``subprocess``, ``os.system``, ``os.exec*``, ``os.posix_spawn*``, file opens for writing and
-    ``os``/``shutil`` file operations. Allowed without asking: AF_UNIX sockets (W&B's service,
-    multiprocessing), writes under the Trainer's ``default_root_dir``, every logger's directory, the W&B run
-    directory and every checkpoint directory. Loopback is not allowed by default: a local service is outside
-    the sandbox too. DataLoader workers are sandboxed for the stage their loader serves (forked workers
-    inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the user's); their
-    violations reach the main process's event log.
+    A tripwire for ordinary code, not a jail for hostile code: a PEP 578 audit hook, installed once per
+    process and switched on only while a sandboxed stage runs, judges connects and sends (to a host name by
+    the name, before any look-up), DNS look-ups, ``http.client`` and ``urllib`` requests, servers
+    (``bind``/``listen``/``accept``) and raw sockets, ``subprocess``, ``os.system``, ``os.exec*``,
+    ``os.posix_spawn*`` and direct ``fork_exec``, file opens for writing and ``os``/``shutil`` file and
+    metadata operations (paths resolved with ``dir_fd`` and the current directory; links that lead out are
+    refused), ``mkfifo``/``mknod`` and ``sqlite3.connect``. Allowed without asking: AF_UNIX sockets (W&B's
+    service, multiprocessing), writes under the Trainer's ``default_root_dir``, every logger's directory,
+    the W&B run directory and every checkpoint directory. Loopback is not allowed by default: a local
+    service is outside the sandbox too. DataLoader workers are sandboxed for the stage their loader serves
+    (forked workers inherit the hook, spawned ones get it through a wrapped ``worker_init_fn`` that keeps the
+    user's), and so are ``multiprocessing`` children and threads started in the stage (a thread until it
+    ends); their violations reach the main process's event log.
 
     The sandboxed stages are those the phase table declares ``sandboxed: true`` (by default every stage but
     ``predict``; declare more or fewer with :class:`~lightning_phases.Phases`). Several ``SandboxCheck``
-    callbacks may be active at once: each judges every operation with its own allowances.
+    callbacks may be active at once: each judges every operation with its own allowances, so the strictest
+    wins. A Trainer call judges with the arguments as they were at its setup: changing them during the call
+    is ignored and reported.
 
     What no audit hook sees is reported at setup as an info event and in the phase report: native code
     (``torch.save`` to a path, torch.distributed's gloo/NCCL/TCPStore sockets, ctypes), writes on
-    descriptors opened earlier, and what allowed subprocesses do.
+    descriptors opened earlier, what allowed subprocesses do, and the other blind spots the README lists.
 
     Args:
         stages: Narrow the sandboxed stages to these; ``None`` (default): every stage declared sandboxed.
@@ -93,6 +109,12 @@ class SandboxCheck(PhaseCallback):
         allow_subprocess: Programs that may be run, by name (``"git"``) or absolute path. What they do is
             not seen.
         allow_temp: Also allow writes under the system temporary directory.
+        enforce: ``"hook"`` (default): the audit hook alone. ``"kernel"``: DataLoader workers and
+            ``multiprocessing`` spawn/forkserver children started in sandboxed stages are also confined by
+            the kernel (Linux Landlock): they can write only beneath the allowed directories (and shared
+            memory), and, where the kernel has Landlock network rules and every allowed host names a port,
+            make TCP connections only to those ports and open no TCP server. Native code in them cannot
+            undo it. Where Landlock is unavailable, an info event says so and the hook alone guards them.
         name: This instance's name in events, metric keys, alerts and report rows; by default the class name
             (made distinct when a Trainer holds several).
     """
@@ -109,6 +131,7 @@ class SandboxCheck(PhaseCallback):
         allow_write_dirs: Sequence[str] = (),
         allow_subprocess: Sequence[str] = (),
         allow_temp: bool = False,
+        enforce: Enforce = "hook",
         name: str | None = None,
     ) -> None:
         super().__init__(stages=stages, on_violation=on_violation, name=name)
@@ -119,7 +142,10 @@ class SandboxCheck(PhaseCallback):
         self.allow_write_dirs = check_write_dirs("allow_write_dirs", allow_write_dirs)
         self.allow_subprocess = check_programs("allow_subprocess", allow_subprocess)
         self.allow_temp = check_bool("allow_temp", allow_temp)
+        self.enforce = check_choice("enforce", enforce, ("hook", "kernel"))
+        self.kernel: str = "off"  # "landlock ABI <n>", "unsupported: <why>" or "off", said at setup
         self.policy = SandboxPolicy(self.allow_hosts, self.allow_write_dirs, self.allow_subprocess, allow_temp)
+        self._frozen: _Settings | None = None  # what this Trainer call judges with, taken at setup
         self.blind_spots: list[str] = []
         self._trainer: weakref.ref[pl.Trainer] | None = None
         self._stack: list[Stage] = []
@@ -155,7 +181,8 @@ class SandboxCheck(PhaseCallback):
         self._unraised.clear()
         self._seen_before += self._seen  # each Trainer call reports each escape again
         self._seen = Counter()
-        self.policy.resolve_names()
+        self._frozen = _Settings(self.on_violation, self.stages, self.policy.with_resolved_names(), self.policy)
+        self._warned.discard("settings changed")
         log_dir = self.reporter.log_dir if trainer.is_global_zero else None
         spool_name = SPOOL_NAME if self.name == type(self).__name__ else f"sandbox_spool-{key_segment(self.name)}.jsonl"
         spool = trainer.strategy.broadcast(str(log_dir / spool_name) if log_dir is not None else None, src=0)
@@ -169,6 +196,8 @@ class SandboxCheck(PhaseCallback):
         sandboxed_now = [s for s in _STAGES_OF_CALL.get(trainer.state.fn.value, ()) if s in self.stages]
         if not sandboxed_now:
             return  # e.g. predict, not sandboxed: nothing to say about what the hook cannot see
+        if self.enforce == "kernel":
+            self._say_kernel(trainer)
         self.emit(
             trainer,
             "sandbox_blind_spots",
@@ -179,18 +208,20 @@ class SandboxCheck(PhaseCallback):
 
     @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        self._check_settings(trainer)
         self._stack.append(stage)
         self._activate(trainer, stage)
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         audit.activate(None, id(self))
+        self._check_settings(trainer)
         self._drain(trainer)
         if self._stack:
             self._stack.pop()
         if self._stack:
             self._activate(trainer, self._stack[-1])
-        if stage in self.stages:
+        if stage in self._settings.stages:
             self._raise_if_violated(trainer)
 
     @override
@@ -203,7 +234,7 @@ class SandboxCheck(PhaseCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.on_violation == "raise" and stage in self.stages:
+        if self._settings.on_violation == "raise" and stage in self._settings.stages:
             self._drain(trainer)
             self._raise_if_violated(trainer)
         else:
@@ -221,14 +252,16 @@ class SandboxCheck(PhaseCallback):
             spots += ", torch.distributed sockets"
         if self.allow_subprocess:
             spots += ", allowed subprocesses"
-        for stage in self.stages:
+        for stage in self._settings.stages:
             if not self._started[stage]:
                 continue
             events = [e for e in self.events if e.kind == "sandbox_violation" and e.stage == stage]
             attempts = sum(n for key, n in (self._seen_before + self._seen).items() if key[-1] == stage)
             verdict = "violated" if events else "verified"
-            done = "blocked" if self.mode == "block" else "allowed (warn)"
-            detail = f"audit hook ({self.on_violation}), {len(events)} violation(s)"
+            done = "allowed (warn)" if self._settings.on_violation == "warn" else "blocked"
+            detail = f"audit hook ({self._settings.on_violation}), {len(events)} violation(s)"
+            if self.enforce == "kernel":
+                detail += f"; kernel confinement of workers and children: {self.kernel}"
             if events:
                 detail += f", {attempts} attempt(s) {done}"
             rows.append(Observation(stage, "sandboxed", verdict, f"{detail}; {spots}"))
@@ -236,8 +269,58 @@ class SandboxCheck(PhaseCallback):
 
     # Internals ----------------------------------------------------------------------------------------------
 
+    @property
+    def _settings(self) -> _Settings:
+        """What this Trainer call judges with: the arguments as they were at setup."""
+        if self._frozen is None:
+            self._frozen = _Settings(self.on_violation, self.stages, self.policy, self.policy)
+        return self._frozen
+
+    def _check_settings(self, trainer: pl.Trainer) -> None:
+        """Changes of ``on_violation``, ``stages`` or ``policy`` during a Trainer call are ignored, and said once."""
+        frozen = self._settings
+        changed = [
+            name
+            for name, differs in (
+                ("on_violation", self.on_violation != frozen.on_violation),
+                ("stages", tuple(self.stages) != frozen.stages),
+                ("policy", self.policy is not frozen.source),
+            )
+            if differs
+        ]
+        if changed and "settings changed" not in self._warned:
+            self._warned.add("settings changed")
+            self.emit(
+                trainer,
+                "sandbox_settings_changed",
+                f"{', '.join(changed)} changed during a Trainer call; ignored: the sandbox keeps the settings it had "
+                f"at setup (on_violation={frozen.on_violation!r}, stages={list(frozen.stages)}) until the call ends",
+                {"changed": changed, "on_violation": frozen.on_violation, "stages": list(frozen.stages)},
+                severity="warning",
+            )
+
+    def _say_kernel(self, trainer: pl.Trainer) -> None:
+        reason = landlock.unsupported_reason()
+        abi = landlock.abi_version() if reason is None else 0
+        self.kernel = f"landlock ABI {abi}" if reason is None else f"unsupported: {reason}"
+        if reason is None:
+            message = (
+                f"kernel confinement on (Landlock ABI {abi}): DataLoader workers and multiprocessing children "
+                "started in sandboxed stages can write only beneath the allowed directories"
+                + (", and connect over TCP only to allowed ports" if abi >= 4 else "")
+            )
+        else:
+            message = f"kernel confinement unavailable ({reason}); the audit hook alone guards workers and children"
+        self.emit(
+            trainer,
+            "sandbox_kernel_confinement",
+            message,
+            {"enforced": reason is None, "landlock_abi": abi, "reason": reason},
+            severity="info",
+        )
+
     def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
-        if stage not in self.stages:
+        if stage not in self._settings.stages:
             audit.activate(None, id(self))
             return
         self._started[stage] += 1
@@ -245,7 +328,7 @@ class SandboxCheck(PhaseCallback):
 
     def _raise_if_violated(self, trainer: pl.Trainer) -> None:
         """With ``on_violation="raise"``: stop the run once any rank's sandbox was violated (agreed by all)."""
-        if self.on_violation != "raise":
+        if self._settings.on_violation != "raise":
             return
         violated = bool(self._unraised)
         if trainer.world_size > 1:  # rank 0 alone sees other processes' violations (the spool)
@@ -259,20 +342,24 @@ class SandboxCheck(PhaseCallback):
         )
 
     def _session(self, trainer: pl.Trainer, stage: str, report: Callable[[Violation], Any] | None) -> Session:
+        settings = self._settings
         return Session(
-            self.policy.with_write_dirs(run_write_dirs(trainer)),
-            self.mode,
+            settings.policy.with_write_dirs(run_write_dirs(trainer)),
+            "warn" if settings.on_violation == "warn" else "block",
             stage,
             rank=trainer.global_rank,
             report=report,
             spool=self._spool_path,
             seen=self._seen,
+            alive=partial(_running, weakref.ref(trainer)),
+            kernel=self.kernel.startswith("landlock"),
         )
 
-    def _report(self, violation: Violation) -> PhaseEvent:
+    def _report(self, violation: Violation) -> PhaseEvent | None:
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
-            raise RuntimeError("SandboxCheck lost its Trainer")
+        if trainer is None or not self._in_call:  # a thread started in a sandboxed stage, after the call ended
+            warn(f"{self.name}: {violation.message()} (after the Trainer call ended: not in the event log)")
+            return None
         event = self.emit(trainer, "sandbox_violation", violation.message(), violation.data(), stage=violation.stage)
         self._unraised.append(event)
         if not trainer.is_global_zero and self._spool_path is not None:
@@ -327,7 +414,7 @@ class SandboxCheck(PhaseCallback):
         self._patched = strategy
 
     def _worker_session(self, trainer: pl.Trainer, stage: Stage) -> Session | None:
-        return self._session(trainer, stage, report=None) if stage in self.stages else None
+        return self._session(trainer, stage, report=None) if stage in self._settings.stages else None
 
     def _active_blind_spots(self) -> list[str]:
         spots = []
@@ -337,6 +424,21 @@ class SandboxCheck(PhaseCallback):
         if self.allow_subprocess:
             spots.append("what the allowed subprocesses (" + ", ".join(self.allow_subprocess) + ") do")
         return spots
+
+
+class _Settings(NamedTuple):
+    """What a Trainer call judges with, taken at setup: later changes of the arguments do not reach it."""
+
+    on_violation: str
+    stages: tuple[Stage, ...]
+    policy: SandboxPolicy
+    source: SandboxPolicy  # the callback's policy at setup; the snapshot above also has its host names looked up
+
+
+def _running(trainer: weakref.ref[pl.Trainer]) -> bool:
+    """Whether the Trainer still runs the call that activated a session (not interrupted, finished or gone)."""
+    alive = trainer()
+    return alive is not None and alive.state.status == TrainerStatus.RUNNING
 
 
 class _SandboxedLoaders:

@@ -16,7 +16,6 @@ W&B's running counters, every event since the run began, each once.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import uuid
@@ -34,7 +33,7 @@ from lightning_phases.reporting.events import EVENT_LOG_NAME, EventLog, PhaseEve
 from lightning_phases.reporting.names import key_segment, metric_key
 from lightning_phases.reporting.report_model import REPORT_NAME, Observation, build_report, format_report
 from lightning_phases.reporting.sinks import AlertLimiter, SinkGuard, WandbSink
-from lightning_phases.sandbox.audit_hook import suspended
+from lightning_phases.sandbox.audit_hook import unjudged
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -46,13 +45,7 @@ CHECKPOINT_KEY = "lightning_phases"
 
 def _unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run a reporting method outside any active sandbox: reporting a violation is not one."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with suspended():
-            return method(*args, **kwargs)
-
-    return wrapper
+    return unjudged(method)
 
 
 class PhaseSource(Protocol):

@@ -14,23 +14,27 @@ global rank 0 drains into the event log; each line is fsync'd before the operati
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
+import ipaddress
 import json
+import multiprocessing.util
 import os
 import site
 import sys
 import sysconfig
 import tempfile
 import threading
+import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from types import FrameType
+from multiprocessing.process import BaseProcess
+from types import FrameType, SimpleNamespace
 from typing import Any
 
 from lightning_phases.exceptions import SandboxViolation
+from lightning_phases.sandbox import guards, landlock
 from lightning_phases.sandbox.policy import WATCHED_EVENTS, Escape, SandboxPolicy, resolve_path
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +84,11 @@ class Violation:
         return (
             f"{self.escape.category} escape {verb}: {self.escape.audit_event} to {self.escape.target} "
             f"from {self.location} ({self.function}){where} during {self.stage}; "
-            f"to allow it, pass SandboxCheck({self.escape.allow_hint})"
+            + (
+                f"to allow it, pass SandboxCheck({self.escape.allow_hint})"
+                if self.escape.allow_hint
+                else "no SandboxCheck argument allows it in a sandboxed stage"
+            )
         )
 
     def data(self) -> dict[str, Any]:
@@ -99,9 +107,11 @@ class Violation:
         }
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Session:
     """The sandbox active in this process: policy, mode, stage, and where violations go.
+
+    A session is immutable: a sandboxed stage judges with the settings it started with.
 
     Args:
         policy: What is allowed.
@@ -112,6 +122,13 @@ class Session:
         report: Called with each new violation in the owning process; it must put the event on disk.
         spool: The spool file other processes append to.
         owner_pid: The process that may call ``report``; a forked child spools instead.
+        seen: Attempts per escape (shared with the callback, which counts them for the report).
+        alive: Whether the stage that activated the session still runs; when it says no at an escape, the
+            session switches itself off (its stage ended without its cleanup, e.g. another callback's
+            ``on_exception`` raised first). ``None``: always.
+        owner: Who activated it (see :func:`activate`).
+        kernel: Whether DataLoader workers and ``multiprocessing`` children are also confined by the kernel
+            (Landlock, see :func:`confine_process`).
     """
 
     policy: SandboxPolicy
@@ -123,21 +140,38 @@ class Session:
     spool: str | None = None
     owner_pid: int = field(default_factory=os.getpid)
     seen: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)
+    alive: Callable[[], bool] | None = None
+    owner: int = 0
+    kernel: bool = False
 
-    def judge(self, event: str, args: tuple[Any, ...], frame: FrameType | None) -> tuple[Violation, Any] | None:
+    def detached(self, process: str | None = None) -> Session:
+        """A copy for another process: it spools, counts its own attempts, and needs no liveness check.
+
+        Args:
+            process: How the other process is named in events; by default as in this session.
+        """
+        return replace(self, report=None, seen=Counter(), alive=None, process=process or self.process)
+
+    def judge(
+        self, event: str, args: tuple[Any, ...], frame: FrameType | None, live: bool = False
+    ) -> tuple[Violation, Any] | None:
         """The violation ``event`` makes and its event (once recorded), or ``None`` if the operation is allowed.
 
         The event is what ``report`` returned, or ``None`` where the violation went to the spool or repeats
-        one already reported.
+        one already reported. Raises :class:`_Ended` when ``live`` is asked and the session's stage no longer
+        runs (asked only at an escape, so allowed operations pay nothing for it).
 
         Args:
             event: The audit event name.
             args: Its arguments.
             frame: The frame that made the audited call.
+            live: Check :attr:`alive` before recording an escape.
         """
-        escape = self.policy.check(event, args)
+        escape = _check(self.policy, event, args)
         if escape is None or (escape.category == "write" and _library_write(frame, self.policy, escape.target)):
             return None
+        if live and self.alive is not None and not self.alive():
+            raise _Ended
         location, function = user_location(frame)
         in_child = os.getpid() != self.owner_pid
         violation = Violation(
@@ -145,7 +179,7 @@ class Session:
             location,
             function,
             self.stage,
-            "child process" if in_child else self.process,
+            "child process" if in_child and self.process == "main" else self.process,
             self.rank,
             blocked=self.mode == "block",
         )
@@ -159,57 +193,225 @@ class Session:
         return violation, event
 
 
-_sessions: dict[int, Session] = {}
-_active: tuple[Session, ...] = ()
-_busy: set[int] = set()
+class _Ended(Exception):
+    """A session's stage ended without its cleanup (another callback's ``on_exception`` raised first)."""
+
+
+_check = SandboxPolicy.check  # taken at import: patching the class later changes no active sandbox
+_C_LOOKUP_EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
+_REPORTING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reporting") + os.sep
+
+
+def _make_gate() -> SimpleNamespace:
+    """The hook and the functions that drive it, over state held only in this closure (no module global to flip).
+
+    * ``active``: the sessions every thread is judged by (one per ``SandboxCheck`` whose stage runs);
+    * ``inherited``: sessions of threads started while a sandbox judged the thread that started them: such a
+      thread is judged by them until it ends, also after the stage;
+    * ``busy``: threads inside the hook or inside lightning-phases' own reporting, which is not judged.
+    """
+    sessions: dict[int, Session] = {}
+    active: tuple[Session, ...] = ()
+    inherited: dict[int, tuple[weakref.ref[threading.Thread], tuple[Session, ...]]] = {}
+    busy: set[int] = set()
+    watched = WATCHED_EVENTS
+    prejudged = guards._prejudged
+    get_ident = threading.get_ident
+
+    def thread_sessions(ident: int) -> tuple[Session, ...]:
+        entry = inherited.get(ident)
+        if entry is None:
+            return ()
+        thread = entry[0]()
+        if thread is None or thread.ident != ident or not thread.is_alive():
+            inherited.pop(ident, None)  # it ended; its ident may be reused by a thread that is not sandboxed
+            return ()
+        return entry[1]
+
+    def here() -> tuple[Session, ...]:
+        return _union(active, thread_sessions(get_ident()) if inherited else ())
+
+    def retire(session: Session) -> None:
+        nonlocal active
+        for owner, held in list(sessions.items()):
+            if held is session:
+                del sessions[owner]
+        active = tuple(sessions.values())
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event not in watched:
+            return
+        judging = active
+        extra = thread_sessions(get_ident()) if inherited else ()
+        if not judging and not extra:
+            return
+        ident = get_ident()
+        if ident in busy:
+            return  # our own reporting (the event log, W&B) must not judge itself
+        if event in _C_LOOKUP_EVENTS and ident in prejudged and _names_host(args):
+            return  # the guard judged this connect by its host name already
+        busy.add(ident)
+        blocked: Violation | None = None
+        blocked_event = None
+        try:
+            frame = sys._getframe(1)
+            for session in _union(judging, extra) if extra else judging:
+                try:  # a thread started in the stage stays judged by its sessions after the stage
+                    judged = session.judge(event, args, frame, session not in extra)
+                except _Ended:
+                    retire(session)
+                    continue
+                if judged is not None and judged[0].blocked and blocked is None:
+                    blocked, blocked_event = judged
+        finally:
+            busy.discard(ident)
+        if blocked is not None:
+            raise SandboxViolation(blocked.message(), blocked_event)
+
+    def activate(session: Session | None, owner: int = 0) -> None:
+        nonlocal active
+        if session is not None:
+            install()
+            sessions[owner] = replace(session, owner=owner)
+        else:
+            sessions.pop(owner, None)
+        active = tuple(sessions.values())
+
+    def inherit(thread: threading.Thread, judging: tuple[Session, ...]) -> None:
+        if judging and thread.ident is not None:
+            inherited[thread.ident] = (weakref.ref(thread), judging)
+
+    def unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
+        code = getattr(method, "__code__", None)
+        if code is None or not code.co_filename.startswith(_REPORTING_DIR):
+            raise ValueError(f"unjudged() takes lightning-phases' own reporting methods only, not {method!r}")
+
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ident = get_ident()
+            if ident in busy:
+                return method(*args, **kwargs)
+            busy.add(ident)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                busy.discard(ident)
+
+        return wrapper
+
+    return SimpleNamespace(hook=hook, activate=activate, here=here, inherit=inherit, unjudged=unjudged)
+
+
+def _union(first: tuple[Session, ...], second: tuple[Session, ...]) -> tuple[Session, ...]:
+    """``first`` and the sessions of ``second`` not in it (a function of its own: a comprehension in the hook
+    would make the hook allocate a cell at every call, also for the events it ignores)."""
+    return first + tuple(s for s in second if s not in first)
+
+
+def _names_host(args: tuple[Any, ...]) -> bool:
+    address = args[1] if len(args) > 1 else None
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], (str, bytes)):
+        return False
+    try:
+        ipaddress.ip_address(os.fsdecode(address[0]).split("%")[0])
+    except ValueError:
+        return True
+    return False
+
+
+_gate = _make_gate()
 _installed = False
 
 
-def _audit_hook(event: str, args: tuple[Any, ...]) -> None:
-    if event not in WATCHED_EVENTS:
-        return
-    sessions = _active
-    if not sessions:
-        return
-    ident = threading.get_ident()
-    if ident in _busy:
-        return  # our own reporting (the event log, W&B) must not judge itself
-    _busy.add(ident)
-    blocked: Violation | None = None
-    blocked_event = None
-    try:
-        frame = sys._getframe(1)
-        for session in sessions:  # every active sandbox judges; the first that blocks names the error
-            judged = session.judge(event, args, frame)
-            if judged is not None and judged[0].blocked and blocked is None:
-                blocked, blocked_event = judged
-    finally:
-        _busy.discard(ident)
-    if blocked is not None:
-        raise SandboxViolation(blocked.message(), blocked_event)
+def unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap one of lightning-phases' own reporting methods so that what it does is not judged (the event
+    log, loggers, W&B alerts and tables, which a sandboxed stage must not turn into violations of itself).
 
+    Only functions defined in ``lightning_phases/reporting`` are accepted: no other code can be made unjudged.
 
-@contextlib.contextmanager
-def suspended() -> Iterator[None]:
-    """Do not judge what this thread does inside the block: lightning-phases' own reporting (the event log,
-    loggers, W&B alerts and tables), which a sandboxed stage must not turn into violations of itself."""
-    ident = threading.get_ident()
-    if ident in _busy:
-        yield
-        return
-    _busy.add(ident)
-    try:
-        yield
-    finally:
-        _busy.discard(ident)
+    Args:
+        method: The reporting method.
+    """
+    return _gate.unjudged(method)
 
 
 def install() -> None:
-    """Install the audit hook in this process, once; it stays for the life of the process, gated."""
+    """Install the audit hook and the guards in this process, once; they stay for the life of the process, gated.
+
+    Threads and ``multiprocessing`` processes started while a sandbox judges the starting thread carry it:
+    a thread until it ends, a spawned or forkserver child from its start-up (a forked one inherits it).
+    """
     global _installed
-    if not _installed:
-        sys.addaudithook(_audit_hook)
-        _installed = True
+    if _installed:
+        return
+    _installed = True
+    sys.addaudithook(_gate.hook)
+    guards.install()
+    threading.Thread.start = _thread_start(threading.Thread.start)  # type: ignore[method-assign]
+    BaseProcess.start = _process_start(BaseProcess.start)  # type: ignore[method-assign]
+
+
+def _thread_start(original: Callable[[threading.Thread], None]) -> Callable[[threading.Thread], None]:
+    @functools.wraps(original)
+    def start(self: threading.Thread) -> None:
+        judging = _gate.here()
+        original(self)
+        _gate.inherit(self, judging)
+
+    return start
+
+
+def _process_start(original: Callable[[BaseProcess], None]) -> Callable[[BaseProcess], None]:
+    @functools.wraps(original)
+    def start(self: BaseProcess) -> None:
+        judging = _gate.here()
+        if judging:  # pickled with the process object to a spawned child, where unpickling activates it
+            self._lightning_phases_sandbox = ChildSandbox(judging)  # type: ignore[attr-defined]
+        original(self)
+
+    return start
+
+
+class ChildSandbox:
+    """The sandboxes of a ``multiprocessing`` child, carried in its pickled process object.
+
+    Unpickling it in a spawned or forkserver child (before the child's target runs) installs the hook and
+    activates the sessions; violations go to the spool file.
+
+    Args:
+        sessions: The sessions judging the thread that started the child.
+    """
+
+    def __init__(self, sessions: tuple[Session, ...]) -> None:
+        self.sessions = [session.detached() for session in sessions]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sessions": self.sessions}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.sessions = state["sessions"]
+        if os.getpid() != self.sessions[0].owner_pid:
+            for session in self.sessions:
+                activate(replace(session, process="multiprocessing child"), session.owner)
+            confine_process(self.sessions)
+
+
+def confine_process(sessions: Iterable[Session]) -> None:
+    """Confine this process (a DataLoader worker, a ``multiprocessing`` child) by the kernel for every session
+    that asks for it: writes only beneath its allowed directories, shared memory (``/dev/shm``) and
+    multiprocessing's own temp directory; TCP connects only to the ports of its allowed hosts where each
+    names a port. Stacked, so the strictest session wins; it lasts for the rest of the process.
+
+    Args:
+        sessions: The sessions active in this process.
+    """
+    for session in sessions:
+        if not session.kernel:
+            continue
+        rules = session.policy.allow_hosts
+        ports = None if any(rule.port is None for rule in rules) else [rule.port for rule in rules]
+        dirs = [*session.policy.write_dirs, "/dev/shm", multiprocessing.util.get_temp_dir()]
+        landlock.confine(dirs, ports)
 
 
 def activate(session: Session | None, owner: int = 0) -> None:
@@ -222,18 +424,12 @@ def activate(session: Session | None, owner: int = 0) -> None:
         session: The session, or ``None``.
         owner: Who activates it (a callback's ``id``); ``0`` for a process's only sandbox (a worker).
     """
-    global _active
-    if session is not None:
-        install()
-        _sessions[owner] = session
-    else:
-        _sessions.pop(owner, None)
-    _active = tuple(_sessions.values())
+    _gate.activate(session, owner)
 
 
-def active_sessions() -> tuple[Session, ...]:
-    """The active sandboxes of this process."""
-    return _active
+def is_active() -> bool:
+    """Whether any sandbox judges the calling thread now."""
+    return bool(_gate.here())
 
 
 # Attribution ----------------------------------------------------------------------------------------------
@@ -396,10 +592,11 @@ class SandboxedWorkerInit:
 
     def __init__(self, user_fn: Callable[[int], Any] | None, sessions: Mapping[int, Session]) -> None:
         self.user_fn = user_fn
-        self.sessions = {owner: replace(session, report=None, seen=Counter()) for owner, session in sessions.items()}
+        self.sessions = {owner: session.detached() for owner, session in sessions.items()}
 
     def __call__(self, worker_id: int) -> None:
         for owner, session in self.sessions.items():
             activate(replace(session, process=f"dataloader worker {worker_id}", owner_pid=os.getpid()), owner)
+        confine_process(list(self.sessions.values()))
         if self.user_fn is not None:
             self.user_fn(worker_id)

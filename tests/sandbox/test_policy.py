@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,8 +38,7 @@ def test_host_rules_parse(text: str, network: str | None, name: str | None, port
 
 
 def test_connections_are_judged_by_family_address_and_port() -> None:
-    p = policy(hosts=["10.0.0.0/8:443", "localhost"])
-    p.resolve_names()
+    p = policy(hosts=["10.0.0.0/8:443", "localhost"]).with_resolved_names()
     with socket.socket(socket.AF_INET) as inet, socket.socket(socket.AF_UNIX) as unix:
         assert p.check("socket.connect", (unix, "/tmp/wandb.sock")) is None
         assert p.check("socket.connect", (inet, ("10.1.2.3", 443))) is None
@@ -87,16 +87,32 @@ def test_symlinks_cannot_smuggle_a_write_out(tmp_path: Path) -> None:
     assert policy(write_dirs=[str(inside)]).check("open", (str(inside / "link" / "x"), "w", 0)) is not None
 
 
-def test_subprocess_commands_are_judged_by_program() -> None:
+def test_subprocess_commands_are_judged_by_the_resolved_executable(tmp_path: Path) -> None:
     p = policy(allow_subprocess=("git",))
+    git = shutil.which("git")
     assert p.check("subprocess.Popen", ("git", ["git", "status"], None, None)) is None
-    assert p.check("subprocess.Popen", (None, ["/usr/bin/git", "log"], None, None)) is None
-    assert p.check("subprocess.Popen", ("/bin/sh", ["/bin/sh", "-c", "git status"], None, None)) is None
-    escape = p.check("subprocess.Popen", ("/bin/sh", ["/bin/sh", "-c", "curl evil.org"], None, None))
-    assert escape is not None and escape.target == "curl evil.org" and escape.allow_hint == "allow_subprocess=['curl']"
-    assert p.check("os.system", ("touch /x",)) is not None
+    assert p.check("subprocess.Popen", (None, [git, "log"], None, None)) is None
+    assert p.check("os.posix_spawn", (git, ["git"], None)) is None
+    # a shell is never git, whatever its command line starts with
+    escape = p.check("subprocess.Popen", ("/bin/sh", ["/bin/sh", "-c", "git status; curl evil.org"], None, None))
+    assert escape is not None and escape.target == "/bin/sh -c git status; curl evil.org"
+    assert escape.allow_hint == "allow_subprocess=['sh']"
+    assert p.check("os.system", ("git status",)) is not None
     assert p.check("os.exec", ("/bin/ls", ["ls"], None)) is not None
-    assert p.check("os.posix_spawn", ("/usr/bin/git", ["git"], None)) is None
+    # another file named git is not the git that was looked up at construction
+    fake = tmp_path / "git"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert p.check("subprocess.Popen", (None, [str(fake)], None, None)) is not None
+    assert p.check("subprocess.Popen", ("git", ["git"], None, {"PATH": str(tmp_path)})) is not None
+    assert p.check("subprocess.Popen", (None, ["./git"], str(tmp_path), None)) is not None
+
+
+def test_allow_subprocess_is_looked_up_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"allow_subprocess: 'no-such-program-xyz' is not found on PATH"):
+        policy(allow_subprocess=("no-such-program-xyz",))
+    with pytest.raises(ValueError, match=r"allow_subprocess: '/no/such/git' is not an executable file"):
+        policy(allow_subprocess=("/no/such/git",))
 
 
 def test_hook_blocks_only_while_a_session_is_active_and_names_the_users_line(tmp_path: Path) -> None:
@@ -139,5 +155,37 @@ def test_a_forked_child_reports_through_the_spool(tmp_path: Path) -> None:
 
 def test_an_installed_but_inactive_hook_blocks_nothing() -> None:
     audit.install()
-    assert audit.active_sessions() == ()
+    assert not audit.is_active()
     subprocess.run(["true"], check=True)  # installed but inactive: nothing is blocked
+
+
+def test_the_new_rules_are_quiet_on_what_stays_inside(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    p = policy(write_dirs=[str(inside)], hosts=["127.0.0.1:8080"])
+    with socket.socket() as inet, socket.socket(socket.AF_UNIX) as unix:
+        assert p.check("socket.bind", (inet, ("127.0.0.1", 8080))) is None  # an allowed host and port
+        assert p.check("socket.bind", (unix, str(inside / "sock"))) is None  # AF_UNIX: multiprocessing, W&B
+        assert p.check("socket.bind", (inet, ("127.0.0.1", 9090))) is not None
+    assert p.check("socket.__new__", (None, socket.AF_INET, socket.SOCK_STREAM, 0)) is None
+    assert p.check("socket.__new__", (None, socket.AF_INET, socket.SOCK_RAW, 1)) is not None
+    assert p.check("sqlite3.connect", (":memory:",)) is None
+    assert p.check("sqlite3.connect", (f"file:{outside / 'db'}?mode=ro",)) is None  # read-only
+    assert p.check("sqlite3.connect", (str(inside / "db"),)) is None
+    assert p.check("sqlite3.connect", (f"file:{outside / 'db'}",)).target == str(outside / "db")  # type: ignore[union-attr]
+    (inside / "data").write_text("x")
+    assert p.check("os.symlink", ("data", str(inside / "latest"), -1)) is None  # a link that stays inside
+    assert p.check("os.symlink", (str(outside), str(inside / "out"), -1)) is not None
+    assert p.check("os.link", (str(inside / "data"), str(inside / "copy"), -1, -1)) is None
+    fd = os.open(inside, os.O_RDONLY)
+    try:
+        assert p.check("os.mkdir", ("sub", 0o777, fd)) is None  # relative to an allowed directory
+        assert p.check("os.chmod", ("data", 0o600, fd)) is None
+    finally:
+        os.close(fd)
+    fd = os.open(outside, os.O_RDONLY)
+    try:
+        assert p.check("os.mkdir", ("sub", 0o777, fd)).target == str(outside / "sub")  # type: ignore[union-attr]
+    finally:
+        os.close(fd)
