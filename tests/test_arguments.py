@@ -309,7 +309,7 @@ def test_valid_non_default_values_construct(tmp_path):
     )
     assert tracker.tests == ("ks",)
     assert tracker.reference_stage == "validate"
-    assert ShiftTracker(features="output").tests == ("mmd", "ks")
+    assert ShiftTracker(features="output").tests == ("mmdagg", "ks")
     assert ShiftTracker(features=_features, reduce="random").features is _features
     assert ShiftTracker(features="backbone.layer4", alpha=0.5).alpha == 0.5
 

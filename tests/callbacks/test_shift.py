@@ -77,9 +77,9 @@ def test_softmax_outputs_get_mmd_and_ks_and_module_features_are_recomputed(tmp_p
     trainer.fit(model, DigitsDataModule())
     trainer.test(model, DigitsDataModule(test_shift="knockout", shift_strength=0.5), verbose=False)
     assert [(r["stage"], r["test"]) for r in outputs.results] == [
-        ("validate", "mmd"),
+        ("validate", "mmdagg"),
         ("validate", "ks"),
-        ("test", "mmd"),
+        ("test", "mmdagg"),
         ("test", "ks"),
     ]
     assert all(r["n_reference"] == 500 for r in backbone.results)
@@ -131,7 +131,7 @@ def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
         ratio = float(row[key + "shift_rate"]) / float(row[key + "update_rate"])
         assert float(row[key + "shift_to_update_ratio"]) == pytest.approx(ratio, rel=1e-4)
     distance_steps = [r["step"] for r in rows if r.get(key + "shift_distance")]
-    assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmd_p_value")]
+    assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmdagg_p_value")]
     assert [int(s) for s in distance_steps] == [20, 40, 60]
 
 
