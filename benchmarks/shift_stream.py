@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _digits_shifts import KNOCKOUT, add_noise, digits, transform_images
+from _digits_shifts import add_noise, digits, transform_images
 
 from lightning_phases.detectors.sequential import StreamMonitor, knn_scores
 

@@ -27,11 +27,11 @@ class Regressor(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: ARG002
         x, y = batch
         return nn.functional.mse_loss(self(x)[:, 0], y)
 
-    def predict_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: ARG002
         return self(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
