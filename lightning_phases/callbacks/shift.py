@@ -2,6 +2,7 @@
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -222,6 +223,9 @@ class ShiftTracker(PhaseCallback):
         self._results_at_setup = 0
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
+        #: The rates of each in-fit validation after the first: step, oversight_steps, update_rate, and with a
+        #: shift distance at both ends, shift_rate and shift_to_update_ratio.
+        self.rates: list[dict[str, float]] = []
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._world_size = 1
@@ -445,21 +449,51 @@ class ShiftTracker(PhaseCallback):
         rows = []
         for stage in self.stages:
             done = [r for r in self.results if r["stage"] == stage]
-            if not done:
+            watch = self.monitored.get(stage)
+            if not done and watch is None:
                 continue
+            if stage == "validate" and self.rates:
+                rows.append(self._rates_observation())
             drifts = [r for r in done if r["drift"]]
+            alarm = watch["alarm"] if watch is not None else None
             if self.table[stage].data == "fixed_shift":
                 verdict = "shift measured (declared fixed_shift)" if drifts else "declared shift not found"
             else:
-                verdict = "shift detected" if drifts else "no shift"
-            names = "/".join(sorted({r["test"] for r in done}))
-            smallest = min(r["p_value"] for r in done)
-            detail = (
-                f"{len(done)} {names} test(s) vs {self.reference_stage} reference, min p={smallest:.3g}, "
-                f"{len(drifts)} below alpha; false alarms expected under no shift: {self.alpha * len(done):.2f}"
-            )
-            rows.append(Observation(stage, f"data vs {self.reference_stage}", verdict, detail))
+                verdict = "shift detected" if drifts or alarm else "no shift"
+            details = []
+            if done:
+                names = "/".join(sorted({r["test"] for r in done}))
+                smallest = min(r["p_value"] for r in done)
+                details.append(
+                    f"{len(done)} {names} test(s) vs {self.reference_stage} reference, min p={smallest:.3g}, "
+                    f"{len(drifts)} below alpha; false alarms expected under no shift: "
+                    f"{sum(r['alpha'] for r in done):.2f}"
+                )
+            if watch is not None:
+                details.append(_monitor_text(watch))
+            rows.append(Observation(stage, f"data vs {self.reference_stage}", verdict, "; ".join(details)))
         return rows
+
+    def _rates_observation(self) -> Observation:
+        """How fast the data moved, per oversight interval and per update, in words one can act on."""
+        last = self.rates[-1]
+        steps = last["oversight_steps"]
+        update = statistics.mean(r["update_rate"] for r in self.rates)
+        shifts = [r["shift_rate"] for r in self.rates if "shift_rate" in r]
+        parts = [f"validated every {steps:.0f} steps (the oversight interval)"]
+        parts.append(f"parameters moved {update:.3g} of their norm per step ({update * steps:.3g} per interval)")
+        if shifts:
+            shift = statistics.mean(shifts)
+            ratio = shift / update if update > 0 else math.inf
+            moved = f"{shift * 1000:.3g} (MMD distance) per 1k steps, {shift * steps:.3g} per interval"
+            parts.insert(0, f"validation data moved {moved}")
+            parts.append(
+                f"shift/update ratio {ratio:.3g} (data distance per relative parameter change; a ratio that rises "
+                "from run to run means the data moves faster than training follows it: validate more often or "
+                "retrain on fresh data)"
+            )
+        verdict = f"{len(self.rates)} intervals measured"
+        return Observation("validate", "shift rate vs update rate", verdict, "; ".join(parts))
 
     # Collecting ---------------------------------------------------------------------------------------------
 
@@ -851,8 +885,24 @@ class ShiftTracker(PhaseCallback):
                     metrics["shift_to_update_ratio"] = shift_rate / update_rate
         self._params_snapshot = params  # torch.cat made a copy
         self._last_validation = {"step": step, "distance": distance}
+        if "oversight_steps" in metrics:
+            self.rates.append({"step": float(step), **metrics})
         if metrics:
             self.log_metrics(trainer, metrics)
+
+
+def _monitor_text(watch: dict[str, Any]) -> str:
+    """The anytime-valid monitor's outcome on one stage, in words."""
+    alarm = watch["alarm"]
+    if alarm is None:
+        return (
+            f"anytime-valid monitor: no alarm over {watch['samples']} samples (chance of any false alarm on this "
+            f"stream, however long: at most {watch['alpha']:.3g})"
+        )
+    return (
+        f"anytime-valid monitor: alarm at sample {alarm['alarm_sample']}, about {alarm['delay_samples']} samples "
+        f"after the shift began (estimated at sample {alarm['estimated_start_sample']})"
+    )
 
 
 def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,9 @@ def test_test_only_run_takes_the_reference_from_the_training_loader(tmp_path: Pa
 
 
 def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
+    tracker = ShiftTracker(**FAST)
     trainer = small_trainer(
-        [ShiftTracker(**FAST)],
+        [tracker],
         max_epochs=3,
         limit_train_batches=20,
         limit_val_batches=None,
@@ -133,6 +135,19 @@ def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
     distance_steps = [r["step"] for r in rows if r.get(key + "shift_distance")]
     assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmdagg_p_value")]
     assert [int(s) for s in distance_steps] == [20, 40, 60]
+
+    # the phase report states the rates in words: per oversight interval, per 1k steps, per parameter update
+    [rates] = [row for row in tracker.phase_observations() if row.check == "shift rate vs update rate"]
+    shift = sum(r["shift_rate"] for r in tracker.rates) / 2
+    update = sum(r["update_rate"] for r in tracker.rates) / 2
+    assert rates.stage == "validate" and rates.verdict == "2 intervals measured"
+    assert f"validation data moved {shift * 1000:.3g} (MMD distance) per 1k steps, {shift * 20:.3g} per interval" in (
+        rates.detail
+    )
+    assert "validated every 20 steps" in rates.detail
+    assert f"parameters moved {update:.3g} of their norm per step ({update * 20:.3g} per interval)" in rates.detail
+    report = json.loads((Path(trainer.log_dir) / "phase_report.json").read_text())
+    assert any("validation data moved" in json.dumps(row) for row in report["stages"])
 
 
 def test_unknown_module_name_lists_near_matches_before_any_step(tmp_path: Path) -> None:

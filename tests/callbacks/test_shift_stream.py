@@ -64,6 +64,9 @@ def test_a_long_predict_stream_without_shift_stays_quiet(tmp_path: Path) -> None
     trainer.predict(model, stream(None, seed=1))
     assert tracker.monitored["predict"]["samples"] == STREAM
     assert tracker.monitored["predict"]["alarm"] is None
+    [row] = [row for row in tracker.phase_observations() if row.stage == "predict"]
+    assert row.verdict == "no shift"
+    assert "anytime-valid monitor: no alarm over 8000 samples" in row.detail and "at most 0.025" in row.detail
     detected = [e for e in read_jsonl(tmp_path / "phase_events.jsonl") if e["kind"] == "shift_detected"]
     assert detected == []
 
@@ -85,6 +88,9 @@ def test_a_shift_halfway_through_the_stream_is_flagged_with_its_delay(tmp_path: 
     assert data["wealth"] >= 1 / data["alpha"] and data["alpha"] == pytest.approx(0.025)
     # one alarm: the bets stop with the batch that raised it
     assert data["alarm_sample"] <= tracker.monitored["predict"]["samples"] < data["alarm_sample"] + BATCH
+    [row] = [row for row in tracker.phase_observations() if row.stage == "predict"]
+    assert row.verdict == "shift detected"
+    assert f"alarm at sample {data['alarm_sample']}, about {data['delay_samples']} samples after" in row.detail
 
 
 def test_raise_stops_predict_at_the_alarm(tmp_path: Path) -> None:
