@@ -9,12 +9,16 @@ streams at once. Unshifted: ``streams`` streams of ``length`` samples; the fract
 at most alpha. Shifted (``streams // 2`` per shift): the first 5000 samples are unshifted, then every sample
 is shifted (medium levels of benchmarks/_digits_shifts.py); the delay is the alarm's sample minus 5000
 (alarms before the shift are counted as false alarms, not delays), and the estimated delay the one the event
-reports. alibi-detect's MMDDriftOnline is run beside it on a few streams when it is installed.
+reports.
+
+alibi-detect's MMDDriftOnline is not run beside it: it controls the expected run time (ERT) rather than
+the chance of any false alarm, a matched rate over 20k samples needs an ERT near 390k, and its thresholds
+are simulated with more bootstrap streams than the ERT; configuring it for ERT 2,000 with 4,000 bootstraps
+alone took over 200 s on the 2 shared cores used here (it did not finish).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
@@ -78,43 +82,10 @@ def run_shifted(pool, labels, shift, streams, length, generator):
     return monitor
 
 
-def alibi_delays(pool, labels, shift, streams, generator):
-    """alibi-detect MMDDriftOnline, expected run time set to match alpha over the stream length (if installed)."""
-    try:
-        from alibi_detect.cd import MMDDriftOnline
-    except ImportError:
-        return None
-    delays, false_alarms = [], 0
-    for _ in range(streams):
-        reference = references(pool, 1, generator)[0]
-        detector = MMDDriftOnline(
-            reference.numpy(), ert=ERT, window_size=20, backend="pytorch", n_bootstraps=BOOTSTRAPS, verbose=False
-        )
-        t = 0
-        while t < CHANGE + 2000:
-            row = pool[torch.randint(len(pool), (1,), generator=generator)] if t < CHANGE else None
-            if row is None:
-                row = shifted_rows(pool, labels, shift, 1, generator)
-            t += 1
-            if detector.predict(row[0].numpy())["data"]["is_drift"]:
-                break
-        if t < CHANGE:
-            false_alarms += 1
-        elif t < CHANGE + 2000:
-            delays.append(t - CHANGE)
-    return delays, false_alarms
-
-
-#: alibi's expected run time for about alpha's chance of a false alarm within the first 5000 samples
-#: (P(alarm by t) ~ 1 - exp(-t / ERT)); its thresholds are simulated with BOOTSTRAPS bootstrap streams.
-ERT = round(-CHANGE / math.log(1 - ALPHA))
-BOOTSTRAPS = 20 * ERT // 10
-
-
 def main() -> None:
     streams = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     length = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
-    alibi_streams = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    torch.set_num_threads(1)  # small tensors per step: threads only contend
     pool, labels = digits()
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -129,9 +100,9 @@ def main() -> None:
     print(f"# Shifted at sample {CHANGE} (medium shifts), {streams // 2} streams each, alarms within {length}")
     print(
         "| shift | monitor: detected | false alarm before the shift | median delay | 90% delay "
-        "| median estimated delay | alibi MMDDriftOnline: detected / median delay |"
+        "| median estimated delay |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for shift in SHIFTS:
         monitor = run_shifted(pool, labels, shift, streams // 2, length, generator)
         alarms = monitor.alarm_at
@@ -142,18 +113,7 @@ def main() -> None:
         median = statistics.median(delays) if delays else float("nan")
         ninety = delays[int(0.9 * (len(delays) - 1))] if delays else float("nan")
         median_estimate = statistics.median(estimated.tolist()) if delays else float("nan")
-        theirs = "not run"
-        if alibi_streams:
-            result = alibi_delays(pool, labels, shift, alibi_streams, generator)
-            if result is None:
-                theirs = "not installed"
-            else:
-                found, false_alarms = result
-                cell = statistics.median(found) if found else float("nan")
-                theirs = f"{len(found)}/{alibi_streams} (false alarms {false_alarms}) / {cell}"
-        print(
-            f"| {shift} | {len(delays)}/{streams // 2} | {early} | {median} | {ninety} | {median_estimate} | {theirs} |"
-        )
+        print(f"| {shift} | {len(delays)}/{streams // 2} | {early} | {median} | {ninety} | {median_estimate} |")
 
 
 if __name__ == "__main__":
