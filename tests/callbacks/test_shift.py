@@ -99,8 +99,11 @@ def test_predict_is_tested_in_windows_and_at_the_end(tmp_path: Path) -> None:
     predict = [r for r in tracker.results if r["stage"] == "predict"]
     assert [r["window"] for r in predict] == [True, True, False]  # 297 samples: windows at 128 and 256, then 41
     assert [r["n_current"] for r in predict] == [128, 128, 41]
-    [first] = [e for e in events(tmp_path, "shift_detected") if e["data"]["window"]][:1]
+    [first] = [e for e in events(tmp_path, "shift_detected") if e["data"].get("window")][:1]
     assert first["severity"] == "critical"  # predict's declared failure cost is high
+    # the noisy predict stream is also caught by the anytime-valid monitor, within the first window
+    [sequential] = [e for e in events(tmp_path, "shift_detected") if e["data"].get("sequential")]
+    assert sequential["severity"] == "critical" and sequential["data"]["alarm_sample"] <= 128
 
 
 def test_test_only_run_takes_the_reference_from_the_training_loader(tmp_path: Path) -> None:
