@@ -89,6 +89,10 @@ def main() -> None:
     pool, labels = digits()
     rates: dict[tuple[int, str | None, str, float], dict[str, float]] = {}
     seconds = dict.fromkeys(names, 0.0)
+    print(f"# Detection rate at alpha = {ALPHA}, n = m, {repeats} repeats per cell, {PERMUTATIONS} permutations;")
+    print(f"# peers at n in {sorted(peer_sizes)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| n | shift | level | fraction | " + " | ".join(names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names), flush=True)
     for n in sizes:
         for index, (family, level, fraction) in enumerate(cells()):
             fired = dict.fromkeys(names, 0)
@@ -101,17 +105,13 @@ def main() -> None:
                     start = time.perf_counter()
                     fired[name] += test(x, y, repeat) < ALPHA
                     seconds[name] += time.perf_counter() - start
-            rates[(n, family, level, fraction)] = {name: fired[name] / repeats for name in methods}
+            row = rates[(n, family, level, fraction)] = {name: fired[name] / repeats for name in methods}
+            shown = [f"{row[name]:.2f}" if name in row else "" for name in names]
+            fraction_text = "-" if family in (None, "knockout") else f"{fraction:.0%}"
+            print(
+                f"| {n} | {family or 'no shift'} | {level} | {fraction_text} | " + " | ".join(shown) + " |", flush=True
+            )
         print(f"# n = {n} done", file=sys.stderr, flush=True)
-
-    print(f"# Detection rate at alpha = {ALPHA}, n = m, {repeats} repeats per cell, {PERMUTATIONS} permutations;")
-    print(f"# peers at n in {sorted(peer_sizes)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| n | shift | level | fraction | " + " | ".join(names) + " |")
-    print("|---|---|---|---|" + "---|" * len(names))
-    for (n, family, level, fraction), row in rates.items():
-        cells_ = [f"{row[name]:.2f}" if name in row else "" for name in names]
-        fraction_text = "-" if family in (None, "knockout") else f"{fraction:.0%}"
-        print(f"| {n} | {family or 'no shift'} | {level} | {fraction_text} | " + " | ".join(cells_) + " |")
 
     print()
     print("# Summary")
