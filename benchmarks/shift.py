@@ -1,11 +1,13 @@
 """Time of one MMD permutation test against TorchDrift and alibi-detect on the same data, in the same run.
 
-    pip install torchdrift alibi-detect   # benchmark-only; they pin other versions, use a separate venv
-    python benchmarks/shift.py
+    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[bench]')
+    python benchmarks/shift.py [dims]     # e.g. 64,784
 
 n = m = 1000 samples, 1000 permutations, d = 64 and d = 784 (digits-sized and MNIST-sized rows). Each
-implementation runs in a fresh interpreter (so its peak resident memory can be read), twice, and the
-faster time is kept. Ratios are against ``lightning_phases.detectors.two_sample.mmd_test``.
+implementation runs in a fresh interpreter (so its peak resident memory can be read); ours twice (the
+faster time is kept), the peers once (tens of seconds each). Ratios are against
+``lightning_phases.detectors.two_sample.mmd_test`` (median heuristic, the old default) and ``mmdagg_test``
+(12 kernels, ShiftTracker's default).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 N = 1000
 PERMUTATIONS = 1000
 DIMS = (64, 784)
-METHODS = ("lightning_phases", "torchdrift", "alibi_detect")
+METHODS = ("lightning_phases", "lightning_phases_mmdagg", "torchdrift", "alibi_detect")
 
 
 def samples(d: int):
@@ -42,6 +44,12 @@ def run_one(method: str, d: int) -> dict[str, float]:
         def test() -> float:
             return mmd_test(x, y, n_permutations=PERMUTATIONS, seed=0).p_value
 
+    elif method == "lightning_phases_mmdagg":
+        from lightning_phases.detectors.two_sample import mmdagg_test
+
+        def test() -> float:
+            return mmdagg_test(x, y, n_permutations=PERMUTATIONS, seed=0).p_value
+
     elif method == "torchdrift":
         import torchdrift
 
@@ -61,7 +69,7 @@ def run_one(method: str, d: int) -> dict[str, float]:
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, p_value = [], 0.0
-    for _ in range(2):
+    for _ in range(2 if method.startswith("lightning_phases") else 1):
         start = time.perf_counter()
         p_value = test()
         times.append(time.perf_counter() - start)
@@ -76,7 +84,8 @@ def run_one(method: str, d: int) -> dict[str, float]:
 
 def main() -> None:
     rows = {}
-    for d in DIMS:
+    dims = [int(d) for d in sys.argv[1].split(",")] if len(sys.argv) == 2 else DIMS
+    for d in dims:
         for method in METHODS:
             out = subprocess.run(
                 [sys.executable, __file__, method, str(d)], capture_output=True, text=True, env=os.environ
@@ -89,17 +98,28 @@ def main() -> None:
     import torch
 
     print(f"# One MMD test, n = m = {N}, {PERMUTATIONS} permutations; torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print("| d | implementation | seconds | x slower than ours | peak memory added MiB | p-value |")
-    print("|---|---|---|---|---|---|")
-    for d in DIMS:
+    print(
+        "| d | implementation | seconds | x slower than mmd_test | x slower than mmdagg_test | peak MiB added "
+        "| p-value |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for d in dims:
         ours = rows[("lightning_phases", d)]
+        agg = rows[("lightning_phases_mmdagg", d)]
         for method in METHODS:
             row = rows[(method, d)]
             if row is None:
-                print(f"| {d} | {method} | failed | | | |")
+                print(f"| {d} | {method} | failed | | | | |")
                 continue
             ratio = row["seconds"] / ours["seconds"] if ours else float("nan")
-            cells = [f"{row['seconds']:.3f}", f"{ratio:.1f}", f"{row['extra_peak_mib']:.0f}", f"{row['p_value']:.3f}"]
+            ratio_agg = row["seconds"] / agg["seconds"] if agg else float("nan")
+            cells = [
+                f"{row['seconds']:.3f}",
+                f"{ratio:.1f}",
+                f"{ratio_agg:.1f}",
+                f"{row['extra_peak_mib']:.0f}",
+                f"{row['p_value']:.3f}",
+            ]
             print(f"| {d} | {method} | " + " | ".join(cells) + " |")
 
 

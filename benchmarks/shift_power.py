@@ -1,96 +1,147 @@
-"""No-shift false-positive rate and detection rate at n = 100, through real Trainer runs, against TorchDrift.
+"""Detection rate on a miniature "Failing Loudly" suite on digits, every method on the same samples.
 
-    pip install torchdrift   # benchmark-only
-    python benchmarks/shift_power.py [repeats]
+    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[bench]')
+    python benchmarks/shift_power.py [repeats] [sizes] [peer_sizes]
+    python benchmarks/shift_power.py 20 10,20,50,100,200,500 100,200
 
-Each repeat is one ``trainer.test`` of a digits classifier (trained once) on a fresh split (seed = repeat)
-with ``ShiftTracker(reference_size=100, current_size=100)``: the reference is 100 training images, the
-current sample 100 test images, shifted or not. TorchDrift's ``KernelMMDDriftDetector`` tests the very same
-two samples (``tracker.last_samples``) in the same run. Rates are the fraction of repeats with p < 0.05.
+The shifts (benchmarks/_digits_shifts.py): Gaussian noise, image rotation/zoom/translation, both together
+("affine+noise"), each at three levels on 10%, 50% or 100% of the current sample, and class knock-out
+(10/50/100% of class 0 removed). For every cell, ``repeats`` pairs (reference, current) of n rows each are
+drawn once and every method tests the same pairs at alpha = 0.05 with 200 permutations:
+
+* ours, old: ``mmd_test`` (one Gaussian kernel, median-heuristic bandwidth; ShiftTracker's default before);
+* ours, new: ``mmdagg_test`` (ShiftTracker's default now);
+* TorchDrift's ``KernelMMDDriftDetector`` and alibi-detect's ``MMDDrift`` (PyTorch backend), on the
+  no-shift and medium cells at n in ``peer_sizes`` only (their per-permutation Python loops make the whole
+  grid take hours on two cores).
+
+Rates are fractions of the repeats with p < 0.05; the no-shift rows are the false-positive rates.
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import DigitsClassifier, DigitsDataModule
+from _digits_shifts import FAMILIES, FRACTIONS, LEVELS, digits, draw
 
-from lightning_phases import ShiftTracker
+from lightning_phases.detectors.two_sample import mmd_test, mmdagg_test
 
-CONDITIONS = {  # name: (test_shift, strength)
-    "no shift": ("none", 0.0),
-    "gaussian noise, std 0.1": ("noise", 0.1),
-    "class prior: only classes 0-4": ("imbalance", 0.0),
-    "pixel knock-out, 20% of pixels": ("knockout", 0.2),
-}
 ALPHA = 0.05
+PERMUTATIONS = 200
 
 
-def trainer(callbacks: list[pl.Callback], **kwargs: object) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-        default_root_dir="runs/bench_shift",
-        **kwargs,
-    )
+def peers() -> dict[str, object]:
+    methods: dict[str, object] = {}
+    try:
+        import torchdrift
+
+        def torchdrift_p(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+            torch.manual_seed(seed)  # TorchDrift permutes with the global generator
+            detector = torchdrift.detectors.KernelMMDDriftDetector(n_perm=PERMUTATIONS)
+            detector.fit(x)
+            return float(detector.compute_p_value(y))
+
+        methods["TorchDrift MMD"] = torchdrift_p
+    except ImportError:
+        print("# torchdrift is not installed: its column is left out")
+    try:
+        from alibi_detect.cd import MMDDrift
+
+        def alibi_p(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+            torch.manual_seed(seed)
+            detector = MMDDrift(x.numpy(), backend="pytorch", n_permutations=PERMUTATIONS, device="cpu")
+            return float(detector.predict(y.numpy())["data"]["p_val"])
+
+        methods["alibi MMDDrift"] = alibi_p
+    except ImportError:
+        print("# alibi-detect is not installed: its column is left out")
+    return methods
+
+
+def cells() -> list[tuple[str | None, str, float]]:
+    rows: list[tuple[str | None, str, float]] = [(None, "-", 1.0)]
+    for family in FAMILIES:
+        for level in LEVELS:
+            for fraction in (1.0,) if family == "knockout" else FRACTIONS:
+                rows.append((family, level, fraction))
+    return rows
 
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 100
-    try:
-        import torchdrift
-    except ImportError:
-        torchdrift = None
-    pl.seed_everything(0, verbose=False)
-    model = DigitsClassifier()
-    trainer([], max_epochs=5).fit(model, DigitsDataModule())
-
-    table = []
-    for name, (shift, strength) in CONDITIONS.items():
-        ours, theirs, ks_output = [], [], []
-        for repeat in range(repeats):
-            data = DigitsDataModule(seed=repeat, test_size=220, test_shift=shift, shift_strength=strength)
-            inputs = ShiftTracker(reference_size=100, current_size=100, stages=["test"], seed=repeat)
-            outputs = ShiftTracker(
-                features="output", tests=["ks"], reference_size=100, current_size=100, stages=["test"], seed=repeat
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    sizes = [int(n) for n in sys.argv[2].split(",")] if len(sys.argv) > 2 else [10, 20, 50, 100, 200, 500]
+    peer_sizes = {int(n) for n in sys.argv[3].split(",")} if len(sys.argv) > 3 else {100, 200}
+    ours = {
+        "ours old (median MMD)": lambda x, y, seed: mmd_test(x, y, PERMUTATIONS, seed=seed).p_value,
+        "ours new (MMDAgg)": lambda x, y, seed: mmdagg_test(x, y, PERMUTATIONS, seed=seed).p_value,
+    }
+    others = peers()
+    names = [*ours, *others]
+    pool, labels = digits()
+    rates: dict[tuple[int, str | None, str, float], dict[str, float]] = {}
+    seconds = dict.fromkeys(names, 0.0)
+    print(f"# Detection rate at alpha = {ALPHA}, n = m, {repeats} repeats per cell, {PERMUTATIONS} permutations;")
+    print(f"# peers at n in {sorted(peer_sizes)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| n | shift | level | fraction | " + " | ".join(names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names), flush=True)
+    for n in sizes:
+        for index, (family, level, fraction) in enumerate(cells()):
+            fired = dict.fromkeys(names, 0)
+            compared = n in peer_sizes and level in ("-", "medium")
+            methods = {**ours, **(others if compared else {})}
+            for repeat in range(repeats):
+                generator = torch.Generator().manual_seed((n * 100 + index) * 1000 + repeat)
+                x, y = draw(pool, labels, n, family, level, fraction, generator)
+                for name, test in methods.items():
+                    start = time.perf_counter()
+                    fired[name] += test(x, y, repeat) < ALPHA
+                    seconds[name] += time.perf_counter() - start
+            row = rates[(n, family, level, fraction)] = {name: fired[name] / repeats for name in methods}
+            shown = [f"{row[name]:.2f}" if name in row else "" for name in names]
+            fraction_text = "-" if family in (None, "knockout") else f"{fraction:.0%}"
+            print(
+                f"| {n} | {family or 'no shift'} | {level} | {fraction_text} | " + " | ".join(shown) + " |", flush=True
             )
-            trainer([inputs, outputs]).test(model, data, verbose=False)
-            ours.append(inputs.results[-1]["p_value"] < ALPHA)
-            ks_output.append(outputs.results[-1]["p_value"] < ALPHA)
-            if torchdrift is not None:
-                reference, current = inputs.last_samples
-                detector = torchdrift.detectors.KernelMMDDriftDetector(n_perm=1000)
-                detector.fit(reference)
-                theirs.append(float(detector.compute_p_value(current)) < ALPHA)
-        only = (
-            sum(a and not b for a, b in zip(ours, theirs, strict=False)),
-            sum(b and not a for a, b in zip(ours, theirs, strict=False)),
-        )
-        rates = (statistics.mean(ours), statistics.mean(theirs) if theirs else None, statistics.mean(ks_output))
-        table.append((name, *rates, only))
+        print(f"# n = {n} done", file=sys.stderr, flush=True)
 
-    print(f"# Rejection rate at alpha={ALPHA}, n = m = 100, {repeats} Trainer runs per row; torch {torch.__version__}")
+    print()
+    print("# Summary")
+    print("| quantity | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+
+    def mean_over(selected: list[dict[str, float]]) -> list[str]:
+        return [
+            f"{statistics.mean(r[name] for r in selected):.3f}" if all(name in r for r in selected) else ""
+            for name in names
+        ]
+
+    null = [row for (n, family, *_), row in rates.items() if family is None]
+    print("| false-positive rate, mean over n | " + " | ".join(mean_over(null)) + " |")
     print(
-        "| condition | ShiftTracker MMD (inputs) | TorchDrift KernelMMD (same samples) | only ours / only theirs "
-        "| ShiftTracker KS (softmax) |"
+        "| false-positive rate, worst n | "
+        + " | ".join(
+            f"{max(r[name] for r in null if name in r):.3f}" if any(name in r for r in null) else "" for name in names
+        )
+        + " |"
     )
-    print("|---|---|---|---|---|")
-    for name, ours, theirs, ks, (ours_only, theirs_only) in table:
-        shown = f"{theirs:.3f}" if theirs is not None else "not installed"
-        print(f"| {name} | {ours:.3f} | {shown} | {ours_only} / {theirs_only} | {ks:.3f} |")
+    medium = [row for (n, family, level, _), row in rates.items() if level == "medium" and n in (100, 200)]
+    if medium:
+        print("| detection, medium shifts, n = 100-200 | " + " | ".join(mean_over(medium)) + " |")
+    shifted = [row for (n, family, *_), row in rates.items() if family is not None]
+    print("| detection, every shift and n | " + " | ".join(mean_over(shifted)) + " |")
+    for family in FAMILIES:
+        chosen = [row for (n, f, *_), row in rates.items() if f == family]
+        print(f"| detection, {family} (all levels, n) | " + " | ".join(mean_over(chosen)) + " |")
+    print("| seconds in tests (all its cells) | " + " | ".join(f"{seconds[name]:.0f}" for name in names) + " |")
 
 
 if __name__ == "__main__":

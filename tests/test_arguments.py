@@ -135,6 +135,7 @@ BAD: dict[type, dict[str, Bad]] = {
         "reduce_dim": Bad("32", (0, 2.0, True, None), numeric=True),
         "output_softmax": Bad("no", (1, None)),
         "track_rates": Bad("no", (0, None)),
+        "anytime_valid": Bad("yes", (1, None)),
         "seed": Bad("abc", (-1, 2**63, 1.0, True, None), numeric=True),
         "checkpoint_mb": Bad("8", (-1, True, None), numeric=True),
         "on_violation": Bad(1, ("block", "checkpoint", None)),
@@ -302,13 +303,14 @@ def test_valid_non_default_values_construct(tmp_path):
         reduce_dim=2,
         output_softmax=False,
         track_rates=False,
+        anytime_valid=False,
         seed=2**63 - 1,
         checkpoint_mb=0,
         on_violation="stop",
     )
     assert tracker.tests == ("ks",)
     assert tracker.reference_stage == "validate"
-    assert ShiftTracker(features="output").tests == ("mmd", "ks")
+    assert ShiftTracker(features="output").tests == ("mmdagg", "ks")
     assert ShiftTracker(features=_features, reduce="random").features is _features
     assert ShiftTracker(features="backbone.layer4", alpha=0.5).alpha == 0.5
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,7 +24,15 @@ from lightning_phases.detectors.features import (
     resolve_module,
 )
 from lightning_phases.detectors.reservoir import Reservoir
-from lightning_phases.detectors.two_sample import TestResult, fit_reduction, ks_test, mmd_test
+from lightning_phases.detectors.sequential import Alarm, StreamMonitor, knn_scores
+from lightning_phases.detectors.two_sample import (
+    TestResult,
+    canonical_order,
+    fit_reduction,
+    ks_test,
+    mmd_test,
+    mmdagg_test,
+)
 from lightning_phases.exceptions import ShiftDetected
 from lightning_phases.phases import STAGES, PhaseTable, Stage
 from lightning_phases.reporting.console import logger
@@ -42,7 +51,7 @@ from lightning_phases.validation import (
     check_seed,
 )
 
-TestName = Literal["mmd", "ks"]
+TestName = Literal["mmdagg", "mmd", "ks"]
 Reduction = Literal["pca", "random"]
 FeatureFn = Callable[[Any, Any], torch.Tensor]
 
@@ -61,11 +70,12 @@ class ShiftTracker(PhaseCallback):
     stages declared ``held_out`` or ``live`` (``validate``, ``test``, ``predict`` by default) are tested against
     it; a stage declared ``fixed_shift`` (chosen to differ, e.g. a corrupted test set) is measured too, and its
     shift is reported as expected (an info event, no ``shift_detected``). When a tested stage ends, its samples
-    (a reservoir of ``current_size``) are tested against the reference: a kernel MMD test with a Gaussian kernel
-    (median-heuristic bandwidth) and a permutation p-value, all permutations in one batched product, and for
-    softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs are also tested in sliding
-    windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value below ``alpha``
-    (divided by the number of tests run together) is a ``shift_detected`` event.
+    (a reservoir of ``current_size``) are tested against the reference: by default an aggregated kernel MMD
+    test (MMDAgg: Gaussian and Laplace kernels at several bandwidths, on raw and standardized features, the
+    level held over the collection by the permutations themselves), every kernel and permutation in batched
+    products, and for softmax outputs also per-dimension KS tests with Bonferroni. Long predict runs are also
+    tested in sliding windows of ``window_size`` samples. Each test is a ``shift_test`` info event; a p-value
+    below ``alpha`` (divided by the number of tests run together) is a ``shift_detected`` event.
 
     Features from a module (a submodule name or ``"output"``) are computed again on the reference *inputs*
     with the current weights at every test, so a reference taken while that module trained is never stale,
@@ -84,6 +94,14 @@ class ShiftTracker(PhaseCallback):
     ``non_finite_features`` warning event per test that says how many of which sample; with fewer than 2
     finite rows left on a side the test is refused (no p-value; the event says so).
 
+    A stage declared ``live`` (``predict``, by default) is also monitored sample by sample with an anytime-valid
+    sequential test (``anytime_valid``): a betting martingale on conformal p-values of each sample against the
+    reference (:class:`~lightning_phases.detectors.sequential.StreamMonitor`), whose chance of *ever* raising a
+    false alarm over the stage's stream, however long it runs, is at most ``alpha / 2``; ``alpha / 2`` is left
+    for the tests at the stage's end, so ``shift_detected`` in that stage has a chance of at most ``alpha`` of
+    being false over the whole stream. Its alarm is a ``shift_detected`` event with ``"sequential": true``, the
+    sample that raised it and the estimated detection delay (samples since the estimated start of the shift).
+
     Each test at ``alpha`` has probability ``alpha`` of a false alarm when nothing shifted, so repeated tests
     (one per validation) are counted: every ``shift_test`` event holds ``tests_so_far`` and the phase report
     gives the number of tests and the false alarms expected from them (``alpha`` x tests).
@@ -98,7 +116,10 @@ class ShiftTracker(PhaseCallback):
         stages: Narrow the tested stages to these; ``None`` (default): every stage declared ``held_out``,
             ``live`` or ``fixed_shift`` (the sanity check is never tested: it runs before any reference).
         alpha: Significance level of a run of tests.
-        tests: ``"mmd"`` and/or ``"ks"``; by default ``["mmd"]``, plus ``"ks"`` when ``features="output"``.
+        tests: ``"mmdagg"`` (MMD aggregated over Gaussian and Laplace kernels at several bandwidths, on raw and
+            standardized features: :func:`~lightning_phases.detectors.two_sample.mmdagg_test`), ``"mmd"``
+            (one Gaussian kernel at the median-heuristic bandwidth) and/or ``"ks"``; by default
+            ``["mmdagg"]``, plus ``"ks"`` when ``features="output"``.
         n_permutations: Permutations of the MMD test; the smallest p-value is ``1 / (1 + n_permutations)``.
         current_size: Samples of a tested stage kept (a reservoir); by default ``reference_size``.
         window_size: In ``predict``, also test every ``window_size`` samples; ``None``: only at the end.
@@ -108,7 +129,10 @@ class ShiftTracker(PhaseCallback):
         reduce_dim: Target dimension of ``reduce``.
         output_softmax: Softmax of 2-d outputs for ``features="output"``.
         track_rates: Log the shift, update and oversight rates in fit (keeps a copy of the trainable
-            parameters, taken at each validation).
+            parameters, taken at each validation), and state them in the phase report.
+        anytime_valid: Monitor stages declared ``live`` sample by sample with the anytime-valid sequential test
+            (at ``alpha / 2``, the stage's end-of-stage tests at the other half); ``False``: only the
+            end-of-stage (and window) tests, at ``alpha``.
         seed: Seed of the reservoirs, the permutations and the random projection.
         checkpoint_mb: At most this many MiB of reference rows go into each checkpoint (a uniform subsample
             of whole rows when the reference is larger, e.g. 1000 images of 3x64x64 are 47 MiB); ``0`` keeps
@@ -144,6 +168,7 @@ class ShiftTracker(PhaseCallback):
         reduce_dim: PositiveInt = 32,
         output_softmax: bool = True,
         track_rates: bool = True,
+        anytime_valid: bool = True,
         seed: Seed = 0,
         checkpoint_mb: NonNegativeFloat = 8.0,
         on_violation: Literal["warn", "stop", "raise"] = "warn",
@@ -164,8 +189,8 @@ class ShiftTracker(PhaseCallback):
             )
         self.reference_size = check_number("reference_size", reference_size, low=2, integer=True)
         self.alpha = float(check_number("alpha", alpha, low=0, high=1, low_inclusive=False, high_inclusive=False))
-        default_tests: tuple[str, ...] = ("mmd", "ks") if features == "output" else ("mmd",)
-        self.tests = check_choices("tests", tests if tests is not None else default_tests, ("mmd", "ks"))
+        default_tests: tuple[str, ...] = ("mmdagg", "ks") if features == "output" else ("mmdagg",)
+        self.tests = check_choices("tests", tests if tests is not None else default_tests, ("mmdagg", "mmd", "ks"))
         self.n_permutations = check_positive("n_permutations", n_permutations, integer=True)
         self.current_size = (
             reference_size if current_size is None else check_positive("current_size", current_size, integer=True)
@@ -175,6 +200,7 @@ class ShiftTracker(PhaseCallback):
         self.reduce_dim = check_positive("reduce_dim", reduce_dim, integer=True)
         self.output_softmax = check_bool("output_softmax", output_softmax)
         self.track_rates = check_bool("track_rates", track_rates)
+        self.anytime_valid = check_bool("anytime_valid", anytime_valid)
         self.seed = check_seed("seed", seed)
         self.checkpoint_mb = float(check_number("checkpoint_mb", checkpoint_mb, low=0))
 
@@ -188,11 +214,18 @@ class ShiftTracker(PhaseCallback):
         self._batch_paths: list[int] | None = None  # where they sit in a batch (for the train loader fallback)
         self._dim: int | None = None
         self._window_seen = 0
+        self._monitor: StreamMonitor | None = None
+        self._monitor_fit: torch.Tensor | None = None  # the reference rows that define the monitor's score
+        #: Per monitored stage of the last call: samples monitored and the alarm (``None`` while quiet).
+        self.monitored: dict[str, dict[str, Any]] = {}
         self.n_tests = 0
         self.results: list[dict[str, Any]] = []
         self._results_at_setup = 0
         self._last_validation: dict[str, Any] | None = None
         self._params_snapshot: torch.Tensor | None = None
+        #: The rates of each in-fit validation after the first: step, oversight_steps, update_rate, and with a
+        #: shift distance at both ends, shift_rate and shift_to_update_ratio.
+        self.rates: list[dict[str, float]] = []
         self.last_samples: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reference_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._world_size = 1
@@ -293,6 +326,9 @@ class ShiftTracker(PhaseCallback):
         if stage in self.stages and self._current is not None:
             self._current.reset()
             self._window_seen = 0
+        self._monitor = self._monitor_fit = None
+        if stage in self.stages and self._monitors(stage):
+            self.monitored[stage] = {"samples": 0, "alarm": None, "alpha": self.alpha / 2}
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -311,7 +347,9 @@ class ShiftTracker(PhaseCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._collect(stage, outputs, batch)
+        rows = self._collect(stage, outputs, batch)
+        if rows is not None and stage in self.stages and self._monitors(stage):
+            self._monitor_rows(trainer, pl_module, stage, rows)
         if stage == "predict" and self.window_size and stage in self.stages and self._window_seen >= self.window_size:
             self._test(trainer, pl_module, stage, window=True)
             self._current.reset()  # type: ignore[union-attr]
@@ -411,25 +449,55 @@ class ShiftTracker(PhaseCallback):
         rows = []
         for stage in self.stages:
             done = [r for r in self.results if r["stage"] == stage]
-            if not done:
+            watch = self.monitored.get(stage)
+            if not done and watch is None:
                 continue
+            if stage == "validate" and self.rates:
+                rows.append(self._rates_observation())
             drifts = [r for r in done if r["drift"]]
+            alarm = watch["alarm"] if watch is not None else None
             if self.table[stage].data == "fixed_shift":
                 verdict = "shift measured (declared fixed_shift)" if drifts else "declared shift not found"
             else:
-                verdict = "shift detected" if drifts else "no shift"
-            names = "/".join(sorted({r["test"] for r in done}))
-            smallest = min(r["p_value"] for r in done)
-            detail = (
-                f"{len(done)} {names} test(s) vs {self.reference_stage} reference, min p={smallest:.3g}, "
-                f"{len(drifts)} below alpha; false alarms expected under no shift: {self.alpha * len(done):.2f}"
-            )
-            rows.append(Observation(stage, f"data vs {self.reference_stage}", verdict, detail))
+                verdict = "shift detected" if drifts or alarm else "no shift"
+            details = []
+            if done:
+                names = "/".join(sorted({r["test"] for r in done}))
+                smallest = min(r["p_value"] for r in done)
+                details.append(
+                    f"{len(done)} {names} test(s) vs {self.reference_stage} reference, min p={smallest:.3g}, "
+                    f"{len(drifts)} below alpha; false alarms expected under no shift: "
+                    f"{sum(r['alpha'] for r in done):.2f}"
+                )
+            if watch is not None:
+                details.append(_monitor_text(watch))
+            rows.append(Observation(stage, f"data vs {self.reference_stage}", verdict, "; ".join(details)))
         return rows
+
+    def _rates_observation(self) -> Observation:
+        """How fast the data moved, per oversight interval and per update, in words one can act on."""
+        last = self.rates[-1]
+        steps = last["oversight_steps"]
+        update = statistics.mean(r["update_rate"] for r in self.rates)
+        shifts = [r["shift_rate"] for r in self.rates if "shift_rate" in r]
+        parts = [f"validated every {steps:.0f} steps (the oversight interval)"]
+        parts.append(f"parameters moved {update:.3g} of their norm per step ({update * steps:.3g} per interval)")
+        if shifts:
+            shift = statistics.mean(shifts)
+            ratio = shift / update if update > 0 else math.inf
+            moved = f"{shift * 1000:.3g} (MMD distance) per 1k steps, {shift * steps:.3g} per interval"
+            parts.insert(0, f"validation data moved {moved}")
+            parts.append(
+                f"shift/update ratio {ratio:.3g} (data distance per relative parameter change; a ratio that rises "
+                "from run to run means the data moves faster than training follows it: validate more often or "
+                "retrain on fresh data)"
+            )
+        verdict = f"{len(self.rates)} intervals measured"
+        return Observation("validate", "shift rate vs update rate", verdict, "; ".join(parts))
 
     # Collecting ---------------------------------------------------------------------------------------------
 
-    def _collect(self, stage: Stage, outputs: Any, batch: Any) -> None:
+    def _collect(self, stage: Stage, outputs: Any, batch: Any) -> torch.Tensor | None:
         tapped = self._tap.take() if self._tap is not None else None
         call = self._recorder.take() if self._recorder is not None else None
         if stage == self.reference_stage and self._reference is not None:
@@ -447,6 +515,8 @@ class ShiftTracker(PhaseCallback):
             self._check_dim(rows)
             self._current.add(rows)
             self._window_seen += rows.shape[0]
+            return rows
+        return None
 
     def _model_inputs(self, call: Call | None) -> torch.Tensor | None:
         """The inputs the step passed to the model, one row of bytes per sample (``None``: left out)."""
@@ -586,9 +656,10 @@ class ShiftTracker(PhaseCallback):
             project = fit_reduction(pooled, self.reduce, self.reduce_dim, seed=self.seed)
             reference, current = project(reference), project(current)
         self.last_samples = (reference, current)
-        alpha_each = self.alpha / len(self.tests)
+        alpha = self.alpha / 2 if self._monitors(stage) else self.alpha
+        alpha_each = alpha / len(self.tests)
         distance = None
-        if "mmd" in self.tests and trainer.is_global_zero:
+        if {"mmd", "mmdagg"} & set(self.tests) and trainer.is_global_zero:
             pooled = reference.shape[0] + current.shape[0]
             level = logging.INFO if pooled >= LARGE_TEST else logging.DEBUG
             logger.log(
@@ -599,8 +670,9 @@ class ShiftTracker(PhaseCallback):
         detected = []
         for name in self.tests:
             self.n_tests += 1
-            if name == "mmd":
-                result = mmd_test(reference, current, self.n_permutations, seed=self.seed + self.n_tests)
+            if name in ("mmd", "mmdagg"):
+                test = mmd_test if name == "mmd" else mmdagg_test
+                result = test(reference, current, self.n_permutations, seed=self.seed + self.n_tests)
                 distance = math.sqrt(max(result.statistic, 0.0))
             else:
                 result = ks_test(reference, current)
@@ -611,6 +683,78 @@ class ShiftTracker(PhaseCallback):
             self._log_rates(trainer, pl_module, distance)
         if detected:  # every test of this stage has run and is reported before any stop or raise
             self.act(trainer, detected[0])
+
+    def _monitors(self, stage: Stage) -> bool:
+        """Whether ``stage`` is watched by the anytime-valid stream monitor."""
+        return self.anytime_valid and self.table[stage].data == "live"
+
+    def _monitor_rows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, rows: torch.Tensor
+    ) -> None:
+        """Bet on one batch's samples (every rank's, so every rank decides alike); alarm once per stage."""
+        watch = self.monitored[stage]
+        if watch["alarm"] is not None:
+            return
+        rows = _gather_rows(trainer, rows.float(), torch.float32)
+        if rows is None:
+            return
+        rows = rows[torch.isfinite(rows).all(dim=1)]  # non-finite rows are counted by the end-of-stage test
+        if self._monitor is None and not self._start_monitor(trainer, pl_module, watch):
+            return
+        assert self._monitor is not None and self._monitor_fit is not None
+        if rows.shape[0] == 0:
+            return
+        fired = bool(self._monitor.update(knn_scores(self._monitor_fit, rows.to(self._monitor_fit.device)).cpu())[0])
+        watch["samples"] = self._monitor.seen
+        if fired:
+            alarm = self._monitor.alarm()
+            assert alarm is not None
+            self._sequential_alarm(trainer, stage, alarm, watch)
+
+    def _start_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, watch: dict[str, Any]) -> bool:
+        """Split the reference into score-fitting and calibration halves and start the monitor."""
+        reference = self._reference_rows(trainer, pl_module)
+        if reference is None:
+            return False
+        reference = reference.float()
+        reference = reference[torch.isfinite(reference).all(dim=1)]
+        if reference.shape[0] < 4:
+            return False
+        order = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(self.seed))
+        reference = canonical_order(reference)[order.to(reference.device)]
+        half = reference.shape[0] // 2
+        self._monitor_fit = reference[:half]
+        calibration = knn_scores(self._monitor_fit, reference[half:]).cpu()
+        self._monitor = StreamMonitor(calibration, watch["alpha"], seed=self.seed)
+        watch["reference_rows"] = [half, reference.shape[0] - half]
+        return True
+
+    def _sequential_alarm(self, trainer: pl.Trainer, stage: Stage, alarm: Alarm, watch: dict[str, Any]) -> None:
+        data = {
+            "test": "sequential",
+            "sequential": True,
+            "alarm_sample": alarm.sample,
+            "estimated_start_sample": alarm.estimated_start,
+            "delay_samples": alarm.delay,
+            "wealth": alarm.wealth,
+            "alpha": watch["alpha"],
+            "features": self._features_name,
+            "fit_rows": watch["reference_rows"][0],
+            "calibration_rows": watch["reference_rows"][1],
+        }
+        watch["alarm"] = data
+        event = self.emit(
+            trainer,
+            "shift_detected",
+            f"{stage} stream differs from the {self.reference_stage} reference: the anytime-valid monitor's "
+            f"wealth reached {alarm.wealth:.3g} >= 1/alpha = {1 / watch['alpha']:.3g} at sample {alarm.sample}; "
+            f"the shift is estimated to have begun after sample {alarm.estimated_start}, so it was detected "
+            f"{alarm.delay} samples later (the chance of any false alarm on this stream, however long, is at "
+            f"most {watch['alpha']:.3g})",
+            data,
+            stage=stage,
+        )
+        self.act(trainer, event)
 
     def _finite_rows(
         self, trainer: pl.Trainer, stage: Stage, reference: torch.Tensor, current: torch.Tensor, window: bool
@@ -685,6 +829,11 @@ class ShiftTracker(PhaseCallback):
         }
         if result.bandwidth is not None:
             data.update(bandwidth=result.bandwidth, n_permutations=result.n_permutations)
+        if result.kernels is not None and result.kernel_p_values is not None:
+            data["kernels"] = [
+                {"space": space, "kernel": family, "bandwidth": bandwidth, "p_value": p}
+                for (space, family, bandwidth), p in zip(result.kernels, result.kernel_p_values, strict=True)
+            ]
         self.results.append({"stage": stage, "step": trainer.global_step, **data})
         where = f"{stage} window" if window else stage
         declared = ""
@@ -736,8 +885,24 @@ class ShiftTracker(PhaseCallback):
                     metrics["shift_to_update_ratio"] = shift_rate / update_rate
         self._params_snapshot = params  # torch.cat made a copy
         self._last_validation = {"step": step, "distance": distance}
+        if "oversight_steps" in metrics:
+            self.rates.append({"step": float(step), **metrics})
         if metrics:
             self.log_metrics(trainer, metrics)
+
+
+def _monitor_text(watch: dict[str, Any]) -> str:
+    """The anytime-valid monitor's outcome on one stage, in words."""
+    alarm = watch["alarm"]
+    if alarm is None:
+        return (
+            f"anytime-valid monitor: no alarm over {watch['samples']} samples (chance of any false alarm on this "
+            f"stream, however long: at most {watch['alpha']:.3g})"
+        )
+    return (
+        f"anytime-valid monitor: alarm at sample {alarm['alarm_sample']}, about {alarm['delay_samples']} samples "
+        f"after the shift began (estimated at sample {alarm['estimated_start_sample']})"
+    )
 
 
 def _gather_rows(trainer: pl.Trainer, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -264,8 +264,8 @@ def test_two_instances_of_each_callback_never_collide(tmp_path: Path) -> None:
     assert len({c.state_key for c in callbacks}) == len(callbacks)
     header = set((Path(csv.log_dir) / "metrics.csv").read_text().splitlines()[0].split(","))
     for key in (
-        "phases/shift_tracker-input/validate_mmd_p_value",
-        "phases/shift_tracker-output/validate_mmd_p_value",
+        "phases/shift_tracker-input/validate_mmdagg_p_value",
+        "phases/shift_tracker-output/validate_mmdagg_p_value",
         "phases/shift_tracker-output/validate_ks_p_value",
         "phases/param_freeze_assertion/validate/changed_tensors",
         "phases/frozen_backbone/train/changed_tensors",
@@ -280,8 +280,8 @@ def test_two_instances_of_each_callback_never_collide(tmp_path: Path) -> None:
         if record["type"] == "history":
             summary.update({k: v for k, v in record["history"]["item"].items()})
     assert {
-        "phases/shift_tracker-input/validate_mmd_p_value",
-        "phases/shift_tracker-output/validate_mmd_p_value",
+        "phases/shift_tracker-input/validate_mmdagg_p_value",
+        "phases/shift_tracker-output/validate_mmdagg_p_value",
     } <= set(summary)
     report = json.loads((files_dir / "phase_report.json").read_text())
     callbacks_seen = {obs["callback"] for row in report["stages"] for obs in row["observations"]}

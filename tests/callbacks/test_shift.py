@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +78,9 @@ def test_softmax_outputs_get_mmd_and_ks_and_module_features_are_recomputed(tmp_p
     trainer.fit(model, DigitsDataModule())
     trainer.test(model, DigitsDataModule(test_shift="knockout", shift_strength=0.5), verbose=False)
     assert [(r["stage"], r["test"]) for r in outputs.results] == [
-        ("validate", "mmd"),
+        ("validate", "mmdagg"),
         ("validate", "ks"),
-        ("test", "mmd"),
+        ("test", "mmdagg"),
         ("test", "ks"),
     ]
     assert all(r["n_reference"] == 500 for r in backbone.results)
@@ -98,8 +99,11 @@ def test_predict_is_tested_in_windows_and_at_the_end(tmp_path: Path) -> None:
     predict = [r for r in tracker.results if r["stage"] == "predict"]
     assert [r["window"] for r in predict] == [True, True, False]  # 297 samples: windows at 128 and 256, then 41
     assert [r["n_current"] for r in predict] == [128, 128, 41]
-    [first] = [e for e in events(tmp_path, "shift_detected") if e["data"]["window"]][:1]
+    [first] = [e for e in events(tmp_path, "shift_detected") if e["data"].get("window")][:1]
     assert first["severity"] == "critical"  # predict's declared failure cost is high
+    # the noisy predict stream is also caught by the anytime-valid monitor, within the first window
+    [sequential] = [e for e in events(tmp_path, "shift_detected") if e["data"].get("sequential")]
+    assert sequential["severity"] == "critical" and sequential["data"]["alarm_sample"] <= 128
 
 
 def test_test_only_run_takes_the_reference_from_the_training_loader(tmp_path: Path) -> None:
@@ -111,8 +115,9 @@ def test_test_only_run_takes_the_reference_from_the_training_loader(tmp_path: Pa
 
 
 def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
+    tracker = ShiftTracker(**FAST)
     trainer = small_trainer(
-        [ShiftTracker(**FAST)],
+        [tracker],
         max_epochs=3,
         limit_train_batches=20,
         limit_val_batches=None,
@@ -131,8 +136,21 @@ def test_rates_are_logged_next_to_each_other_in_fit(tmp_path: Path) -> None:
         ratio = float(row[key + "shift_rate"]) / float(row[key + "update_rate"])
         assert float(row[key + "shift_to_update_ratio"]) == pytest.approx(ratio, rel=1e-4)
     distance_steps = [r["step"] for r in rows if r.get(key + "shift_distance")]
-    assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmd_p_value")]
+    assert distance_steps == [r["step"] for r in rows if r.get(key + "validate_mmdagg_p_value")]
     assert [int(s) for s in distance_steps] == [20, 40, 60]
+
+    # the phase report states the rates in words: per oversight interval, per 1k steps, per parameter update
+    [rates] = [row for row in tracker.phase_observations() if row.check == "shift rate vs update rate"]
+    shift = sum(r["shift_rate"] for r in tracker.rates) / 2
+    update = sum(r["update_rate"] for r in tracker.rates) / 2
+    assert rates.stage == "validate" and rates.verdict == "2 intervals measured"
+    assert f"validation data moved {shift * 1000:.3g} (MMD distance) per 1k steps, {shift * 20:.3g} per interval" in (
+        rates.detail
+    )
+    assert "validated every 20 steps" in rates.detail
+    assert f"parameters moved {update:.3g} of their norm per step ({update * 20:.3g} per interval)" in rates.detail
+    report = json.loads((Path(trainer.log_dir) / "phase_report.json").read_text())
+    assert any("validation data moved" in json.dumps(row) for row in report["stages"])
 
 
 def test_unknown_module_name_lists_near_matches_before_any_step(tmp_path: Path) -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from scipy import stats as scipy_stats
 from sklearn.datasets import load_digits
 
 from lightning_phases.detectors.two_sample import (
+    AGG_SCALES,
     PERMUTATION_CHUNK,
     canonical_order,
     fit_reduction,
     gaussian_kernel,
     ks_test,
     mmd_test,
+    mmdagg_test,
+    standardized,
 )
 
 
@@ -199,3 +204,89 @@ def test_mmd_and_ks_refuse_non_finite_samples_and_run_on_the_finite_rows() -> No
         with pytest.raises(ValueError, match="0 of the 50 rows of x and 2 of the 50 rows of y hold NaN or inf"):
             test(x, y)
         assert 0 < test(x, y[torch.isfinite(y).all(dim=1)]).p_value <= 1  # the clean case runs
+
+
+def test_mmdagg_p_value_is_the_min_p_rank_over_the_same_permutations_for_every_kernel() -> None:
+    gen = torch.Generator().manual_seed(20)
+    x, y = torch.randn(30, 4, generator=gen), torch.randn(25, 4, generator=gen) * 1.3
+    result = mmdagg_test(x, y, n_permutations=300, seed=3)
+    assert result.test == "mmdagg" and len(result.kernels) == len(AGG_SCALES) * 2 * 2
+    z = torch.cat([canonical_order(x), canonical_order(y)])
+    w = torch.cat([torch.full((30,), 1 / 30), torch.full((25,), -1 / 25)])
+    perms = torch.Generator().manual_seed(3)
+    orders = [
+        row
+        for start in range(0, 300, PERMUTATION_CHUNK)
+        for row in torch.rand(min(PERMUTATION_CHUNK, 300 - start), 55, generator=perms).argsort(dim=1)
+    ]
+    splits = [w, *(w[order] for order in orders)]
+    ranks = []
+    for space, family, bandwidth in result.kernels:
+        points = z if space == "raw" else standardized(z)
+        distance = torch.cdist(points, points)
+        kernel = (
+            torch.exp(-distance.square() / (2 * bandwidth**2))
+            if family == "gaussian"
+            else torch.exp(-distance / bandwidth)
+        )
+        stats = torch.tensor([float(s @ kernel @ s) for s in splits], dtype=torch.float64)
+        ranks.append(torch.tensor([(stats >= v - 1e-6 * abs(v)).double().mean() for v in stats]))
+    smallest = torch.stack(ranks).min(dim=0).values
+    assert result.p_value == pytest.approx(float((smallest <= smallest[0]).double().mean()))
+    assert result.kernel_p_values == pytest.approx(tuple(float(r[0]) for r in ranks))
+    raw_median = [b for space, family, b in result.kernels if space == "raw" and family == "gaussian"][1]
+    assert result.statistic == pytest.approx(
+        float(w @ torch.exp(-torch.cdist(z, z).square() / (2 * raw_median**2)) @ w), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("d", [128, 1024, 4096])
+def test_mmdagg_is_calibrated_for_every_reduction_in_high_dimension(d: int) -> None:
+    repeats, fired = 20, {None: 0, "pca": 0, "random": 0}
+    for seed in range(repeats):
+        gen = torch.Generator().manual_seed(100 + seed)
+        x, y = torch.randn(50, d, generator=gen), torch.randn(50, d, generator=gen)
+        for method in fired:
+            a, b = (x, y) if method is None else map(fit_reduction(torch.cat([x, y]), method, 16, seed=seed), (x, y))
+            fired[method] += mmdagg_test(a, b, n_permutations=100, seed=seed).p_value < 0.05
+    assert all(count <= 3 for count in fired.values()), fired  # <= 0.15 of 20: P(>3 | rate 0.05) is 1.6%
+
+
+def test_mmdagg_is_calibrated_on_digits_and_finds_noise_the_median_kernel_misses() -> None:
+    pool = digits()
+    gen = torch.Generator().manual_seed(30)
+    null, found, missed, repeats = 0, 0, 0, 40
+    for repeat in range(repeats):
+        order = torch.randperm(len(pool), generator=gen)
+        x, y = pool[order[:100]], pool[order[100:200]]
+        null += mmdagg_test(x, y, n_permutations=100, seed=repeat).p_value < 0.05
+        noisy = (y + torch.randn(y.shape, generator=gen) * 10 / 255).clamp(0, 1)  # "medium" Gaussian noise
+        found += mmdagg_test(x, noisy, n_permutations=100, seed=repeat).p_value < 0.05
+        missed += mmd_test(x, noisy, n_permutations=100, seed=repeat).p_value >= 0.05
+    assert null / repeats <= 0.1  # P(> 4 of 40 | rate 0.05) is 4.8%
+    assert found / repeats >= 0.9 and missed / repeats >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"n_permutations": 0}, "n_permutations=0"),
+        ({"scales": ()}, "scales=()"),
+        ({"scales": (1.0, -2.0)}, "scales=(1.0, -2.0)"),
+        ({"kernels": ("cauchy",)}, "kernels=('cauchy',)"),
+        ({"spaces": ("whitened",)}, "spaces=('whitened',)"),
+    ],
+)
+def test_mmdagg_refuses_bad_arguments_naming_them(arguments: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        mmdagg_test(torch.zeros(5, 2), torch.ones(5, 2), **arguments)
+
+
+def test_mmdagg_each_argument_changes_the_collection() -> None:
+    gen = torch.Generator().manual_seed(40)
+    x, y = torch.randn(20, 3, generator=gen), torch.randn(20, 3, generator=gen)
+    small = mmdagg_test(x, y, 50, seed=0, scales=(1.0,), kernels=("laplace",), spaces=("standardized",))
+    assert [(s, k) for s, k, _ in small.kernels] == [("standardized", "laplace")]
+    assert len(mmdagg_test(x, y, 50, seed=0, scales=(0.5, 1.0)).kernels) == 8
+    assert mmdagg_test(x, y, 50, seed=0).n_permutations == 50
+    assert mmdagg_test(x, y, 50, seed=1) != mmdagg_test(x, y, 50, seed=2)
