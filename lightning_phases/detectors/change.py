@@ -351,17 +351,7 @@ class DropDetector:
                 return None  # back from a spike, not below where it rose from
             if not self.armed:
                 return None
-            verdict = self._verdict(
-                "drop",
-                value,
-                self._back(forecast),
-                self._back(now),
-                score,
-                recent[0][0],
-                level.blocks[-1][1] - level.blocks[-1][0] + 1,
-                forecast_t=forecast,
-                now_t=now,
-            )
+            verdict = self._change("drop", value, forecast, now, score, recent[0][0], block_steps)
             self._restart()
             return verdict if self.direction != "spike" else None
         if spiking and residual > bound_above and self.spike_armed and recent[0][0] > self.spike_step:
@@ -370,18 +360,24 @@ class DropDetector:
                 self.pre_spike = self._back(forecast)
             if self.direction == "drop":
                 return None
-            return self._verdict(
-                "spike",
-                value,
-                self._back(forecast),
-                self._back(now),
-                score,
-                recent[0][0],
-                level.blocks[-1][1] - level.blocks[-1][0] + 1,
-                forecast_t=forecast,
-                now_t=now,
-            )
+            return self._change("spike", value, forecast, now, score, recent[0][0], block_steps)
         return None
+
+    def _change(
+        self, kind: str, value: float, forecast: float, now: float, score: float, onset_step: int, block_steps: int
+    ) -> Verdict:
+        """A drop or spike verdict from the forecast and the recent level on the judged scale."""
+        return self._verdict(
+            kind,
+            value,
+            self._back(forecast),
+            self._back(now),
+            score,
+            onset_step,
+            block_steps,
+            forecast_t=forecast,
+            now_t=now,
+        )
 
     def _long_horizon(
         self,
