@@ -136,7 +136,9 @@ class ShiftTracker(PhaseCallback):
         seed: Seed of the reservoirs, the permutations and the random projection.
         checkpoint_mb: At most this many MiB of reference rows go into each checkpoint (a uniform subsample
             of whole rows when the reference is larger, e.g. 1000 images of 3x64x64 are 47 MiB); ``0`` keeps
-            the reference out of checkpoints (a resumed test then draws it from ``train_dataloader()``).
+            the reference out of checkpoints (a resumed test then draws it from ``train_dataloader()``). The
+            parameter copy of ``track_rates`` goes in too when it fits this bound (a resumed fit then measures
+            the interval that was running; otherwise it skips that one interval).
         on_violation: What a detected shift (in a stage not declared ``fixed_shift``) does besides its
             ``shift_detected`` event: ``"warn"`` nothing more; ``"stop"`` stops ``fit`` cleanly after that
             validation (``trainer.should_stop``, as ``EarlyStopping``; outside ``fit`` the stage ends anyway
@@ -376,7 +378,18 @@ class ShiftTracker(PhaseCallback):
             "results": self.results,
             "dim": self._dim,
             "reservoirs": self._reservoir_state(),
+            "rates": [dict(rate) for rate in self.rates],
+            "last_validation": self._last_validation,
+            "params_snapshot": self._snapshot_for_checkpoint(),
         }
+
+    def _snapshot_for_checkpoint(self) -> torch.Tensor | None:
+        """The parameters at the last validation, within ``checkpoint_mb``: a resumed fit measures the interval
+        that was running at the checkpoint, as the uninterrupted fit does (beyond the bound, it skips that one)."""
+        snapshot = self._params_snapshot
+        if snapshot is None or snapshot.numel() * snapshot.element_size() > self.checkpoint_mb * 2**20:
+            return None
+        return snapshot.detach().cpu()
 
     def _reservoir_state(self) -> dict[str, Any] | None:
         """Both reservoirs' draws (and the reference's rows, within ``checkpoint_mb``), for a one-process fit.
@@ -416,6 +429,9 @@ class ShiftTracker(PhaseCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.n_tests = int(state_dict.get("n_tests", 0))
         self.results = list(state_dict.get("results", []))
+        self.rates = [dict(rate) for rate in state_dict.get("rates", [])]
+        self._last_validation = state_dict.get("last_validation")
+        self._params_snapshot = state_dict.get("params_snapshot")
         self._dim = state_dict.get("dim")
         codec = state_dict.get("codec")
         if codec is not None:
@@ -872,6 +888,8 @@ class ShiftTracker(PhaseCallback):
         if distance is not None:
             metrics["shift_distance"] = distance
         previous = self._last_validation
+        if self._params_snapshot is not None and self._params_snapshot.device != params.device:
+            self._params_snapshot = self._params_snapshot.to(params.device)  # restored from a checkpoint
         if previous is not None and self._params_snapshot is not None and step > previous["step"]:
             steps = step - previous["step"]
             metrics["oversight_steps"] = float(steps)
