@@ -499,12 +499,15 @@ class SandboxPolicy:
             if host not in ("", None) and self._host_allowed(str(host), _as_port(port)):
                 return None
             target = _host_port(host or "0.0.0.0", port)
-        else:
+        else:  # listen/accept: judged by the address the socket is bound to (a server the user allowed)
             try:
-                target = _host_port(*sock.getsockname()[:2])
+                host, port = sock.getsockname()[:2]
             except OSError:
-                target = "an unbound socket"
-        return Escape("network", event, f"inbound on {target}", f"allow_hosts=[{target!r}]" if address else "")
+                return Escape("network", event, "inbound on an unbound socket", "")
+            if self._host_allowed(str(host), _as_port(port)):
+                return None
+            target = _host_port(host, port)
+        return Escape("network", event, f"inbound on {target}", f"allow_hosts=[{target!r}]")
 
     def _http(self, event: str, args: tuple[Any, ...]) -> Escape | None:
         return self._network(event, args[1], args[2] if len(args) > 2 else None)

@@ -285,3 +285,29 @@ def test_blind_spots_are_said_only_in_calls_that_sandbox_a_stage(tmp_path: Path)
     trainer.predict(model, data)  # predict is not sandboxed: no blind-spot event for this call
     [info] = [e for e in sandbox.events if e.kind == "sandbox_blind_spots"]
     assert info.data["stages"] == ["test"] and info.message.startswith("sandbox active in test; the audit hook")
+
+
+def test_an_allowed_server_thread_in_the_same_process_accepts_during_a_sandboxed_stage(tmp_path: Path) -> None:
+    """A mock server or metrics exporter started before fit: its accept is judged by its own address."""
+    import http.server
+    import threading
+    import urllib.request
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    answers: list[int] = []
+
+    def request() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+            answers.append(answer.status)
+
+    try:
+        sandbox = SandboxCheck(allow_hosts=[f"127.0.0.1:{port}"], on_violation="raise")
+        small_trainer([sandbox], default_root_dir=tmp_path).validate(EscapeInStep(request), DigitsDataModule())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers and set(answers) == {200}
+    assert sandbox.events == [] or all(e.kind != "sandbox_violation" for e in sandbox.events)
