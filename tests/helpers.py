@@ -300,3 +300,16 @@ class AllowSync(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class SwitchedWriteDataset(EscapingDataset):
+    """Eight digit-sized samples; reading index 0 writes ``target`` once the file ``switch`` exists."""
+
+    def __init__(self, target: str, switch: str) -> None:
+        super().__init__()
+        self.target, self.switch = target, switch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == 0 and os.path.exists(self.switch):
+            write_file(self.target)
+        return super().__getitem__(index)

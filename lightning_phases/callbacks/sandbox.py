@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 import weakref
@@ -153,6 +154,7 @@ class SandboxCheck(PhaseCallback):
         self._seen_before: Counter[tuple[str, ...]] = Counter()  # earlier calls' attempts, for the report
         self._started: Counter[Stage] = Counter()
         self._spool_path: str | None = None
+        self._stage_running: Any = None  # shared with DataLoader workers: 1 while a sandboxed stage runs
         self._spool: SpoolReader | None = None
         self._patched: Any = None
         self._last_drain = 0.0
@@ -190,6 +192,8 @@ class SandboxCheck(PhaseCallback):
         if trainer.is_global_zero and spool is not None:
             self._spool = SpoolReader(spool)
             self._spool.read_new()  # lines of an earlier call in the same directory are not this call's
+        if self._stage_running is None:
+            self._stage_running = multiprocessing.RawValue("b", 0)  # before any worker forks
         self._wrap_dataloaders(trainer)
         audit.install()
         self.blind_spots = [*self._active_blind_spots(), *ALWAYS_BLIND]
@@ -214,7 +218,7 @@ class SandboxCheck(PhaseCallback):
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        audit.activate(None, id(self))
+        self._deactivate()
         self._check_settings(trainer)
         self._drain(trainer)
         if self._stack:
@@ -321,10 +325,18 @@ class SandboxCheck(PhaseCallback):
 
     def _activate(self, trainer: pl.Trainer, stage: Stage) -> None:
         if stage not in self._settings.stages:
-            audit.activate(None, id(self))
+            self._deactivate()
             return
         self._started[stage] += 1
         audit.activate(self._session(trainer, stage, report=self._report), id(self))
+        if self._stage_running is not None:
+            self._stage_running.value = 1
+
+    def _deactivate(self) -> None:
+        """No sandboxed stage of this check runs: in this process, and in its (persistent) DataLoader workers."""
+        audit.activate(None, id(self))
+        if self._stage_running is not None:
+            self._stage_running.value = 0
 
     def _raise_if_violated(self, trainer: pl.Trainer) -> None:
         """With ``on_violation="raise"``: stop the run once any rank's sandbox was violated (agreed by all)."""
@@ -341,7 +353,13 @@ class SandboxCheck(PhaseCallback):
             f"{len(events) or 1} sandbox violation(s) in this stage; the first: {first}", events[0] if events else None
         )
 
-    def _session(self, trainer: pl.Trainer, stage: str, report: Callable[[Violation], Any] | None) -> Session:
+    def _session(
+        self,
+        trainer: pl.Trainer,
+        stage: str,
+        report: Callable[[Violation], Any] | None,
+        paused: Callable[[], bool] | None = None,
+    ) -> Session:
         settings = self._settings
         return Session(
             settings.policy.with_write_dirs(run_write_dirs(trainer)),
@@ -353,6 +371,7 @@ class SandboxCheck(PhaseCallback):
             seen=self._seen,
             alive=partial(_running, weakref.ref(trainer)),
             kernel=self.kernel.startswith("landlock"),
+            paused=paused,
         )
 
     def _report(self, violation: Violation) -> PhaseEvent | None:
@@ -387,7 +406,7 @@ class SandboxCheck(PhaseCallback):
             self._unraised.append(event)
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        audit.activate(None, id(self))
+        self._deactivate()
         self._stack.clear()
         self._drain(trainer)
         if self._patched is not None:
@@ -414,7 +433,9 @@ class SandboxCheck(PhaseCallback):
         self._patched = strategy
 
     def _worker_session(self, trainer: pl.Trainer, stage: Stage) -> Session | None:
-        return self._session(trainer, stage, report=None) if stage in self._settings.stages else None
+        if stage not in self._settings.stages:
+            return None
+        return self._session(trainer, stage, report=None, paused=audit.StagePaused(self._stage_running))
 
     def _active_blind_spots(self) -> list[str]:
         spots = []

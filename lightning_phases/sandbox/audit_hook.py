@@ -129,6 +129,9 @@ class Session:
         owner: Who activated it (see :func:`activate`).
         kernel: Whether DataLoader workers and ``multiprocessing`` children are also confined by the kernel
             (Landlock, see :func:`confine_process`).
+        paused: For a session in another process (a DataLoader worker): says whether no sandboxed stage of its
+            ``SandboxCheck`` runs now, e.g. a persistent worker between stages or after the Trainer call; its
+            escapes are then not judged. ``None``: never paused.
     """
 
     policy: SandboxPolicy
@@ -143,6 +146,7 @@ class Session:
     alive: Callable[[], bool] | None = None
     owner: int = 0
     kernel: bool = False
+    paused: Callable[[], bool] | None = None
 
     def detached(self, process: str | None = None) -> Session:
         """A copy for another process: it spools, counts its own attempts, and needs no liveness check.
@@ -169,6 +173,8 @@ class Session:
         """
         escape = _check(self.policy, event, args)
         if escape is None or (escape.category == "write" and _library_write(frame, self.policy, escape.target)):
+            return None
+        if self.paused is not None and self.paused():
             return None
         if live and self.alive is not None and not self.alive():
             raise _Ended
@@ -576,6 +582,21 @@ class SpoolReader:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self._offset += len(complete)
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+class StagePaused:
+    """Whether no sandboxed stage runs now, read from memory shared with the process that runs the stages.
+
+    Args:
+        running: A ``multiprocessing.RawValue("b")`` the callback sets to 1 while a sandboxed stage runs; it
+            travels to forked workers as shared memory and to spawned ones when they start.
+    """
+
+    def __init__(self, running: Any) -> None:
+        self.running = running
+
+    def __call__(self) -> bool:
+        return not self.running.value
 
 
 class SandboxedWorkerInit:

@@ -311,3 +311,26 @@ def test_an_allowed_server_thread_in_the_same_process_accepts_during_a_sandboxed
         server.server_close()
     assert answers and set(answers) == {200}
     assert sandbox.events == [] or all(e.kind != "sandbox_violation" for e in sandbox.events)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_persistent_worker_is_judged_only_while_a_sandboxed_stage_runs(tmp_path: Path, context: str) -> None:
+    """A worker kept from validate (persistent_workers) writes in predict, which is not sandboxed: allowed."""
+    root, outside, switch = tmp_path / "root", tmp_path / "outside" / "p0.txt", tmp_path / "switch"
+    outside.parent.mkdir()
+    loader = torch.utils.data.DataLoader(
+        helpers.SwitchedWriteDataset(str(outside), str(switch)),
+        batch_size=4,
+        num_workers=1,
+        persistent_workers=True,
+        multiprocessing_context=context,
+    )
+    trainer = small_trainer([SandboxCheck(on_violation="raise")], default_root_dir=root)
+    trainer.validate(DigitsClassifier(), loader, verbose=False)  # the worker starts here, in the sandbox
+    switch.touch()
+    trainer.predict(DigitsClassifier(), loader)  # the same worker, outside any sandboxed stage
+    assert outside.exists() and violations(root) == []
+    outside.unlink()
+    with pytest.raises(SandboxViolation, match="dataloader worker 0"):  # and judged again in the next validate
+        trainer.validate(DigitsClassifier(), loader, verbose=False)
+    assert not outside.exists()
