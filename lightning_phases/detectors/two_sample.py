@@ -65,6 +65,17 @@ class TestResult:
     kernel_p_values: tuple[float, ...] | None = None
 
 
+def _pooled(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """The checked samples pooled in canonical row order, their sizes, and the MMD weights (1/n, then -1/m)."""
+    x, y = _check_samples(x, y)
+    device = x.device
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = torch.cat([canonical_order(x.to(dtype)), canonical_order(y.to(device=device, dtype=dtype))])
+    n, m = x.shape[0], y.shape[0]
+    weights = torch.cat([torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), -1.0 / m, dtype=dtype)]).to(device)
+    return z, n, m, weights
+
+
 def _check_samples(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim == 1:
         x = x[:, None]
@@ -169,13 +180,8 @@ def mmd_test(
     """
     if not isinstance(n_permutations, int) or n_permutations < 1:
         raise ValueError(f"n_permutations={n_permutations!r} must be a positive integer.")
-    x, y = _check_samples(x, y)
-    device = x.device
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = torch.cat([canonical_order(x.to(dtype)), canonical_order(y.to(device=device, dtype=dtype))])
-    n, m = x.shape[0], y.shape[0]
+    z, n, m, weights = _pooled(x, y)
     kernel, bandwidth = gaussian_kernel(z, bandwidth)
-    weights = torch.cat([torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), -1.0 / m, dtype=dtype)]).to(device)
     observed = weights @ kernel @ weights
 
     # A private generator: the test never reads or reseeds torch's global RNG (nor CUDA's), so calling it
@@ -301,15 +307,10 @@ def mmdagg_test(
         raise ValueError(f"kernels={kernels!r} must be a non-empty sequence of 'gaussian' and/or 'laplace'.")
     if not spaces or any(space not in AGG_SPACES for space in spaces):
         raise ValueError(f"spaces={spaces!r} must be a non-empty sequence of 'raw' and/or 'standardized'.")
-    x, y = _check_samples(x, y)
-    device = x.device
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = torch.cat([canonical_order(x.to(dtype)), canonical_order(y.to(device=device, dtype=dtype))])
-    n, m = x.shape[0], y.shape[0]
+    z, n, m, weights = _pooled(x, y)
     distances = {space: torch.cdist(w, w).square() for space, w in _spaces(z, spaces)}
     medians = {space: median_distance(squared) for space, squared in distances.items()}
     collection = [(space, family, scale * medians[space]) for space in spaces for family in kernels for scale in scales]
-    weights = torch.cat([torch.full((n,), 1.0 / n, dtype=dtype), torch.full((m,), -1.0 / m, dtype=dtype)]).to(device)
     seed = _permutation_seed(seed)
     size = z.shape[0] ** 2 * z.element_size()
     group = max(1, AGG_MEMORY // size)
