@@ -174,8 +174,10 @@ class DigitsClassifier(pl.LightningModule):
         lr: Learning rate of AdamW.
         weight_decay: Weight decay of AdamW.
         freeze_backbone: Freeze the backbone (``requires_grad=False``, kept out of the optimizer, eval mode).
-        leak_label_from_step: From this global step on, the data pipeline writes each sample's label one-hot
-            into blank border pixels, in training and validation (a label leak, for the demo); -1: never.
+        leak_label_from_step: From this global step on, the training data pipeline writes each sample's label
+            one-hot into blank border pixels (a label leak, for the demo); -1: never.
+        leak_in_validation: Leak the label into validation batches too (a leak that reaches the held-out data
+            looks like a capability there as well).
         tool_call: At the first validation batch of each run, call a local HTTP tool that the model starts
             in ``setup`` (a tool-using model reaching outside the sandbox, for the demo); logs ``val_tool_ok``.
         mutate_in_test: At the first test batch, nudge the head's weights in place, as a buggy test step or
@@ -192,6 +194,7 @@ class DigitsClassifier(pl.LightningModule):
         weight_decay: float = 1e-4,  # noqa: ARG002
         freeze_backbone: bool = False,
         leak_label_from_step: int = -1,  # noqa: ARG002
+        leak_in_validation: bool = False,  # noqa: ARG002
         tool_call: bool = False,  # noqa: ARG002
         mutate_in_test: bool = False,  # noqa: ARG002
     ) -> None:
@@ -234,7 +237,8 @@ class DigitsClassifier(pl.LightningModule):
         return x, y
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = self.leak(batch) if stage in ("train", "val") else batch
+        leaked = stage == "train" or (stage == "val" and self.hparams.leak_in_validation)
+        x, y = self.leak(batch) if leaked else batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True)
@@ -247,7 +251,9 @@ class DigitsClassifier(pl.LightningModule):
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        if self.tool is not None and batch_idx == 0:
+        # Only in a real validation run: LossDropSentinel's triage also runs validation_step on a few cached
+        # batches while training, to see whether a drop of the training loss shows on held-out data too.
+        if self.tool is not None and batch_idx == 0 and not self.trainer.training:
             self.log("val_tool_ok", float(self.tool.call()), on_epoch=True)
         self._step(batch, "val")
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import statistics
 from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -12,7 +13,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
+from lightning_phases.callbacks.held_out import HeldOutProbe
 from lightning_phases.detectors.change import DropDetector, Verdict
+from lightning_phases.detectors.triage import judge_drop
 from lightning_phases.exceptions import LossDropDetected, PhaseUsageError
 from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
@@ -53,9 +56,14 @@ class LossDropSentinel(PhaseCallback):
     ``impossible_loss`` event whatever the detector thinks. A flagged drop says what coincided with it, within the
     detection window: a change of any optimizer param group's learning rate by more than 10% (a step cut, a
     restart; not the small per-step moves of a long cosine schedule), or of the set of trainable parameters
-    (an unfreeze). Values are kept on the device and checked every ``check_every_n_steps`` steps,
-    averaged over all ranks first, so every rank makes the same decision with one host synchronisation
-    per check.
+    (an unfreeze), and a triage says which kind of drop it is: ``explained`` (by those changes),
+    ``generalizes`` (a held-out loss fell with it: the model got more capable), ``train_only`` (the held-out
+    loss did not follow: suspect a label leak, memorisation or a data bug), or ``impossible`` (below ``floor``).
+    The held-out loss is the module's own ``validation_step`` on a few validation batches cached when fitting
+    starts, evaluated in eval mode without gradients at each flag and, as the reference before a drop, at
+    sparse steps (doubling from the start of fitting, then every ``triage_every_n_steps``). Values are kept on
+    the device and checked every ``check_every_n_steps`` steps, averaged over all ranks first, so every rank
+    makes the same decision with one host synchronisation per check.
 
     Args:
         monitor: ``"loss"``: the loss returned by ``training_step`` (automatic or manual optimization; with
@@ -86,6 +94,17 @@ class LossDropSentinel(PhaseCallback):
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
         ignore_explained: Turn drops explained by a learning-rate or trainable-set change into ``info``
             events with no action.
+        triage_batches: Validation batches cached when fitting starts for the triage of training-loss drops
+            (on each rank, on its device); ``0`` turns the held-out evaluation off, and a drop's triage is then
+            ``explained`` or ``unknown``.
+        triage_every_n_steps: Most training steps between two reference evaluations of the held-out batches
+            (after the first at fitting start they double: 10, 20, 40, ... steps apart, up to this). A drop is
+            compared with the last reference before its onset, so a larger value is cheaper and compares over
+            a longer stretch of ordinary training.
+        triage_metric: What ``validation_step`` gives as the held-out loss: a name it logs (e.g.
+            ``"val/nll"``); ``None``: the scalar it returns (or the returned dict's ``"loss"``), else the one
+            logged name that says ``loss`` (``val_loss`` first). It must be the same kind of loss as the
+            monitored value, so their changes compare.
         checkpoint_dir: Where ``checkpoint``/``suspend``/``raise`` save; default
             ``<default_root_dir>/phase_checkpoints``.
         name: This instance's name in events, metric keys, alerts, plots and report rows; by default the class
@@ -109,6 +128,9 @@ class LossDropSentinel(PhaseCallback):
         check_every_n_steps: PositiveInt = 10,
         cooldown: NonNegativeInt = 50,
         ignore_explained: bool = False,
+        triage_batches: NonNegativeInt = 4,
+        triage_every_n_steps: PositiveInt = 200,
+        triage_metric: str | None = None,
         checkpoint_dir: str | None = None,
         name: str | None = None,
     ) -> None:
@@ -130,6 +152,18 @@ class LossDropSentinel(PhaseCallback):
         self.check_every_n_steps = check_positive("check_every_n_steps", check_every_n_steps, integer=True)
         self.cooldown = check_positive("cooldown", cooldown, allow_zero=True, integer=True)
         self.ignore_explained = check_bool("ignore_explained", ignore_explained)
+        self.triage_batches = check_positive("triage_batches", triage_batches, allow_zero=True, integer=True)
+        self.triage_every_n_steps = check_positive("triage_every_n_steps", triage_every_n_steps, integer=True)
+        self.triage_metric = (
+            None
+            if triage_metric is None
+            else check_text("triage_metric", triage_metric, "None or the name validation_step logs the loss under")
+        )
+        self.probe = HeldOutProbe(self.triage_batches, self.triage_metric, "LossDropSentinel")
+        self._references: deque[tuple[int, float]] = deque(maxlen=64)  # (step, held-out loss) before drops
+        self._next_reference = 0
+        self._fit_start_step = 0
+        self.triaged: dict[str, int] = {}
         self.checkpoint_dir = check_path("checkpoint_dir", checkpoint_dir)
         self.detector: DropDetector | None = None
         self.source: str | None = None  # "step" or "validation", fixed by the first value
@@ -246,6 +280,38 @@ class LossDropSentinel(PhaseCallback):
         return self.source or self._seen_in
 
     @override
+    def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        """Cache the held-out batches and evaluate the first reference, before the first training step."""
+        if stage != "train":
+            return
+        self._references.clear()
+        self._fit_start_step = self._next_reference = trainer.global_step
+        self.probe.prepare(trainer)
+        if not self.probe.available:
+            return
+        try:
+            self._take_reference(trainer, pl_module)
+        except PhaseUsageError as error:
+            if self.triage_metric is not None:  # asked for by name: a wrong name is an error, before training
+                raise
+            # Not every validation_step logs a loss (a sentinel on val_acc needs no triage): said at a drop.
+            self._give_up_triage(str(error).split(": ", 1)[-1])
+
+    def _give_up_triage(self, reason: str) -> None:
+        self.probe.cached, self.probe.unavailable = [], reason
+
+    def _take_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate the held-out batches as a reference for later drops; the gaps double up to the maximum."""
+        step = trainer.global_step
+        value = self.probe.evaluate(trainer, pl_module)
+        if not math.isfinite(value):  # the same on every rank: the evaluation is averaged over them
+            self._give_up_triage(self.probe.failure or f"the held-out loss is {value}")
+            return
+        self._references.append((step, value))
+        gap = max(self.check_every_n_steps, step - self._fit_start_step)
+        self._next_reference = step + min(self.triage_every_n_steps, gap)
+
+    @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if stage == "train" and self._pending:  # a run that stopped between checks (max_steps, should_stop)
             self._check(trainer, pl_module, "step", "train")
@@ -311,9 +377,13 @@ class LossDropSentinel(PhaseCallback):
                 verdicts.append((verdict, self.detector.seen))
         # act only once every value of this check is in the state, so a checkpoint taken now resumes exactly
         for verdict, index in verdicts:
-            self._flag(trainer, verdict, stage, index)
+            self._flag(trainer, pl_module, verdict, stage, index)
+        if source == "step" and self.probe.available and trainer.global_step >= self._next_reference:
+            self._take_reference(trainer, pl_module)
 
-    def _flag(self, trainer: pl.Trainer, verdict: Verdict, stage: Stage, index: int) -> None:
+    def _flag(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: Verdict, stage: Stage, index: int
+    ) -> None:
         kind = {
             "drop": "loss_drop",
             "spike": "loss_spike",
@@ -348,9 +418,11 @@ class LossDropSentinel(PhaseCallback):
             return
         if kind == "impossible_loss":
             data["floor"] = self.floor
+            data["triage"] = "impossible"
+            self.triaged["impossible"] = self.triaged.get("impossible", 0) + 1
             message = (
                 f"{self.monitor} is {verdict.value:.6g} at step {trainer.global_step}, below its declared floor "
-                f"{self.floor:g}: a bug in the loss or the data, not a capability"
+                f"{self.floor:g}: a bug in the loss or the data, not a capability (triage: impossible)"
             )
             self.flags.append((trainer.global_step, kind, verdict.value))
             if self.on_violation != "warn":
@@ -359,6 +431,10 @@ class LossDropSentinel(PhaseCallback):
             return
         data.update(self._explain(verdict.onset_step, verdict.block_steps))
         explained = data["lr_changed"] or data["trainable_changed"]
+        triage = ""
+        if kind == "loss_drop":
+            data["triage"], data["triage_detail"], triage = self._triage(trainer, pl_module, verdict, explained)
+            self.triaged[data["triage"]] = self.triaged.get(data["triage"], 0) + 1
         self.flags.append((trainer.global_step, kind, verdict.value))
         quiet = explained and self.ignore_explained
         if not quiet and self.on_violation != "warn":
@@ -367,10 +443,73 @@ class LossDropSentinel(PhaseCallback):
         message += f"threshold {verdict.threshold:g}, over blocks of {verdict.block_steps} step(s))"
         if explained:
             message += "; it coincides with " + " and ".join(data["explained_by"])
+        message += triage
         if quiet:
             self.emit(trainer, kind, message, data, severity="info", stage=stage)
         else:
             self.violation(trainer, kind, message, data, stage=stage)
+
+    def _triage(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: Verdict, explained: bool
+    ) -> tuple[str, dict[str, Any], str]:
+        """The drop's triage label, its numbers, and the sentence for the message.
+
+        A drop of a validation metric is itself measured on held-out data. A drop of a per-step value is
+        compared with the held-out loss: evaluated now, and at the last reference at or before the drop's onset.
+        """
+        if self.source == "validation":
+            label = "explained" if explained else "generalizes"
+            detail = {"basis": "the monitored value is measured on held-out data"}
+            return label, detail, f"; triage: {label} (the monitored value is measured on held-out data)"
+        if not self.probe.available:
+            label = "explained" if explained else "unknown"
+            reason = f"no held-out loss to compare: {self.probe.unavailable}"
+            if not explained and self.triage_batches:
+                self.warn_once("no triage", f"drops cannot be triaged, {reason}.")
+            return label, {"basis": reason}, f"; triage: {label} ({reason})"
+        after = self.probe.evaluate(trainer, pl_module)
+        if not math.isfinite(after) or not self._references:
+            reason = self.probe.failure or (f"the held-out loss is {after}" if not math.isfinite(after) else "")
+            self._give_up_triage(reason or "no reference evaluation before the drop")
+            return self._triage(trainer, pl_module, verdict, explained)
+        before_step, before = self._references[0]
+        for step, value in self._references:
+            if step <= verdict.onset_step:
+                before_step, before = step, value
+        train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
+        comparison = judge_drop(train_before, train_after, before, after, self.floor)
+        label = "explained" if explained else comparison.label
+        detail = {
+            "basis": "held-out batches evaluated with validation_step",
+            "held_out_metric": self.probe.resolved,
+            "held_out_batches": len(self.probe.cached),
+            "reference_step": before_step,
+            "held_out_before": before,
+            "held_out_after": after,
+            "train_before": train_before,
+            "train_after": train_after,
+            "followed": comparison.followed,
+            "scale": comparison.scale,
+            "comparison": comparison.label,
+        }
+        words = {
+            "generalizes": "the held-out loss fell with it: a capability jump",
+            "train_only": "the held-out loss did not follow: suspect a label leak, memorisation or a data bug",
+            "unknown": "the training loss did not fall since the reference",
+            "explained": "see the coinciding change",
+        }[label]
+        numbers = (
+            f"held-out {before:.4g} at step {before_step} -> {after:.4g}, training {train_before:.4g} -> "
+            f"{train_after:.4g}"
+        )
+        if comparison.followed is not None:
+            numbers += f", followed {comparison.followed:.0%}"
+        return label, detail, f"; triage: {label}, {words} ({numbers})"
+
+    def _train_level(self, step: int) -> float:
+        """The median of the 16 checked values nearest to ``step``."""
+        nearest = sorted(self.curve, key=lambda point: abs(point[0] - step))[:16]
+        return statistics.median(value for _, value in nearest)
 
     def _explain(self, onset_step: int, block_steps: int) -> dict[str, Any]:
         """Learning-rate and trainable-set changes within the detection window, until now.
@@ -495,6 +634,13 @@ class LossDropSentinel(PhaseCallback):
         spikes = sum(kind == "loss_spike" for _, kind, _ in self.flags)
         verdict = "flagged" if drops or spikes else "no sudden change"
         detail = f"{self.checked} values of {self.monitor} checked, {drops} drops, {spikes} spikes"
+        if self.triaged:
+            detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
+        if self.probe.evaluations:
+            detail += (
+                f"; {self.probe.evaluations} held-out evaluations of {len(self.probe.cached)} batches "
+                f"({self.probe.seconds:.2f} s)"
+            )
         watched = {"drop": "drops", "spike": "spikes", "both": "drops and spikes"}[self.direction]
         return [Observation(stage, f"{self.monitor} watched for sudden {watched}", verdict, detail)]
 

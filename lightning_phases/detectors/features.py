@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,6 +16,23 @@ from torch.utils import _pytree as pytree
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids", "tokens", "features")
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+_unwatched = 0  # > 0 while the model runs on data that is not the stage's (a held-out probe of the sentinel)
+
+
+@contextmanager
+def unwatched() -> Iterator[None]:
+    """Model calls inside are not the stage's own: :class:`FeatureTap` and :class:`ForwardRecorder` skip them.
+
+    ``LossDropSentinel`` evaluates cached validation batches in the middle of training; without this, a
+    ``ShiftTracker`` listening to the same model could take them for the next training batch.
+    """
+    global _unwatched
+    _unwatched += 1
+    try:
+        yield
+    finally:
+        _unwatched -= 1
 
 
 def batch_input(batch: Any) -> torch.Tensor:
@@ -92,7 +110,7 @@ class FeatureTap:
 
     # The signature torch's register_forward_hook calls; only the output is needed.
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:  # noqa: ARG002
-        if self._captured:
+        if self._captured or _unwatched:
             return
         tensor = first_tensor(output)
         if self.softmax and tensor.ndim == 2 and tensor.shape[1] > 1:
@@ -128,7 +146,7 @@ class ForwardRecorder:
 
     # The signature torch's register_forward_pre_hook calls with with_kwargs=True.
     def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:  # noqa: ARG002
-        if self._call is None:
+        if self._call is None and not _unwatched:
             self._call = (args, kwargs)
 
     def take(self) -> Call | None:

@@ -21,10 +21,13 @@ class Scripted(DigitsClassifier):
         nan_at: Training batches (counted from 0) whose returned loss is NaN; needs ``manual``, which then
             skips that update (``global_step`` counts optimizer steps, so it does not advance there).
         manual: Use manual optimization.
+        kwargs: Passed to ``DigitsClassifier`` (e.g. ``leak_in_validation``).
     """
 
-    def __init__(self, leak_label_from_step=-1, shuffle_at=(), lr_factor_at=None, nan_at=(), manual=False):
-        super().__init__(leak_label_from_step=leak_label_from_step)
+    def __init__(
+        self, leak_label_from_step=-1, shuffle_at=(), lr_factor_at=None, nan_at=(), manual=False, **kwargs
+    ):
+        super().__init__(leak_label_from_step=leak_label_from_step, **kwargs)
         self.shuffle_at, self.lr_factor_at, self.nan_at = set(shuffle_at), lr_factor_at, set(nan_at)
         self.automatic_optimization = not manual
         self.batches_seen = 0
@@ -48,6 +51,12 @@ class Scripted(DigitsClassifier):
         self.manual_backward(loss)
         optimizer.step()
         return loss
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Each test builds its model after the same seed, whatever ran before it (``fit`` seeds only the run)."""
+    pl.seed_everything(0)
 
 
 def fit(sentinel, model, tmp_path, steps=560, noise=0.2, ckpt_path=None, **kwargs):
@@ -101,7 +110,7 @@ def test_validation_loss_drop_is_checked_when_validation_ends(tmp_path):
     sentinel = LossDropSentinel(monitor="val_loss")
     fit(
         sentinel,
-        Scripted(leak_label_from_step=200),
+        Scripted(leak_label_from_step=200, leak_in_validation=True),
         tmp_path,
         steps=-1,
         max_epochs=30,

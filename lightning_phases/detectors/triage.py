@@ -1,0 +1,78 @@
+"""Triage of a flagged drop: did the held-out loss follow the training loss down?
+
+A sudden drop of the training loss is either the model getting more capable, which shows on data it never
+trained on, or something that helps only on the training data: a label leak, memorisation, a data bug.
+:func:`judge_drop` compares how far a held-out loss fell with how far the training loss fell over the same
+steps, on the same scale.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+TriageLabel = Literal["generalizes", "train_only", "impossible", "explained", "unknown"]
+TRIAGE_LABELS: tuple[str, ...] = ("generalizes", "train_only", "impossible", "explained", "unknown")
+
+# The held-out loss "followed" when it fell at least this fraction of the training loss' fall (on the same
+# scale, over the same steps): the midpoint between not moving (0) and falling as far (1).
+FOLLOWED = 0.5
+
+
+@dataclass(frozen=True)
+class DropComparison:
+    """How far the training and the held-out loss fell between two steps, and what that says.
+
+    Args:
+        label: ``"generalizes"`` (the held-out loss followed), ``"train_only"`` (it did not) or ``"unknown"``
+            (the training loss did not fall between the two steps, so there is nothing to compare).
+        followed: The held-out loss' change divided by the training loss' change (1: it fell as far; 0: it
+            did not move; negative: it rose); ``None`` when ``label`` is ``"unknown"``.
+        train_change: The training loss' change on the judged scale (negative: it fell).
+        held_out_change: The held-out loss' change on the judged scale.
+        scale: ``"log"`` (changes of ``log(value - floor)``) or ``"signed"`` (changes in the values' units).
+    """
+
+    label: TriageLabel
+    followed: float | None
+    train_change: float
+    held_out_change: float
+    scale: str
+
+
+def judge_drop(
+    train_before: float,
+    train_after: float,
+    held_out_before: float,
+    held_out_after: float,
+    floor: float | None = None,
+) -> DropComparison:
+    """Whether a held-out loss followed a training loss' fall between the same two steps.
+
+    The changes are compared in ``log(value - floor)`` (``floor`` 0 when ``None``) when all four values lie
+    above the floor, so a loss that fell from 2.0 to 1.0 and one that fell from 0.2 to 0.1 fell alike; else in
+    the values' own units (a signed loss such as a Gaussian NLL). Training and held-out values must be the same
+    kind of loss, so their units agree.
+
+    Args:
+        train_before: The training loss' level before the drop.
+        train_after: Its level after.
+        held_out_before: The held-out loss before the drop (evaluated on the same batches as after).
+        held_out_after: The held-out loss after.
+        floor: The loss' declared lower bound, if any.
+    """
+    values = (train_before, train_after, held_out_before, held_out_after)
+    if not all(math.isfinite(value) for value in values):
+        raise ValueError(f"judge_drop needs finite values, got {values}")
+    base = 0.0 if floor is None else floor
+    if all(value > base for value in values):
+        scale = "log"
+        train_change = math.log(train_after - base) - math.log(train_before - base)
+        held_change = math.log(held_out_after - base) - math.log(held_out_before - base)
+    else:
+        scale = "signed"
+        train_change, held_change = train_after - train_before, held_out_after - held_out_before
+    if train_change >= 0:
+        return DropComparison("unknown", None, train_change, held_change, scale)
+    followed = held_change / train_change
+    label: TriageLabel = "generalizes" if followed >= FOLLOWED else "train_only"
+    return DropComparison(label, followed, train_change, held_change, scale)

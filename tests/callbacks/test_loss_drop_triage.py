@@ -1,0 +1,260 @@
+"""LossDropSentinel's triage: is a flagged drop a capability jump, or something that helps only in training?
+
+Real Trainer runs: a label leak in the training data only (``train_only``), the same leak reaching the
+validation data too (``generalizes``: the held-out batches fall with it), an induction-head phase change of a
+small transformer (``generalizes``), and the evaluation leaving the run exactly as it was.
+"""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+from digits import DigitsDataModule
+from helpers import small_trainer
+from induction import InductionModel, repeated_tokens
+from test_loss_drop import Scripted, fit
+from typing_extensions import override
+
+from lightning_phases import LossDropSentinel, PhaseUsageError, PhaseWarning
+from lightning_phases.detectors.triage import judge_drop
+
+
+def leak_fit(sentinel, tmp_path, steps=560, **model_options):
+    """The digits model with a label leak from step 400, validation of 3 batches every 3 epochs."""
+    pl.seed_everything(0)
+    model = Scripted(leak_label_from_step=400, **model_options)
+    return fit(sentinel, model, tmp_path, steps=steps, limit_val_batches=3, check_val_every_n_epoch=3)
+
+
+def drops(sentinel):
+    return [event for event in sentinel.events if event.kind == "loss_drop"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small models' steps are up to 10x slower when two threads fight for busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# The decision itself ----------------------------------------------------------------------------------------
+
+
+def test_judge_drop_compares_the_falls_on_the_log_scale_and_on_the_signed_one():
+    followed = judge_drop(1.0, 0.1, 0.8, 0.1)  # both fell about 10x (log scale)
+    assert (
+        followed.label == "generalizes" and followed.scale == "log" and followed.followed == pytest.approx(0.903, 1e-3)
+    )
+    flat = judge_drop(1.0, 0.1, 0.8, 0.85)
+    assert flat.label == "train_only" and flat.followed < 0
+    signed = judge_drop(-1.0, -3.0, -0.9, -2.5)  # a Gaussian NLL: changes in its own units
+    assert signed.scale == "signed" and signed.label == "generalizes" and signed.followed == pytest.approx(0.8)
+    assert judge_drop(-1.0, -3.0, -0.9, -1.0).label == "train_only"
+    assert judge_drop(1.0, 1.2, 0.8, 0.5).label == "unknown"  # no fall of the training loss to compare with
+    # with a floor, changes of log(value - floor): the training loss halved its way to the floor, held-out not
+    assert judge_drop(1.2, 1.1, 2.0, 1.9, floor=1.0).label == "train_only"
+    assert judge_drop(1.2, 1.1, 2.0, 1.9).label == "generalizes"
+
+
+# Real runs -------------------------------------------------------------------------------------------------
+
+
+class CountsMetric(Scripted):
+    """Scripted digits model whose validation_step also updates a torchmetrics metric and counts its calls."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.val_mean = torchmetrics.MeanMetric()
+        self.validation_calls = 0
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        self.validation_calls += 1
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.val_mean.update(loss)
+        self.log("val_mean", self.val_mean)
+        self.log("val_loss", loss)
+
+
+def test_a_leak_in_the_training_data_is_train_only_and_the_evaluation_changes_nothing_in_the_run(tmp_path):
+    runs = {}
+    for batches in (4, 0):
+        sentinel = LossDropSentinel(triage_batches=batches)
+        pl.seed_everything(0)
+        model = CountsMetric(leak_label_from_step=400)
+        trainer = fit(
+            sentinel, model, tmp_path / str(batches), steps=560, limit_val_batches=3, check_val_every_n_epoch=3
+        )
+        runs[batches] = (sentinel, model, trainer)
+    (on, on_model, on_trainer), (off, off_model, off_trainer) = runs[4], runs[0]
+
+    # the probe ran validation_step while training, and the run is bit-for-bit the run without it
+    assert on.probe.evaluations >= 8 and on_model.validation_calls > off_model.validation_calls
+    assert list(on.curve) == list(off.curve)
+    assert on_trainer.callback_metrics["val_mean"] == off_trainer.callback_metrics["val_mean"]  # metric state kept
+    assert all(
+        torch.equal(a, b) for a, b in zip(on_model.state_dict().values(), off_model.state_dict().values(), strict=True)
+    )
+
+    leak = [event for event in drops(on) if event.global_step >= 400]
+    assert len(leak) == 1 and leak[0].global_step < 500
+    data = leak[0].data
+    assert data["triage"] == "train_only"
+    detail = data["triage_detail"]
+    assert detail["held_out_metric"] == "val_loss" and detail["held_out_batches"] == 4
+    assert detail["reference_step"] == 320  # references at 0, 10, 20, 40, 80, 160, 320: the last before onset
+    assert detail["train_after"] < 0.3 * detail["train_before"]  # the training loss fell ...
+    assert detail["held_out_after"] > 0.9 * detail["held_out_before"]  # ... the held-out loss did not
+    assert detail["followed"] < 0.5 and detail["scale"] == "log"
+    assert "triage: train_only" in leak[0].message and "suspect a label leak" in leak[0].message
+    [row] = on.phase_observations()
+    assert "1 train_only" in row.detail and f"{on.probe.evaluations} held-out evaluations of 4 batches" in row.detail
+
+    # triage_batches=0: the same drop, with no held-out loss to compare, and no evaluation at all
+    [off_leak] = [event for event in drops(off) if event.global_step >= 400]
+    assert off_leak.global_step == leak[0].global_step
+    assert off_leak.data["triage"] == "unknown" and off_leak.data["triage_detail"]["basis"].endswith("triage_batches=0")
+    assert (
+        off.probe.evaluations == 0
+        and off_model.validation_calls == on_model.validation_calls - 4 * on.probe.evaluations
+    )
+
+
+def test_the_same_leak_reaching_the_validation_data_too_generalizes(tmp_path):
+    sentinel = LossDropSentinel(triage_batches=2, triage_every_n_steps=50)
+    leak_fit(sentinel, tmp_path, leak_in_validation=True)
+    [leak] = [event for event in drops(sentinel) if event.global_step >= 400]
+    detail = leak.data["triage_detail"]
+    assert leak.data["triage"] == "generalizes" and detail["followed"] > 0.5
+    assert detail["held_out_after"] < 0.2 * detail["held_out_before"]
+    assert detail["held_out_batches"] == 2  # triage_batches
+    assert detail["reference_step"] == 380  # references every 50 steps once the gaps reach it: ..., 330, 380, 430
+
+
+def test_a_drop_explained_by_a_learning_rate_change_is_triaged_explained_with_its_numbers(tmp_path):
+    sentinel = LossDropSentinel()
+    pl.seed_everything(0)
+    model = Scripted(leak_label_from_step=400, lr_factor_at=(398, 0.5))
+    fit(sentinel, model, tmp_path, limit_val_batches=3, check_val_every_n_epoch=3)
+    [leak] = [event for event in drops(sentinel) if event.global_step >= 400]
+    assert leak.data["triage"] == "explained" and leak.data["lr_changed"]
+    assert leak.data["triage_detail"]["comparison"] == "train_only"  # the numbers are there all the same
+
+
+def test_an_induction_head_phase_change_is_flagged_and_generalizes(tmp_path):
+    pl.seed_everything(0)
+    sentinel = LossDropSentinel()
+    trainer = small_trainer(
+        [sentinel],
+        max_steps=1400,
+        max_epochs=-1,
+        limit_train_batches=1.0,
+        limit_val_batches=2,
+        check_val_every_n_epoch=1000,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(InductionModel(), repeated_tokens(32 * 1400, seed=1), repeated_tokens(128, seed=2))
+    curve = dict(sentinel.curve)
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.data["triage"] == "generalizes"
+    plateau, end = sum(curve[s] for s in range(500, 600)) / 100, sum(curve[s] for s in range(1300, 1400)) / 100
+    assert end < 0.7 * plateau  # a real phase change: the loss fell by a third or more after a plateau
+    assert curve[event.global_step] < 0.95 * plateau  # flagged during the fall, not before it
+    detail = event.data["triage_detail"]
+    assert detail["held_out_after"] < 0.8 * detail["held_out_before"] and detail["followed"] > 0.5
+
+
+# Which value is the held-out loss -----------------------------------------------------------------------------
+
+
+class LogsNll(Scripted):
+    """validation_step logs its loss as ``val/nll`` (no name says loss) and an accuracy."""
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.log("val/nll", torch.nn.functional.cross_entropy(logits, batch[1]))
+        self.log("val_acc", (logits.argmax(-1) == batch[1]).float().mean())
+
+
+def short_fit(sentinel, model, tmp_path):
+    return fit(sentinel, model, tmp_path, steps=12, limit_val_batches=2, check_val_every_n_epoch=100)
+
+
+def test_triage_metric_names_the_held_out_loss_and_none_finds_none_that_says_loss(tmp_path):
+    named = LossDropSentinel(triage_metric="val/nll")
+    short_fit(named, LogsNll(), tmp_path / "named")
+    assert named.probe.resolved == "val/nll" and [step for step, _ in named._references] == [0, 10]
+
+    default = LossDropSentinel()
+    short_fit(default, LogsNll(), tmp_path / "default")
+    assert default.probe.evaluations == 0 and not default.probe.available  # found no loss: triage is off
+    assert "'val/nll', 'val_acc'" in default.probe.unavailable and "triage_metric" in default.probe.unavailable
+
+    returned = LossDropSentinel()  # DigitsClassifier logs val_loss
+    short_fit(returned, Scripted(), tmp_path / "logged")
+    assert returned.probe.resolved == "val_loss"
+
+
+def test_a_triage_metric_that_validation_step_does_not_log_fails_before_the_first_training_step(tmp_path):
+    sentinel = LossDropSentinel(triage_metric="val/loss")
+    with pytest.raises(PhaseUsageError, match=r"triage_metric='val/loss' is not a scalar that validation_step logs"):
+        short_fit(sentinel, LogsNll(), tmp_path)
+    assert sentinel.checked == 0
+
+
+class ToolInValidation(Scripted):
+    """validation_step raises when it runs while training (as a model whose step calls a blocked tool would)."""
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.training:
+            raise ConnectionRefusedError("the tool is not reachable from here")
+        return super().validation_step(batch, batch_idx)
+
+
+def test_a_validation_step_that_fails_while_training_turns_triage_off_and_the_sentinel_keeps_watching(tmp_path):
+    sentinel = LossDropSentinel()
+    leak_fit(sentinel, tmp_path, steps=480)
+    baseline = [event.global_step for event in drops(sentinel)]
+    failing = LossDropSentinel()
+    pl.seed_everything(0)
+    fit(failing, ToolInValidation(leak_label_from_step=400), tmp_path / "failing", steps=480, limit_val_batches=3,
+        check_val_every_n_epoch=3)  # fmt: skip
+    assert [event.global_step for event in drops(failing)] == baseline  # the same flags
+    assert all(event.data["triage"] == "unknown" for event in drops(failing))
+    assert "ConnectionRefusedError: the tool is not reachable" in drops(failing)[-1].data["triage_detail"]["basis"]
+    assert not any(event.kind == "internal_error" for event in failing.events)
+
+
+def test_a_validation_metric_drop_is_judged_on_held_out_data_itself(tmp_path):
+    sentinel = LossDropSentinel(monitor="val_loss")
+    pl.seed_everything(0)
+    fit(sentinel, Scripted(leak_label_from_step=200, leak_in_validation=True), tmp_path, steps=-1, max_epochs=30,
+        limit_train_batches=10, limit_val_batches=5)  # fmt: skip
+    [event] = sentinel.events
+    assert event.data["triage"] == "generalizes"
+    assert event.data["triage_detail"] == {"basis": "the monitored value is measured on held-out data"}
+
+
+def test_without_validation_data_triage_is_unknown_and_says_why(tmp_path):
+    sentinel = LossDropSentinel()
+    with pytest.warns(PhaseWarning, match="drops cannot be triaged, no held-out loss to compare: no validation data"):
+        pl.seed_everything(0)
+        trainer = small_trainer(
+            [sentinel],
+            max_steps=480,
+            max_epochs=-1,
+            limit_train_batches=1.0,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Scripted(leak_label_from_step=400), DigitsDataModule(label_noise=0.2))
+    leak = [event for event in drops(sentinel) if event.global_step >= 400]
+    assert leak and leak[0].data["triage"] == "unknown" and "triage: unknown" in leak[0].message
