@@ -24,9 +24,7 @@ class Scripted(DigitsClassifier):
         kwargs: Passed to ``DigitsClassifier`` (e.g. ``leak_in_validation``).
     """
 
-    def __init__(
-        self, leak_label_from_step=-1, shuffle_at=(), lr_factor_at=None, nan_at=(), manual=False, **kwargs
-    ):
+    def __init__(self, leak_label_from_step=-1, shuffle_at=(), lr_factor_at=None, nan_at=(), manual=False, **kwargs):
         super().__init__(leak_label_from_step=leak_label_from_step, **kwargs)
         self.shuffle_at, self.lr_factor_at, self.nan_at = set(shuffle_at), lr_factor_at, set(nan_at)
         self.automatic_optimization = not manual

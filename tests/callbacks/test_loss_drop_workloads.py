@@ -1,0 +1,118 @@
+"""LossDropSentinel at its defaults on real Trainer runs of the workloads the labelled corpus holds.
+
+One run per case the issue names: a first descent lasting thousands of steps (silent), a late leak into an
+already small and noisy loss (flagged within 100 steps), grokking's validation collapse seen every step and
+every 100 steps (flagged during the collapse), a Gaussian NLL crossing 0 (silent) and a drop of an
+always-negative one (flagged, on the signed scale). The phase change and the triage are in
+``test_loss_drop_triage.py``; the whole corpus with baselines is scored by ``benchmarks/loss_drop.py``.
+"""
+
+import statistics
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from digits import LEAK_PIXELS, DigitsDataModule
+from helpers import small_trainer
+from test_loss_drop import ModularAddition, Scripted, modular_loaders
+from torch import nn
+from typing_extensions import override
+from workloads import GaussianRegression, LinearDigits, digits_loader, gaussian_loader
+
+from lightning_phases import LossDropSentinel, PhaseWarning
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small models' steps are up to 10x slower when two threads fight for busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(sentinel, model, tmp_path, train, val=None, **options):
+    settings = dict(max_epochs=-1, limit_train_batches=1.0, limit_val_batches=0, default_root_dir=tmp_path)
+    settings.update(options)
+    trainer = small_trainer([sentinel], **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(model, train, val)
+    return dict(sentinel.curve)
+
+
+def test_no_flag_through_a_first_descent_of_thousands_of_steps(tmp_path):
+    sentinel = LossDropSentinel(direction="both")
+    curve = run(sentinel, LinearDigits(lr=1e-2), tmp_path, digits_loader(256, label_noise=0.3), max_steps=2500)
+    start, middle, end = (statistics.median(curve[s] for s in range(a, a + 50)) for a in (1, 975, 2450))
+    assert start - middle > 0.5 * (start - end) and middle - end > 0.15 * (start - end)  # still descending at 1000
+    assert sentinel.events == []
+
+
+class LeakIntoMost(Scripted):
+    """The label leaks into 97% of the training samples from ``leak_label_from_step`` on (the rest stay noisy)."""
+
+    @override
+    def leak(self, batch):
+        x, y = batch
+        if self.global_step < self.hparams.leak_label_from_step or not self.trainer.training:
+            return x, y
+        x = x.clone()
+        keep = torch.rand(len(y)) < 0.97
+        leaked = nn.functional.one_hot(y, 10).to(x.dtype) * 4
+        x[:, LEAK_PIXELS] = torch.where(keep[:, None], leaked, x[:, LEAK_PIXELS])
+        return x, y
+
+
+def test_a_late_leak_into_a_small_noisy_loss_is_flagged_within_100_steps(tmp_path):
+    sentinel = LossDropSentinel()
+    data = DigitsDataModule(label_noise=0.02)
+    curve = run(sentinel, LeakIntoMost(leak_label_from_step=1000), tmp_path, data, max_steps=1300)
+    before = sorted(curve[s] for s in range(900, 1000))
+    assert before[50] < 0.1 and before[90] > 3 * before[10]  # already small, and noisy from batch to batch
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and 1000 <= event.global_step <= 1100
+
+
+@pytest.mark.parametrize("every", [1, 100])
+def test_grokking_is_flagged_during_its_validation_collapse_seen_every_step_or_every_100(tmp_path, every):
+    sentinel = LossDropSentinel(monitor="val_loss")
+    train, val = modular_loaders()
+    curve = run(
+        sentinel,
+        ModularAddition(),
+        tmp_path,
+        train,
+        val,
+        max_epochs=1200,
+        limit_val_batches=1.0,
+        check_val_every_n_epoch=every,
+        num_sanity_val_steps=0,
+    )
+    peak_step = max(curve, key=curve.get)
+    assert curve[peak_step] > 4 and curve[max(curve)] < 0.1 * curve[peak_step]  # memorised, then generalised
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.global_step > peak_step
+    assert curve[event.global_step] > curve[max(curve)] * 3  # during the collapse, not after it
+
+
+def test_a_gaussian_nll_crossing_zero_is_silent(tmp_path):
+    sentinel = LossDropSentinel(direction="both")
+    curve = run(sentinel, GaussianRegression(), tmp_path, gaussian_loader(2000, 64), max_steps=2000)
+    assert curve[1] > 0.5 and min(curve.values()) < -1.0  # it crossed 0 on its way down
+    assert sentinel.events == []
+
+
+def test_a_drop_of_an_always_negative_loss_is_flagged_on_the_signed_scale(tmp_path):
+    sentinel = LossDropSentinel()
+    curve = run(sentinel, GaussianRegression(leak_from=1500), tmp_path, gaussian_loader(2500, 256), max_steps=2500)
+    before, after = (
+        statistics.median(curve[s] for s in range(1400, 1500)),
+        statistics.median(curve[s] for s in range(2400, 2500)),
+    )
+    assert max(curve[s] for s in range(1300, 1500)) < 0 and after < before - 1.5  # negative before, far lower after
+    drops = [event for event in sentinel.events if event.global_step >= 1500]
+    assert [event.kind for event in drops] == ["loss_drop"] and drops[0].global_step <= 1550
+    assert drops[0].data["scale"] == "signed" and drops[0].data["difference"] < -0.3

@@ -1,0 +1,84 @@
+"""Small real training workloads as LightningModules, for the sentinel's tests on real Trainer runs.
+
+Each is the Trainer version of a family of the labelled curve corpus (``benchmarks/curves/``): a slow first
+descent, a Gaussian NLL that crosses 0 (and one whose always-negative loss drops when a leak appears), and
+grokking on modular addition validated at a chosen interval.
+"""
+
+import lightning.pytorch as pl
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+
+def digits_loader(batch_size: int, label_noise: float, seed: int = 0) -> DataLoader:
+    """Shuffled digits (all 1,797) with a fraction of the labels replaced once by random ones."""
+    images, labels = load_digits(return_X_y=True)
+    x, y = torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(y), generator=generator) < label_noise
+    y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+class LinearDigits(pl.LightningModule):
+    """A linear classifier of the digits under plain SGD: a first descent that lasts thousands of steps.
+
+    Args:
+        lr: SGD's learning rate.
+    """
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.linear = nn.Linear(64, 10)
+
+    @override
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.linear(batch[0]), batch[1])
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class GaussianRegression(pl.LightningModule):
+    """Regression with a learned variance under the full Gaussian NLL (it can be negative, and is at the end).
+
+    ``y = w.x + e1 + e2`` with ``e1 ~ N(0, 0.08^2)`` and ``e2 ~ N(0, 0.012^2)``: the NLL starts positive and
+    settles near -1.6. From ``leak_from`` on, ``e1`` is also an input (a leak): the NLL falls to about -3.5.
+
+    Args:
+        leak_from: Global step from which ``e1`` leaks into the inputs; ``None``: never.
+        lr: Adam's learning rate.
+    """
+
+    def __init__(self, leak_from: int | None = None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.leak_from, self.lr = leak_from, lr
+        self.linear = nn.Linear(9, 2)
+        self.nll = nn.GaussianNLLLoss(full=True)
+
+    @override
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, e1, y = batch
+        leaked = self.leak_from is not None and self.global_step >= self.leak_from
+        leak = e1 * 10 if leaked else torch.zeros_like(e1)
+        mean, log_var = self.linear(torch.cat([x, leak[:, None]], 1)).unbind(1)
+        return self.nll(mean, y, log_var.exp())
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def gaussian_loader(steps: int, batch_size: int, seed: int = 0) -> DataLoader:
+    """``steps`` fresh batches of the regression above (one epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, generator=generator)
+    n = steps * batch_size
+    x = torch.randn(n, 8, generator=generator)
+    e1, e2 = 0.08 * torch.randn(n, generator=generator), 0.012 * torch.randn(n, generator=generator)
+    return DataLoader(TensorDataset(x, e1, x @ w + e1 + e2), batch_size=batch_size)
