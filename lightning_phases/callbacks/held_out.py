@@ -3,9 +3,13 @@
 :class:`HeldOutProbe` is what :class:`~lightning_phases.callbacks.loss_drop.LossDropSentinel` uses to triage
 a drop: it runs the module's own ``validation_step`` on the cached batches, in eval mode, without gradients,
 with ``self.log`` captured (nothing reaches the loggers), and leaves the run as it found it: every module's
-train/eval mode, the random number generators, and the state of any torchmetrics ``Metric`` the step updates.
+train/eval mode, Python's, NumPy's and torch's random generators, the state of every torchmetrics ``Metric``
+the module holds, and the contents of its public list and dict attributes (``validation_step_outputs``).
+The batches are taken through the module's batch-transfer hooks while the Trainer says it is validating, so
+augmentation applied only while training does not reach them.
 """
 
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -13,7 +17,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
+
+try:
+    import numpy
+except ImportError:  # torch runs without NumPy
+    numpy = None  # type: ignore[assignment]
 
 from lightning_phases.detectors.features import unwatched
 from lightning_phases.exceptions import PhaseUsageError
@@ -26,9 +36,10 @@ class HeldOutProbe:
 
     Args:
         batches: How many batches of the first validation DataLoader to cache.
-        metric: The value of ``validation_step`` that is the loss: a name it logs with ``self.log``; ``None``
-            takes what it returns (a scalar tensor, or a dict's ``"loss"``), else the one logged name that
-            says ``loss`` (``val_loss`` first).
+        metric: The value of ``validation_step`` that is the loss: a name it logs with ``self.log`` (a scalar
+            or a torchmetrics ``Metric``, whose value over the cached batches is then taken); ``None``: the
+            logged name that says ``loss`` (``val_loss`` first, else the only one), else what it returns (a
+            dict's ``"loss"``, or a scalar).
         owner: The owning callback's name and argument prefix, for error messages.
     """
 
@@ -56,7 +67,7 @@ class HeldOutProbe:
         if self.batches == 0:
             self.unavailable = "triage_batches=0"
             return
-        with _same_random_state(trainer):
+        with _same_random_state(trainer), _validating(trainer):
             loader = _first_validation_loader(trainer)
             if loader is None:
                 self.unavailable = "no validation data (no val_dataloader, or limit_val_batches=0)"
@@ -85,29 +96,20 @@ class HeldOutProbe:
             PhaseUsageError: ``validation_step`` gives no value that can be taken as the loss.
         """
         started = time.perf_counter()
-        modes = {module: module.training for module in pl_module.modules()}
-        metrics = _metric_states(pl_module)
-        values = []
         device = trainer.strategy.root_device
+        state = _UserState(pl_module)
         try:
             with _same_random_state(trainer), torch.no_grad(), unwatched(), _captured_logs(pl_module) as logged:
                 pl_module.eval()
-                several_loaders = _validation_loader_count(trainer) > 1
-                for index, batch in enumerate(self.cached):
-                    logged.clear()
-                    extra = {"dataloader_idx": 0} if several_loaders else {}
-                    returned = pl_module.validation_step(batch, index, **extra)
-                    values.append(self._loss_of(returned, logged).detach().float().reshape(()).to(device))
-            mean = torch.stack(values).mean()
+                state.reset_metrics()  # a logged Metric then computes over exactly these batches
+                mean = self._run(trainer, pl_module, logged).detach().float().reshape(()).to(device)
         except PhaseUsageError:
             raise
         except Exception as error:  # the user's validation_step, run at a time it may not expect
             self.failure = f"validation_step raised {type(error).__name__}: {error}"
             mean = torch.tensor(float("nan"), device=device)
         finally:
-            for module, training in modes.items():
-                module.training = training
-            _restore_metric_states(metrics)
+            state.restore()
         if trainer.world_size > 1:
             mean = trainer.strategy.reduce(mean, reduce_op="mean")  # nan on every rank if one rank failed
         result = float(mean.item())
@@ -115,30 +117,90 @@ class HeldOutProbe:
         self.seconds += time.perf_counter() - started
         return result
 
-    def _loss_of(self, returned: Any, logged: Mapping[str, Any]) -> Tensor:
-        scalars = {name: value for name, value in logged.items() if _is_scalar(value)}
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, logged: dict[str, Any]) -> Tensor:
+        """``validation_step`` on every cached batch; the loss' mean (or its logged Metric's value over them)."""
+        several_loaders = _validation_loader_count(trainer) > 1
+        values: list[Tensor] = []
+        metric: Any = None
+        for index, batch in enumerate(self.cached):
+            logged.clear()
+            extra = {"dataloader_idx": 0} if several_loaders else {}
+            returned = pl_module.validation_step(batch, index, **extra)
+            value = self._loss_of(returned, logged)
+            if _is_scalar(value):
+                values.append(torch.as_tensor(value, dtype=torch.float32).detach().reshape(()).cpu())
+            else:
+                metric = value
+        return metric.compute() if metric is not None and not values else torch.stack(values).mean()
+
+    def _loss_of(self, returned: Any, logged: Mapping[str, Any]) -> Any:
+        """What is the loss: a logged scalar or Metric (by name), else what ``validation_step`` returned."""
+        usable = {name: value for name, value in logged.items() if _is_scalar(value) or _is_metric(value)}
         if self.metric is not None:
-            if self.metric in scalars:
-                self.resolved = self.metric
-                return torch.as_tensor(scalars[self.metric])
+            for name, value in usable.items():
+                if self.metric in (name, f"{name}/dataloader_idx_0"):
+                    self.resolved = self.metric
+                    return value
             raise PhaseUsageError(
-                f"{self.owner}: triage_metric={self.metric!r} is not a scalar that validation_step logs; it logs "
-                f"{_names(scalars)}. Set triage_metric to one of them, or triage_batches=0 to turn triage off."
+                f"{self.owner}: triage_metric={self.metric!r} is not a value that validation_step logs; it logs "
+                f"{_names(logged)}. Set triage_metric to one of them, or triage_batches=0 to turn triage off."
             )
+        name = _loss_name(usable)
+        if name is not None:
+            self.resolved = name
+            return usable[name]
         if isinstance(returned, Mapping) and _is_scalar(returned.get("loss")):
-            returned = returned["loss"]
+            self.resolved = "returned loss"
+            return returned["loss"]
         if _is_scalar(returned):
             self.resolved = "returned"
-            return torch.as_tensor(returned)
-        name = _loss_name(scalars)
-        if name is None:
-            raise PhaseUsageError(
-                f"{self.owner}: triage needs the held-out loss, but validation_step returned "
-                f"{type(returned).__name__} and logs {_names(scalars)}, none of which is one loss. Set "
-                "triage_metric to the name it logs the loss under, or triage_batches=0 to turn triage off."
-            )
-        self.resolved = name
-        return torch.as_tensor(scalars[name])
+            return returned
+        raise PhaseUsageError(
+            f"{self.owner}: triage needs the held-out loss, but validation_step returned "
+            f"{type(returned).__name__} and logs {_names(logged)}, none of which is named as one loss. Set "
+            "triage_metric to the name it logs the loss under, or triage_batches=0 to turn triage off."
+        )
+
+
+class _UserState:
+    """What running ``validation_step`` outside validation could change in the module, captured to be restored.
+
+    Every module's train/eval mode; the accumulated state of every torchmetrics ``Metric`` the module holds
+    (as a submodule, or in a dict, list or tuple attribute); and the contents of every public list or dict
+    attribute of every submodule (``self.validation_step_outputs.append(...)``, Lightning's documented
+    pattern, is undone).
+    """
+
+    def __init__(self, pl_module: pl.LightningModule) -> None:
+        self.modes = {module: module.training for module in pl_module.modules()}
+        self.metrics = _metric_states(_metrics_of(pl_module))
+        self.containers: list[tuple[Any, Any]] = []
+        for module in pl_module.modules():
+            for name, value in vars(module).items():
+                if name.startswith("_") or _is_metric(value):
+                    continue
+                if isinstance(value, list):
+                    self.containers.append((value, list(value)))
+                elif isinstance(value, dict):
+                    self.containers.append((value, dict(value)))
+                    self.containers.extend((inner, list(inner)) for inner in value.values() if isinstance(inner, list))
+
+    def reset_metrics(self) -> None:
+        for metric, _ in self.metrics:
+            metric.reset()
+
+    def restore(self) -> None:
+        for module, training in self.modes.items():
+            module.training = training
+        for metric, state in self.metrics:
+            for name, value in state.items():
+                object.__setattr__(metric, name, value)
+        for container, contents in reversed(self.containers):  # a dict before the lists it holds
+            if isinstance(container, list):
+                container[:] = contents
+            else:
+                container.clear()
+                container.update(contents)
 
 
 def _first_validation_loader(trainer: pl.Trainer) -> Any:
@@ -166,15 +228,15 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, float | int) and not isinstance(value, bool)
 
 
-def _names(scalars: Mapping[str, Any]) -> str:
-    return ", ".join(repr(name) for name in sorted(scalars)) or "no scalar"
+def _names(logged: Mapping[str, Any]) -> str:
+    return ", ".join(repr(name) for name in sorted(logged)) or "nothing"
 
 
-def _loss_name(scalars: Mapping[str, Any]) -> str | None:
+def _loss_name(usable: Mapping[str, Any]) -> str | None:
     for name in PREFERRED:
-        if name in scalars:
+        if name in usable:
             return name
-    losses = [name for name in scalars if "loss" in name.lower()]
+    losses = [name for name in usable if "loss" in name.lower()]
     return losses[0] if len(losses) == 1 else None
 
 
@@ -200,35 +262,64 @@ def _captured_logs(pl_module: pl.LightningModule) -> Iterator[dict[str, Any]]:
 
 @contextmanager
 def _same_random_state(trainer: pl.Trainer) -> Iterator[None]:
-    """The torch generators (CPU, and the root CUDA device's) as they were, whatever ran inside."""
+    """Python's, NumPy's and torch's global generators (CPU, and the root CUDA device's) as they were."""
     device = trainer.strategy.root_device
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+
+
+@contextmanager
+def _validating(trainer: pl.Trainer) -> Iterator[None]:
+    """The Trainer says it is validating: batch hooks that augment only while training leave these batches be."""
+    stage = trainer.state.stage
+    trainer.state.stage = RunningStage.VALIDATING
+    try:
         yield
+    finally:
+        trainer.state.stage = stage
 
 
 _METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache")
 
 
-def _metric_states(pl_module: pl.LightningModule) -> list[tuple[Any, dict[str, Any]]]:
-    """Copies of every torchmetrics ``Metric``'s accumulated state (``validation_step`` may update them)."""
+def _is_metric(value: Any) -> bool:
     try:
         from torchmetrics import Metric
     except ImportError:
-        return []
-    saved = []
+        return False
+    return isinstance(value, Metric)
+
+
+def _metrics_of(pl_module: pl.LightningModule) -> list[Any]:
+    """Every torchmetrics ``Metric`` of the module: submodules, and those kept in dict, list or tuple attributes."""
+    found: dict[int, Any] = {}
     for module in pl_module.modules():
-        if isinstance(module, Metric):
-            state = {name: _copied(value) for name, value in module.metric_state.items()}
-            state.update({name: module.__dict__[name] for name in _METRIC_COUNTERS if name in module.__dict__})
-            saved.append((module, state))
+        if _is_metric(module):
+            found[id(module)] = module
+        for value in vars(module).values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+            for item in items:
+                if _is_metric(item):
+                    found.setdefault(id(item), item)
+    return list(found.values())
+
+
+def _metric_states(metrics: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """Copies of each Metric's accumulated state and counters."""
+    saved = []
+    for metric in metrics:
+        state = {name: _copied(value) for name, value in metric.metric_state.items()}
+        state.update({name: metric.__dict__[name] for name in _METRIC_COUNTERS if name in metric.__dict__})
+        saved.append((metric, state))
     return saved
-
-
-def _restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
-    for module, state in saved:
-        for name, value in state.items():
-            object.__setattr__(module, name, value)
 
 
 def _copied(value: Any) -> Any:

@@ -102,9 +102,10 @@ class LossDropSentinel(PhaseCallback):
             compared with the last reference before its onset, so a larger value is cheaper and compares over
             a longer stretch of ordinary training.
         triage_metric: What ``validation_step`` gives as the held-out loss: a name it logs (e.g.
-            ``"val/nll"``); ``None``: the scalar it returns (or the returned dict's ``"loss"``), else the one
-            logged name that says ``loss`` (``val_loss`` first). It must be the same kind of loss as the
-            monitored value, so their changes compare.
+            ``"val/nll"``; a scalar, or a torchmetrics ``Metric`` whose value over the cached batches is taken);
+            ``None``: the logged name that says ``loss`` (``val_loss`` first, else the only one), else what it
+            returns (a dict's ``"loss"``, or a scalar). It must be the same kind of loss as the monitored
+            value, so their changes compare.
         checkpoint_dir: Where ``checkpoint``/``suspend``/``raise`` save; default
             ``<default_root_dir>/phase_checkpoints``.
         name: This instance's name in events, metric keys, alerts, plots and report rows; by default the class
@@ -592,6 +593,7 @@ class LossDropSentinel(PhaseCallback):
             "last_rates": None if self._last_rates is None else list(self._last_rates),
             "last_trainable": self._last_trainable,
             "seen_in": self._seen_in,
+            "triaged": dict(self.triaged),
         }
 
     @override
@@ -619,6 +621,7 @@ class LossDropSentinel(PhaseCallback):
         self._last_rates = None if rates is None else tuple(rates)
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")
+        self.triaged = dict(state_dict.get("triaged", {}))
         if self.source is not None and state_dict["detector"] is not None:
             self.detector = DropDetector(direction=self.direction, **self.detector_options)
             self.detector.load_state_dict(state_dict["detector"])

@@ -8,6 +8,7 @@ small transformer (``generalizes``), and the evaluation leaving the run exactly 
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torchmetrics
@@ -204,7 +205,7 @@ def test_triage_metric_names_the_held_out_loss_and_none_finds_none_that_says_los
 
 def test_a_triage_metric_that_validation_step_does_not_log_fails_before_the_first_training_step(tmp_path):
     sentinel = LossDropSentinel(triage_metric="val/loss")
-    with pytest.raises(PhaseUsageError, match=r"triage_metric='val/loss' is not a scalar that validation_step logs"):
+    with pytest.raises(PhaseUsageError, match=r"triage_metric='val/loss' is not a value that validation_step logs"):
         short_fit(sentinel, LogsNll(), tmp_path)
     assert sentinel.checked == 0
 
@@ -258,3 +259,98 @@ def test_without_validation_data_triage_is_unknown_and_says_why(tmp_path):
         trainer.fit(Scripted(leak_label_from_step=400), DigitsDataModule(label_noise=0.2))
     leak = [event for event in drops(sentinel) if event.global_step >= 400]
     assert leak and leak[0].data["triage"] == "unknown" and "triage: unknown" in leak[0].message
+
+
+# What a new user's module does in validation, undisturbed ---------------------------------------------------
+
+
+class NoisyValidation(torch.utils.data.Dataset):
+    """Digits validation samples with NumPy noise drawn in ``__getitem__`` (from NumPy's global generator)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return x + torch.from_numpy(np.random.normal(0, 0.01, x.shape).astype("float32")), y
+
+
+class NoisyDigits(DigitsDataModule):
+    @override
+    def val_dataloader(self):
+        return self._loader(NoisyValidation(self.val_set))
+
+
+class UsersPatterns(Scripted):
+    """What users' modules do in validation (Lightning's docs, the lightning-hydra-template):
+
+    the loss logged as a torchmetrics ``MeanMetric`` under ``val/loss``, an accuracy returned (not the loss),
+    ``validation_step_outputs`` averaged and cleared at epoch end, a metric kept in a plain dict, and an
+    augmentation in ``on_after_batch_transfer`` applied only while training.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.plain = {"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=10)}
+        self.validation_step_outputs = []
+        self._epoch_ends = []  # (outputs seen, their mean, the plain-dict accuracy) at each validation end
+        self._transferred = []
+
+    @override
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        if self.trainer.training:
+            x = x + 100.0  # an augmentation meant for training batches only
+        self._transferred.append(float(x.max()))
+        return x, y
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        loss = torch.nn.functional.cross_entropy(logits, batch[1])
+        self.val_loss(loss)
+        self.plain["acc"].update(logits, batch[1])
+        self.validation_step_outputs.append(loss)
+        self.log("val/loss", self.val_loss)
+        return (logits.argmax(-1) == batch[1]).float().mean()  # an accuracy: must not be taken for the loss
+
+    @override
+    def on_validation_epoch_end(self):
+        outputs = torch.stack(self.validation_step_outputs)
+        self._epoch_ends.append((len(outputs), float(outputs.mean()), float(self.plain["acc"].compute())))
+        self.validation_step_outputs.clear()
+        self.plain["acc"].reset()
+
+    @override
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((x - 100.0, y), batch_idx)  # undo the augmentation (the test needs the digits)
+
+
+def test_what_users_do_in_validation_is_left_as_it_was_and_the_logged_metric_is_the_held_out_loss(tmp_path):
+    runs = {}
+    for batches in (4, 0):
+        sentinel = LossDropSentinel(triage_batches=batches)
+        pl.seed_everything(0)
+        np.random.seed(0)
+        model = UsersPatterns(leak_label_from_step=400)
+        trainer = small_trainer([sentinel], max_steps=480, max_epochs=-1, limit_train_batches=1.0, limit_val_batches=3,
+                                check_val_every_n_epoch=3, default_root_dir=tmp_path / str(batches))  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PhaseWarning)
+            trainer.fit(model, NoisyDigits(label_noise=0.2))
+        runs[batches] = (sentinel, model, trainer)
+    (on, on_model, on_trainer), (off, off_model, off_trainer) = runs[4], runs[0]
+    assert on.probe.evaluations >= 8
+    assert list(on.curve) == list(off.curve)  # NumPy's generator too: the same noise, the same run
+    assert on_model._epoch_ends == off_model._epoch_ends  # outputs list and plain-dict metric as without it
+    assert on_trainer.callback_metrics["val/loss"] == off_trainer.callback_metrics["val/loss"]
+    assert on.probe.resolved == "val/loss"  # the logged Metric, not the returned accuracy
+    assert max(on_model._transferred[: 2 + 4]) < 50  # sanity batches and the cached ones: not augmented
+    [leak] = [event for event in drops(on) if event.global_step >= 400]
+    assert leak.data["triage"] == "train_only"
+    assert leak.data["triage_detail"]["held_out_metric"] == "val/loss"
