@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 import weakref
@@ -308,6 +309,9 @@ class SandboxCheck(PhaseCallback):
         abi = landlock.abi_version() if reason is None else 0
         self.kernel = f"landlock ABI {abi}" if reason is None else f"unsupported: {reason}"
         if reason is None:
+            # multiprocessing's temp directory, made here: workers and children started later inherit it and leave
+            # its removal to this process (a confined process could not remove a directory it made in /tmp)
+            multiprocessing.util.get_temp_dir()
             message = (
                 f"kernel confinement on (Landlock ABI {abi}): DataLoader workers and multiprocessing children "
                 "started in sandboxed stages can write only beneath the allowed directories"

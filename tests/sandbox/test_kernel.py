@@ -8,7 +8,10 @@ no Landlock; the info event that says so is checked either way.
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import helpers
 import pytest
 import torch
 from digits import DigitsClassifier
-from helpers import read_jsonl, small_trainer
+from helpers import ROOT, read_jsonl, small_trainer
 from torch.utils.data import DataLoader
 
 from lightning_phases import SandboxCheck
@@ -107,3 +110,22 @@ def test_a_spawned_child_is_confined_too(tmp_path: Path) -> None:
         SpawnsChild(), DataLoader(helpers.EscapingDataset(), batch_size=4), verbose=False
     )
     assert SpawnsChild.exitcode == 1 and not target.exists()
+
+
+@pytest.mark.skipif(not SUPPORTED, reason=f"no Landlock here: {landlock.unsupported_reason()}")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_confined_workers_exit_cleanly_and_leave_no_temp_dir(tmp_path: Path, start_method: str) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "kernel_workers.py"), str(tmp_path / "root"), start_method],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**helpers.child_env(), "TMPDIR": str(temp)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"written": False, "events": ["sandbox_blind_spots", "sandbox_kernel_confinement"]}
+    assert "Traceback" not in result.stderr and "PermissionError" not in result.stderr, result.stderr
+    assert not list(temp.glob("pymp-*"))  # multiprocessing's temp directory was removed at exit
