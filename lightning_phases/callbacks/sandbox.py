@@ -342,6 +342,8 @@ class SandboxCheck(PhaseCallback):
                 f"kernel confinement on (Landlock ABI {abi}): DataLoader workers and multiprocessing children "
                 "started in sandboxed stages can write only beneath the allowed directories"
                 + (", and connect over TCP only to allowed ports" if abi >= 4 else "")
+                + "; what the kernel refuses there is refused, not counted: the operation fails in that process "
+                "(a PermissionError, or the native library's own error) and makes no sandbox_violation event"
             )
         else:
             message = f"kernel confinement unavailable ({reason}); the audit hook alone guards workers and children"
@@ -349,7 +351,7 @@ class SandboxCheck(PhaseCallback):
             trainer,
             "sandbox_kernel_confinement",
             message,
-            {"enforced": reason is None, "landlock_abi": abi, "reason": reason},
+            {"enforced": reason is None, "landlock_abi": abi, "reason": reason, "refusals_counted": False},
             severity="info",
         )
 

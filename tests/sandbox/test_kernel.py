@@ -59,6 +59,7 @@ def test_kernel_confinement_refuses_a_native_write_in_a_worker(tmp_path: Path, s
     sandbox, raised, target = _validate(tmp_path, "kernel", start_method)
     assert raised is not None and "Permission denied" in str(raised)  # the kernel refused the open
     assert not target.exists()
+    assert not [e for e in sandbox.events if e.kind == "sandbox_violation"]  # refused, not counted (README)
     assert sandbox.kernel == f"landlock ABI {landlock.abi_version()}"
     [row] = sandbox.phase_observations()
     assert "kernel confinement of workers and children: landlock ABI" in row.detail
@@ -84,8 +85,10 @@ def test_the_kernel_confinement_event_says_whether_it_is_on(tmp_path: Path) -> N
     )
     [event] = [e for e in read_jsonl(tmp_path / "phase_events.jsonl") if e["kind"] == "sandbox_kernel_confinement"]
     assert event["severity"] == "info" and event["data"]["enforced"] is SUPPORTED
+    assert event["data"]["refusals_counted"] is False
     if SUPPORTED:
         assert event["message"].startswith(f"kernel confinement on (Landlock ABI {landlock.abi_version()})")
+        assert "what the kernel refuses there is refused, not counted" in event["message"]
     else:
         assert "kernel confinement unavailable" in event["message"] and event["data"]["reason"]
 
