@@ -1,6 +1,6 @@
 """Combined per-step cost of all four callbacks (default settings) against a bare Trainer, on two model sizes.
 
-    python benchmarks/overhead.py [pairs] [--busy] [--only NAME,...] [--tiny]
+    python benchmarks/overhead.py [pairs] [--busy] [--only NAME,...] [--tiny] [--threads N]
 
 Each run is a fresh interpreter (SandboxCheck's audit hook cannot be removed). Runs come in pairs, one bare
 and one with the callbacks, the order alternating from pair to pair so that a drift in the machine's load
@@ -11,7 +11,9 @@ off, so the numbers are the training step's cost; the callbacks' stage-end work 
 
 ``--busy`` runs a competing CPU-bound process (a Python busy loop) for the whole measurement, as on a machine
 shared with another job. ``--only`` measures some of the callbacks alone (``LossDropSentinel``,
-``ParamFreezeAssertion``, ``SandboxCheck``, ``ShiftTracker``), ``--tiny`` only the tiny model.
+``ParamFreezeAssertion``, ``SandboxCheck``, ``ShiftTracker``), ``--tiny`` only the tiny model. ``--threads 1``
+gives torch one intra-op thread on both sides: on a loaded machine torch's second thread waits for a core,
+and the step thread's CPU time then counts its spinning at the join, not the step's work.
 """
 
 from __future__ import annotations
@@ -40,9 +42,14 @@ MODELS = {  # name: (DigitsClassifier args, DigitsDataModule args, steps)
 SUITE = ("LossDropSentinel", "ParamFreezeAssertion", "SandboxCheck", "ShiftTracker")
 
 
-def run(names: list[str], models: list[str]) -> dict[str, dict[str, float]]:
+def run(names: list[str], models: list[str], threads: int) -> dict[str, dict[str, float]]:
     """Median step times (``wall``, ``cpu``) per model, with the callbacks ``names`` (none: bare)."""
+    import torch
+
     import lightning_phases
+
+    if threads:
+        torch.set_num_threads(threads)
 
     result = {}
     for name in models:
@@ -74,13 +81,14 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="run a competing CPU-bound process alongside")
     parser.add_argument("--only", default=",".join(SUITE), help="the callbacks to measure (comma-separated)")
     parser.add_argument("--tiny", action="store_true", help="only the tiny model")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     names = [name for name in args.only.split(",") if name]
     unknown = [name for name in names if name not in SUITE]
     if unknown:
         parser.error(f"--only: unknown callbacks {unknown}; choose from {list(SUITE)}")
     models = [next(iter(MODELS))] if args.tiny else list(MODELS)
-    spec = json.dumps({"names": names, "models": models})
+    spec = json.dumps({"names": names, "models": models, "threads": args.threads})
     bare, suite = [], []
     with competing_process(args.busy):
         for pair in range(args.pairs):
@@ -93,7 +101,8 @@ def main() -> None:
     print(
         f"# {what}, default settings; {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, torch {torch.__version__}; {args.pairs} pairs, order alternating; "
-        f"{load}; load average before: {os.getloadavg()[0]:.1f}"
+        f"torch threads: {args.threads or torch.get_num_threads()}; {load}; "
+        f"load average at the end: {os.getloadavg()[0]:.1f}"
     )
     print("| model | clock | bare step ms | with the callbacks ms | median ratio of pairs | lowest-highest |")
     print("|---|---|---|---|---|---|")
@@ -112,6 +121,6 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     if len(sys.argv) == 3 and sys.argv[1] in ("bare", "suite"):
         spec = json.loads(sys.argv[2])
-        print(json.dumps(run(spec["names"] if sys.argv[1] == "suite" else [], spec["models"])))
+        print(json.dumps(run(spec["names"] if sys.argv[1] == "suite" else [], spec["models"], spec["threads"])))
     else:
         main()
