@@ -117,7 +117,17 @@ BAD: dict[type, dict[str, Bad]] = {
     SandboxCheck: {
         "stages": STAGES,
         "on_violation": Bad(1, ("stop", "checkpoint", None)),
-        "allow_hosts": Bad({"example.com": 443}, ("example.com", 5, None)),
+        "allow_hosts": Bad(
+            {"example.com": 443},
+            (
+                "example.com",
+                5,
+                None,
+                Part(["https://example.com"], "'https://example.com' is a URL"),
+                Part(["example.com:99999"], "'example.com:99999' has an invalid port"),
+                Part(["example.com/api"], "'example.com/api' is not a valid host name"),
+            ),
+        ),
         "allow_write_dirs": Bad({"/tmp": True}, ("/tmp", 5, None, b"/tmp")),
         "allow_subprocess": Bad({"git": True}, ("git", 5, None, b"git")),
         "allow_temp": Bad("yes", (1, None)),
@@ -186,6 +196,7 @@ REVIEW_CASES = [
     (LossDropSentinel, "name", "a/b"),
     (SandboxCheck, "allow_temp", "yes"),
     (ShiftTracker, "alpha", True),
+    (SandboxCheck, "allow_hosts", ["https://example.com"]),
 ]
 
 

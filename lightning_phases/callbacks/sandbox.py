@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 import weakref
@@ -158,6 +159,7 @@ class SandboxCheck(PhaseCallback):
         self._spool: SpoolReader | None = None
         self._patched: Any = None
         self._last_drain = 0.0
+        self._raise_per_batch = False  # on_violation="raise" as of setup: every batch end drains and may raise
         self._unraised: list[PhaseEvent] = []  # violations not yet raised by on_violation="raise"
 
     @property
@@ -184,6 +186,7 @@ class SandboxCheck(PhaseCallback):
         self._seen_before += self._seen  # each Trainer call reports each escape again
         self._seen = Counter()
         self._frozen = _Settings(self.on_violation, self.stages, self.policy.with_resolved_names(), self.policy)
+        self._raise_per_batch = self._frozen.on_violation == "raise"
         self._warned.discard("settings changed")
         log_dir = self.reporter.log_dir if trainer.is_global_zero else None
         spool_name = SPOOL_NAME if self.name == type(self).__name__ else f"sandbox_spool-{key_segment(self.name)}.jsonl"
@@ -243,6 +246,30 @@ class SandboxCheck(PhaseCallback):
             self._raise_if_violated(trainer)
         else:
             self._drain_now_and_then(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._raise_per_batch or time.monotonic() - self._last_drain >= SPOOL_POLL_S:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # else: on_batch_end would do nothing (no raise per batch, the spool looked at less than a second ago)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._raise_per_batch or time.monotonic() - self._last_drain >= SPOOL_POLL_S:
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    on_test_batch_end = on_validation_batch_end
+    on_predict_batch_end = on_validation_batch_end
 
     @override
     def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
@@ -308,10 +335,15 @@ class SandboxCheck(PhaseCallback):
         abi = landlock.abi_version() if reason is None else 0
         self.kernel = f"landlock ABI {abi}" if reason is None else f"unsupported: {reason}"
         if reason is None:
+            # multiprocessing's temp directory, made here: workers and children started later inherit it and leave
+            # its removal to this process (a confined process could not remove a directory it made in /tmp)
+            multiprocessing.util.get_temp_dir()
             message = (
                 f"kernel confinement on (Landlock ABI {abi}): DataLoader workers and multiprocessing children "
                 "started in sandboxed stages can write only beneath the allowed directories"
                 + (", and connect over TCP only to allowed ports" if abi >= 4 else "")
+                + "; what the kernel refuses there is refused, not counted: the operation fails in that process "
+                "(a PermissionError, or the native library's own error) and makes no sandbox_violation event"
             )
         else:
             message = f"kernel confinement unavailable ({reason}); the audit hook alone guards workers and children"
@@ -319,7 +351,7 @@ class SandboxCheck(PhaseCallback):
             trainer,
             "sandbox_kernel_confinement",
             message,
-            {"enforced": reason is None, "landlock_abi": abi, "reason": reason},
+            {"enforced": reason is None, "landlock_abi": abi, "reason": reason, "refusals_counted": False},
             severity="info",
         )
 

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_phases.exceptions import SandboxViolation
 from lightning_phases.phases import PhaseOverrides, PhaseTable, Stage
 from lightning_phases.reporting.console import logger, warn
 from lightning_phases.reporting.events import EVENT_LOG_NAME, EventLog, PhaseEvent
 from lightning_phases.reporting.names import key_segment, metric_key
 from lightning_phases.reporting.report_model import REPORT_NAME, Observation, build_report, format_report
 from lightning_phases.reporting.sinks import AlertLimiter, SinkGuard, WandbSink
-from lightning_phases.sandbox.audit_hook import unjudged
+from lightning_phases.sandbox.audit_hook import judged, unjudged
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -269,12 +270,15 @@ class Reporter:
             callback: The callback instance's name.
             name: The plot's name, e.g. ``"loss_curve"``; the file is ``<callback segment>_<name>.png``.
             draw: Writes the PNG to the path it is given; returns the path, or ``None`` if it could not draw.
+                Unless it is lightning-phases' own, an active sandbox judges what it does.
         """
         if not self.is_writer or self.log_dir is None:
             return None
         target = self.log_dir / f"{key_segment(callback)}_{name}.png"
         try:
-            path = draw(target)
+            path = judged(draw)(target)
+        except SandboxViolation:
+            raise
         except OSError as error:
             self._cannot_write("plots", f"lightning-phases: cannot write the plot {target} ({error}).")
             return None

@@ -305,7 +305,25 @@ def _make_gate() -> SimpleNamespace:
 
         return wrapper
 
-    return SimpleNamespace(hook=hook, activate=activate, here=here, inherit=inherit, unjudged=unjudged)
+    def judged(call: Callable[..., Any]) -> Callable[..., Any]:
+        code = getattr(call, "__code__", None)
+        if code is not None and code.co_filename.startswith(_PACKAGE_DIR + os.sep):
+            return call
+
+        @functools.wraps(call)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ident = get_ident()
+            if ident not in busy:
+                return call(*args, **kwargs)
+            busy.discard(ident)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                busy.add(ident)
+
+        return wrapper
+
+    return SimpleNamespace(hook=hook, activate=activate, here=here, inherit=inherit, unjudged=unjudged, judged=judged)
 
 
 def _union(first: tuple[Session, ...], second: tuple[Session, ...]) -> tuple[Session, ...]:
@@ -339,6 +357,17 @@ def unjudged(method: Callable[..., Any]) -> Callable[..., Any]:
         method: The reporting method.
     """
     return _gate.unjudged(method)
+
+
+def judged(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` as it runs inside one of lightning-phases' unjudged reporting methods: judged like any code in
+    a sandboxed stage, unless it is lightning-phases' own (a callable a reporting method takes from its caller,
+    such as ``Reporter.save_plot``'s ``draw``, must not make the caller's code unjudged).
+
+    Args:
+        call: The callable.
+    """
+    return _gate.judged(call)
 
 
 def install() -> None:

@@ -88,6 +88,13 @@ class HostRule:
         return self.port is None or port is None or self.port == port
 
 
+#: The forms an ``allow_hosts`` entry may take, for error messages.
+HOST_FORMS = (
+    "a host name ('api.example.com', '*.example.com'), an IP address ('192.168.1.7', '::1') or a CIDR range "
+    "('10.0.0.0/8'), each with an optional port ('api.example.com:443', '10.0.0.0/8:443', '[::1]:80')"
+)
+
+
 def parse_host_rule(text: Any, argument: str = "allow_hosts") -> HostRule:
     """Parse one ``allow_hosts`` entry: ``"10.0.0.0/8"``, ``"127.0.0.1:8080"``, ``"[::1]:80"``, ``"*.corp.net"``.
 
@@ -97,6 +104,15 @@ def parse_host_rule(text: Any, argument: str = "allow_hosts") -> HostRule:
     """
     if not isinstance(text, str) or not text.strip():
         raise TypeError(f"{argument}: entry {text!r} must be a non-empty string such as 'api.example.com:443'.")
+    scheme, found, rest = text.strip().partition("://")
+    if found:
+        host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+        port = {"http": ":80", "https": ":443"}.get(scheme.lower(), "") if ":" not in host else ""
+        one_port = f" (or {host + port!r} to allow that port only)" if port else ""
+        raise ValueError(
+            f"{argument}: {text!r} is a URL, not a host; write the host alone, e.g. {host!r}{one_port}. "
+            f"Allowed forms: {HOST_FORMS}."
+        )
     host, port = _split_port(text.strip(), argument)
     try:
         return HostRule(text, network=ipaddress.ip_network(host, strict=False), port=port)
@@ -104,13 +120,11 @@ def parse_host_rule(text: Any, argument: str = "allow_hosts") -> HostRule:
         pass
     if "/" in host or host.replace(".", "").isdigit() or ":" in host:
         raise ValueError(
-            f"{argument}: {text!r} is not a valid IP address or CIDR range "
-            "(write e.g. '10.0.0.0/8', '192.168.1.7:8080' or '[::1]:80')."
+            f"{argument}: {text!r} is not a valid host name, IP address or CIDR range. Allowed forms: {HOST_FORMS}."
         )
     if not _HOST_NAME.match(host):
         raise ValueError(
-            f"{argument}: {text!r} is not a valid host name, IP address or CIDR range "
-            "(write e.g. 'api.example.com', '*.example.com:443' or '10.0.0.0/8')."
+            f"{argument}: {text!r} is not a valid host name, IP address or CIDR range. Allowed forms: {HOST_FORMS}."
         )
     return HostRule(text, name=host.lower().rstrip("."), port=port)
 
@@ -126,7 +140,10 @@ def _split_port(text: str, argument: str) -> tuple[str, int | None]:
     else:
         return text, None
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{argument}: {text!r} has an invalid port {port_text!r}; ports are 1 to 65535.")
+        raise ValueError(
+            f"{argument}: {text!r} has an invalid port {port_text!r}; ports are 1 to 65535. "
+            f"Allowed forms: {HOST_FORMS}."
+        )
     return host, int(port_text)
 
 

@@ -8,7 +8,10 @@ no Landlock; the info event that says so is checked either way.
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import helpers
 import pytest
 import torch
 from digits import DigitsClassifier
-from helpers import read_jsonl, small_trainer
+from helpers import ROOT, read_jsonl, small_trainer
 from torch.utils.data import DataLoader
 
 from lightning_phases import SandboxCheck
@@ -56,6 +59,7 @@ def test_kernel_confinement_refuses_a_native_write_in_a_worker(tmp_path: Path, s
     sandbox, raised, target = _validate(tmp_path, "kernel", start_method)
     assert raised is not None and "Permission denied" in str(raised)  # the kernel refused the open
     assert not target.exists()
+    assert not [e for e in sandbox.events if e.kind == "sandbox_violation"]  # refused, not counted (README)
     assert sandbox.kernel == f"landlock ABI {landlock.abi_version()}"
     [row] = sandbox.phase_observations()
     assert "kernel confinement of workers and children: landlock ABI" in row.detail
@@ -81,8 +85,10 @@ def test_the_kernel_confinement_event_says_whether_it_is_on(tmp_path: Path) -> N
     )
     [event] = [e for e in read_jsonl(tmp_path / "phase_events.jsonl") if e["kind"] == "sandbox_kernel_confinement"]
     assert event["severity"] == "info" and event["data"]["enforced"] is SUPPORTED
+    assert event["data"]["refusals_counted"] is False
     if SUPPORTED:
         assert event["message"].startswith(f"kernel confinement on (Landlock ABI {landlock.abi_version()})")
+        assert "what the kernel refuses there is refused, not counted" in event["message"]
     else:
         assert "kernel confinement unavailable" in event["message"] and event["data"]["reason"]
 
@@ -107,3 +113,22 @@ def test_a_spawned_child_is_confined_too(tmp_path: Path) -> None:
         SpawnsChild(), DataLoader(helpers.EscapingDataset(), batch_size=4), verbose=False
     )
     assert SpawnsChild.exitcode == 1 and not target.exists()
+
+
+@pytest.mark.skipif(not SUPPORTED, reason=f"no Landlock here: {landlock.unsupported_reason()}")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_confined_workers_exit_cleanly_and_leave_no_temp_dir(tmp_path: Path, start_method: str) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "kernel_workers.py"), str(tmp_path / "root"), start_method],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**helpers.child_env(), "TMPDIR": str(temp)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"written": False, "events": ["sandbox_blind_spots", "sandbox_kernel_confinement"]}
+    assert "Traceback" not in result.stderr and "PermissionError:" not in result.stderr, result.stderr
+    assert not list(temp.glob("pymp-*"))  # multiprocessing's temp directory was removed at exit

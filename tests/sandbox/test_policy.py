@@ -37,6 +37,23 @@ def test_host_rules_parse(text: str, network: str | None, name: str | None, port
     assert (str(rule.network) if rule.network else None, rule.name, rule.port) == (network, name, port)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("https://example.com", "is a URL, not a host; write the host alone, e.g. 'example.com' (or 'example.com:443'"),
+        ("http://user@api.example.com:8080/v1", "e.g. 'api.example.com:8080'."),
+        ("example.com:http", "has an invalid port 'http'"),
+        ("example.com/api", "is not a valid host name, IP address or CIDR range"),
+    ],
+)
+def test_bad_host_rules_name_the_argument_the_value_and_the_allowed_forms(text: str, says: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_host_rule(text)
+    message = str(info.value)
+    assert message.startswith(f"allow_hosts: {text!r} ") and says in message
+    assert "Allowed forms: a host name" in message and "'10.0.0.0/8:443'" in message
+
+
 def test_connections_are_judged_by_family_address_and_port() -> None:
     p = policy(hosts=["10.0.0.0/8:443", "localhost"]).with_resolved_names()
     with socket.socket(socket.AF_INET) as inet, socket.socket(socket.AF_UNIX) as unix:

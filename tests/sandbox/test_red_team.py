@@ -408,6 +408,16 @@ def patch_policy(a: Arena) -> None:
         SandboxPolicy.check = check  # type: ignore[method-assign]
 
 
+def through_the_reporter(a: Arena) -> None:
+    def draw(path: Path) -> None:  # noqa: ARG001
+        helpers.write_file(str(a.outside / "via_reporter"))
+
+    if a.sandbox is None:
+        draw(a.root)
+    else:  # the package's own reporting runs unjudged; a callable handed to it must not
+        a.sandbox.reporter.save_plot(a.sandbox.name, "attack", draw)
+
+
 def unjudged_user_code(a: Arena) -> None:
     audit_hook.unjudged(lambda: helpers.write_file(str(a.outside / "unjudged")))()
 
@@ -506,6 +516,7 @@ CASES: dict[str, Case] = {
     "flip_settings": Case(flip_settings, "open", _exists("after_flip"), function="write_file"),
     "patch_policy": Case(patch_policy, "open", _exists("after_patch"), function="write_file"),
     "unjudged_user_code": Case(unjudged_user_code, None, _exists("unjudged"), refused_with=ValueError),
+    "through_the_reporter": Case(through_the_reporter, "open", _exists("via_reporter"), function="write_file"),
 }
 #: Escapes that change the callback itself: they run last.
 LAST = ("flip_settings", "patch_policy")
