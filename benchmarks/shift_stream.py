@@ -2,8 +2,8 @@
 beside alibi-detect's online MMD detector on the same streams at a matched false-alarm rate.
 
     pip install alibi-detect   # optional, benchmark-only: without it the alibi-detect columns are left out
-    python benchmarks/shift_stream.py [streams] [length] [alibi_windows]
-    python benchmarks/shift_stream.py 200 20000 20,100
+    python benchmarks/shift_stream.py [streams] [length] [alibi_windows] [alibi_streams]
+    python benchmarks/shift_stream.py 200 20000 20,100 100,40
 
 Each stream has its own reference (1000 rows drawn from the digits, with replacement, as the stream is:
 same-law samples are exchangeable) split into 500 score-fitting and 500 calibration rows, as ShiftTracker
@@ -14,18 +14,19 @@ is shifted (medium levels of benchmarks/_digits_shifts.py); the delay is the ala
 (alarms before the shift are counted as false alarms, not delays), and the estimated delay the one the event
 reports. Every stream is a function of its own seed, so each method reads the same samples.
 
-alibi-detect's ``MMDDriftOnline`` (PyTorch backend) runs on the same references and streams, one detector per
-stream and window size. It sets its threshold for an expected run time (ERT) by simulating at least ERT
+alibi-detect's ``MMDDriftOnline`` (PyTorch backend) runs on the same references and streams (the first
+``alibi_streams`` = "unshifted,per shift" of them; about 1-2 s per stream and window here), one detector
+per stream and window size. It sets its threshold for an expected run time (ERT) by simulating at least ERT
 bootstrap windows of the reference; a chance of 0.05 of any alarm within 20k samples is an ERT near 390k
-(20000 / -ln 0.95), so that simulation is 390k+ gathers of a 1000 x 1000 kernel matrix per stream, far beyond
-two shared cores (1000 bootstraps, window 50, took 11 s per reference here). Its threshold simulation is
-therefore replaced (:class:`AlibiStatistic`): its statistic (its kernel, median-heuristic bandwidth,
-reference split and initial window) is kept, and one threshold per window size is chosen on the unshifted
-streams so that exactly as many of them alarm as ours did: a matched false-alarm rate, fitted on the very
-streams it is measured on (in-sample, in alibi-detect's favour). An out-of-sample check fits the threshold on
-the first half of the unshifted streams and counts the alarms on the second half. The statistic is computed
-for whole streams at once (the same sums as its ``score``, checked against ``score`` sample by sample on the
-first 300 samples of the first stream).
+(20000 / -ln 0.95), so that simulation is 390k+ gathers of a 1000 x 1000 kernel matrix per stream, far
+beyond two shared cores (1000 bootstraps, window 50, took 11 s per reference here). Its threshold
+simulation is therefore replaced (``AlibiStatistic`` in :func:`alibi_detector`): its statistic (its kernel,
+median-heuristic bandwidth, reference split and initial window) is kept, and one threshold per window size
+is chosen on the unshifted streams so that exactly as many of them alarm as ours did on those streams: a
+matched false-alarm rate, fitted on the very streams it is measured on (in-sample, in alibi-detect's
+favour). An out-of-sample check fits the threshold on the first half of those unshifted streams and counts
+the alarms on the second half. The statistic is computed for whole streams at once (the same sums as its
+``score``, checked against ``score`` sample by sample on the first 300 samples of the first stream).
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ def alibi_path(detector, rows: torch.Tensor, chunk: int = 2000) -> torch.Tensor:
     cross = (cross[w - 1 :] - torch.cat([cross.new_zeros(1), cross[:-w]]))[1:] / w
     # band[i, l] = k(row i, row i + l) for l = 1 .. w - 1: the pairs of rows less than w apart
     band = torch.zeros(len(sequence), w, dtype=torch.float64)
-    for start in range(0, len(sequence), chunk):
-        stop = min(start + chunk, len(sequence))
+    rows_per_call = max(64, 2 * w)  # each call evaluates rows_per_call x (rows_per_call + w - 1) kernel entries
+    for start in range(0, len(sequence), rows_per_call):
+        stop = min(start + rows_per_call, len(sequence))
         block = kernel(sequence[start:stop], sequence[start : stop + w - 1]).double()
         offsets = torch.arange(stop - start)[:, None] + torch.arange(w)[None]
         valid = offsets < block.shape[1]
@@ -179,68 +181,91 @@ def quantiles(delays: list[int]) -> tuple[str, str]:
     return f"{statistics.median(delays):g}", f"{delays[int(0.9 * (len(delays) - 1))]}"
 
 
+def alibi_maxima(pool, labels, reference, window, count, length) -> torch.Tensor:
+    """alibi-detect's largest statistic over each of the first ``count`` unshifted streams."""
+    maxima = []
+    for s in range(count):
+        detector = alibi_detector(reference[s], window, s)
+        maxima.append(float(alibi_path(detector, stream_rows(pool, labels, None, s, length)).max()))
+    return torch.tensor(maxima)
+
+
+def alibi_alarms(pool, labels, shift, reference, window, threshold, count, length) -> torch.Tensor:
+    """The sample at which alibi-detect's statistic first exceeds ``threshold`` on each stream (-1: never)."""
+    alarm_at = []
+    for s in range(count):
+        path = alibi_path(alibi_detector(reference[s], window, s), stream_rows(pool, labels, shift, s, length))
+        above = torch.nonzero(path > threshold).flatten()
+        alarm_at.append(int(above[0]) + 1 if len(above) else -1)
+    return torch.tensor(alarm_at)
+
+
+def shifted_row(shift: str, method: str, alarm_at: torch.Tensor, estimated: str = "-") -> str:
+    detected, early, delays = delays_row(alarm_at, len(alarm_at))
+    return f"| {shift} | {method} | {detected} | {early} | {' | '.join(quantiles(delays))} | {estimated} |"
+
+
 def main() -> None:
     streams = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     length = int(sys.argv[2]) if len(sys.argv) > 2 else 20_000
     windows = [int(w) for w in sys.argv[3].split(",")] if len(sys.argv) > 3 else [20, 100]
+    alibi_null, alibi_shifted = (int(k) for k in sys.argv[4].split(",")) if len(sys.argv) > 4 else (100, 40)
     torch.set_num_threads(1)  # small tensors per step: threads only contend
     pool, labels = digits()
     if alibi_detector(pool[:100], 5, 0) is None:
         print("# alibi-detect is not installed: its columns are left out")
         windows = []
     per_shift = streams // 2
+    alibi_null, alibi_shifted = min(alibi_null, streams), min(alibi_shifted, per_shift)
 
     start = time.perf_counter()
     null_reference = references(pool, None, streams)
     null = run_ours(pool, labels, None, null_reference, length, seed=1)
     ours_fired = int((null.alarm_at >= 0).sum())
-    print(
-        f"# ours: {streams} unshifted streams of {length} samples, alpha = {ALPHA}: {time.perf_counter() - start:.0f} s"
-    )
+    ours_subset = int((null.alarm_at[:alibi_null] >= 0).sum())
+    print(f"# ours: {streams} unshifted streams of {length} samples: {time.perf_counter() - start:.0f} s")
 
-    # alibi-detect on the same unshifted streams: each stream's largest statistic, and the matched threshold
+    # alibi-detect on the first alibi_null of the same unshifted streams: each stream's largest statistic;
+    # the threshold lets exactly as many of them alarm as ours did on those streams
     maxima: dict[int, torch.Tensor] = {}
     thresholds: dict[int, float] = {}
     out_of_sample: dict[int, str] = {}
+    half = alibi_null // 2
     for window in windows:
         start = time.perf_counter()
         rows0 = stream_rows(pool, labels, None, 0, length)
         difference = check_alibi_path(lambda w=window: alibi_detector(null_reference[0], w, 0), rows0[:300])
-        maxima[window] = torch.tensor(
-            [
-                float(
-                    alibi_path(
-                        alibi_detector(null_reference[s], window, s), stream_rows(pool, labels, None, s, length)
-                    ).max()
-                )
-                for s in range(streams)
-            ]
-        )
-        ordered = maxima[window].sort(descending=True).values
-        thresholds[window] = float(ordered[ours_fired])  # exactly ours_fired streams exceed it
-        half = streams // 2
-        first = maxima[window][:half].sort(descending=True).values
-        fitted = float(first[round(ours_fired * half / streams)])
-        out_of_sample[window] = f"{int((maxima[window][half:] > fitted).sum())}/{streams - half}"
+        maxima[window] = alibi_maxima(pool, labels, null_reference, window, alibi_null, length)
+        thresholds[window] = float(maxima[window].sort(descending=True).values[ours_subset])
+        fitted = float(maxima[window][:half].sort(descending=True).values[round(ours_subset * half / alibi_null)])
+        out_of_sample[window] = f"{int((maxima[window][half:] > fitted).sum())}/{alibi_null - half}"
         print(
-            f"# alibi-detect window {window}: {time.perf_counter() - start:.0f} s for {streams} unshifted streams; "
-            f"threshold {thresholds[window]:.4g}; batched statistic vs its score(): max difference {difference:.1e}"
+            f"# alibi-detect window {window}: {time.perf_counter() - start:.0f} s for {alibi_null} unshifted "
+            f"streams; threshold {thresholds[window]:.4g}; batched statistic vs its score(): max difference "
+            f"{difference:.1e}"
         )
     print()
-    print(f"# {streams} unshifted streams of {length} samples; ours at alpha = {ALPHA}, alibi-detect at a threshold")
-    print("# matched to ours' count on these streams (out of sample: fitted on the first half, counted on the second)")
-    print("| method | streams with any alarm | fraction | out of sample |")
-    print("|---|---|---|---|")
-    print(f"| ours (anytime-valid, alpha {ALPHA}) | {ours_fired}/{streams} | {ours_fired / streams:.3f} | - |")
+    print(f"# Unshifted streams of {length} samples; ours at alpha = {ALPHA}; alibi-detect at the threshold that")
+    print(f"# lets as many of the first {alibi_null} streams alarm as ours (out of sample: threshold fitted on")
+    print(f"# streams 0-{half - 1}, alarms counted on streams {half}-{alibi_null - 1})")
+    print("| method | streams | streams with any alarm | fraction | out of sample |")
+    print("|---|---|---|---|---|")
+    print(f"| ours (anytime-valid, alpha {ALPHA}) | {streams} | {ours_fired} | {ours_fired / streams:.3f} | - |")
+    if windows:
+        print(
+            f"| ours (anytime-valid, alpha {ALPHA}) | first {alibi_null} | {ours_subset} "
+            f"| {ours_subset / alibi_null:.3f} | - |"
+        )
     for window in windows:
         fired = int((maxima[window] > thresholds[window]).sum())
         print(
-            f"| alibi-detect MMDDriftOnline, window {window} | {fired}/{streams} | {fired / streams:.3f} "
-            f"| {out_of_sample[window]} |"
+            f"| alibi-detect MMDDriftOnline, window {window} | first {alibi_null} | {fired} "
+            f"| {fired / alibi_null:.3f} | {out_of_sample[window]} |"
         )
     print(f"\n# ours: final wealth median {null.wealth.median():.3g}")
     print()
-    print(f"# Shifted at sample {CHANGE} (medium shifts), {per_shift} streams each, alarms within {length}")
+    print(f"# Shifted at sample {CHANGE} (medium shifts), {per_shift} streams each (alibi-detect and ours on the")
+    print(f"# first {alibi_shifted} of them: the same streams), alarms within {length}")
     print(
         "| shift | method | detected | false alarm before the shift | median delay | 90% delay "
         "| median estimated delay |"
@@ -250,25 +275,14 @@ def main() -> None:
         start = time.perf_counter()
         reference = references(pool, shift, per_shift)
         monitor = run_ours(pool, labels, shift, reference, length, seed=2)
-        detected, early, delays = delays_row(monitor.alarm_at, per_shift)
-        estimated = (monitor.alarm_at - monitor.start_at)[monitor.alarm_at > CHANGE].tolist()
-        median_estimate = f"{statistics.median(estimated):g}" if estimated else "-"
-        print(
-            f"| {shift} | ours | {detected} | {early} | {' | '.join(quantiles(delays))} | {median_estimate} |",
-            flush=True,
-        )
+        for count in sorted({per_shift, alibi_shifted} if windows else {per_shift}, reverse=True):
+            alarm_at, start_at = monitor.alarm_at[:count], monitor.start_at[:count]
+            estimated = (alarm_at - start_at)[alarm_at > CHANGE].tolist()
+            median_estimate = f"{statistics.median(estimated):g}" if estimated else "-"
+            print(shifted_row(shift, f"ours, streams 0-{count - 1}", alarm_at, median_estimate), flush=True)
         for window in windows:
-            alarm_at = []
-            for s in range(per_shift):
-                path = alibi_path(alibi_detector(reference[s], window, s), stream_rows(pool, labels, shift, s, length))
-                above = torch.nonzero(path > thresholds[window]).flatten()
-                alarm_at.append(int(above[0]) + 1 if len(above) else -1)
-            detected, early, delays = delays_row(torch.tensor(alarm_at), per_shift)
-            print(
-                f"| {shift} | alibi-detect, window {window} | {detected} | {early} "
-                f"| {' | '.join(quantiles(delays))} | - |",
-                flush=True,
-            )
+            alarm_at = alibi_alarms(pool, labels, shift, reference, window, thresholds[window], alibi_shifted, length)
+            print(shifted_row(shift, f"alibi-detect, window {window}, streams 0-{alibi_shifted - 1}", alarm_at))
         print(f"# {shift}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
