@@ -1,14 +1,15 @@
 """False-positive rate of ShiftTracker's tests for every ``reduce`` setting, on same-law samples.
 
-    python benchmarks/shift_calibration.py [repeats] [n] [dims]
-    python benchmarks/shift_calibration.py 100 200 128,1024,4096
+    python benchmarks/shift_calibration.py [repeats] [n] [sources] [first_seed]
+    python benchmarks/shift_calibration.py 100 200 128,1024,4096,digits 0
 
-For each dimension d, ``repeats`` pairs (reference, current) of n rows each are drawn from one standard
-Gaussian in d dimensions, and ``repeats`` disjoint pairs of digits rows (d = 64); each pair is reduced as
-ShiftTracker does (``reduce=None``, or ``"pca"`` / ``"random"`` to ``reduce_dim`` = 32 fitted on the pooled
-pair) and tested at alpha = 0.05 with 200 permutations by ``mmd_test`` (median heuristic) and
-``mmdagg_test`` (ShiftTracker's default). The baseline column is the earlier PCA, fitted on the reference
-alone and applied to both samples, on the same pairs (with ``mmdagg_test``). Every rate is the fraction
+For each source (a dimension d, or ``digits``), ``repeats`` pairs (reference, current) of n rows each are
+drawn from one standard Gaussian in d dimensions, or disjoint pairs of digits rows (d = 64); pair k is drawn
+with seed k, from ``first_seed`` on. Each pair is reduced as ShiftTracker does (``reduce=None``, or
+``"pca"`` / ``"random"`` to ``reduce_dim`` = 32 fitted on the pooled pair) and tested at alpha = 0.05 with
+200 permutations by ``mmd_test`` (median heuristic) and ``mmdagg_test`` (ShiftTracker's default). The
+baseline column is the earlier PCA, fitted on the reference alone and applied to both samples, on the same
+pairs (with ``mmdagg_test``). Every rate is the fraction
 of pairs with p < 0.05; the target is at most 0.07 for every setting.
 """
 
@@ -34,10 +35,10 @@ REDUCTIONS = (None, "pca", "random")
 TESTS = {"mmd": mmd_test, "mmdagg": mmdagg_test}
 
 
-def pairs(source: str, n: int, repeats: int):
+def pairs(source: str, n: int, repeats: int, first_seed: int):
     """``repeats`` same-law pairs of ``n`` rows each: Gaussian in ``source`` dimensions, or disjoint digits."""
     pool = digits()[0] if source == "digits" else None
-    for repeat in range(repeats):
+    for repeat in range(first_seed, first_seed + repeats):
         generator = torch.Generator().manual_seed(repeat)
         if pool is None:
             d = int(source)
@@ -63,19 +64,21 @@ def binomial_upper(fired: int, repeats: int) -> float:
 def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-    dims = sys.argv[3].split(",") if len(sys.argv) > 3 else ["128", "1024", "4096"]
+    sources = sys.argv[3].split(",") if len(sys.argv) > 3 else ["128", "1024", "4096", "digits"]
+    first_seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     torch.set_num_threads(1)
     columns = [(reduce, test) for reduce in REDUCTIONS for test in TESTS]
     names = [f"{reduce or 'none'} / {test}" for reduce, test in columns]
-    print(f"# Same-law pairs, n = m = {n}, {repeats} repeats per source, alpha = {ALPHA}, {PERMUTATIONS} permutations,")
+    print(f"# Same-law pairs, n = m = {n}, {repeats} repeats per source (seeds from {first_seed}), alpha = {ALPHA},")
+    print(f"# {PERMUTATIONS} permutations,")
     print(f"# reduce_dim = {REDUCE_DIM}; rate (95% upper bound); baseline: PCA fitted on the reference alone")
     print("| source | d | " + " | ".join(names) + " | baseline: reference-fitted PCA / mmdagg | seconds |")
     print("|---|---|" + "---|" * (len(names) + 2), flush=True)
     worst = 0.0
-    for source in [*dims, "digits"]:
+    for source in sources:
         start = time.perf_counter()
         fired = dict.fromkeys([*columns, "baseline"], 0)
-        for seed, (x, y) in enumerate(pairs(source, n, repeats)):
+        for seed, (x, y) in enumerate(pairs(source, n, repeats, first_seed), start=first_seed):
             for reduce in REDUCTIONS:
                 if reduce is None:
                     a, b = x, y
