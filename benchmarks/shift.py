@@ -1,6 +1,6 @@
 """Time of one MMD permutation test against TorchDrift and alibi-detect on the same data, in the same run.
 
-    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[bench]')
+    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[peers]', its own venv)
     python benchmarks/shift.py [dims]     # e.g. 64,784
 
 n = m = 1000 samples, 1000 permutations, d = 64 and d = 784 (digits-sized and MNIST-sized rows). Each

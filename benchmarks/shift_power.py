@@ -1,6 +1,6 @@
 """Detection rate on a miniature "Failing Loudly" suite on digits, every method on the same samples.
 
-    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[bench]')
+    pip install torchdrift alibi-detect   # optional, benchmark-only (pip install -e '.[peers]', its own venv)
     python benchmarks/shift_power.py [repeats] [sizes] [peer_sizes] [peer_levels]
     python benchmarks/shift_power.py 10 10,20,50,100,200,500 10,20,50,100,200,500 small,medium,large
 
