@@ -1,11 +1,12 @@
 """Score loss-drop detectors on the labelled curve corpus (benchmarks/curves/), per class, in one run.
 
     python benchmarks/loss_drop.py                 # every curve, every detector, sampling every 1, 5, 20 steps
-    python benchmarks/loss_drop.py --quick         # seed 0 only
+    python benchmarks/loss_drop.py --quick         # the lowest seed only (seed 0 of the corpus)
     python benchmarks/loss_drop.py --json out.json # also write every number and every flag as JSON
     python benchmarks/loss_drop.py --sentinel my_module:make   # score another sentinel factory
     python benchmarks/loss_drop.py --families label_leak induction --detectors sentinel
     python benchmarks/loss_drop.py --classes ordinary nll_crossing --quick
+    python benchmarks/loss_drop.py --data /tmp/heldout   # curves written by generate.py --seeds 3 4 --out /tmp/heldout
 
 From Python: ``results, cost = evaluate(curves, baselines(make))`` then ``summary_rows(curves, results)``
 (``curves`` from ``benchmarks/curves/corpus.load()``).
@@ -529,7 +530,8 @@ def summary_rows(curves: list[dict[str, Any]], results: Results) -> list[dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seed 0 only")
+    parser.add_argument("--quick", action="store_true", help="the lowest seed only")
+    parser.add_argument("--data", type=Path, help="score the family files in this directory (default: the corpus)")
     parser.add_argument("--json", type=Path, help="write every number and flag here")
     parser.add_argument("--sentinel", help="MODULE:FACTORY, a make(curve) -> detector to score as the sentinel")
     parser.add_argument("--families", nargs="+", help="only these corpus families")
@@ -538,10 +540,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    every = load(args.families, args.data) if args.data else load(args.families)
+    lowest = min(c["seed"] for c in every)
     curves = [
-        c
-        for c in load(args.families)
-        if (not args.quick or c["seed"] == 0) and (not args.classes or c["class"] in args.classes)
+        c for c in every if (not args.quick or c["seed"] == lowest) and (not args.classes or c["class"] in args.classes)
     ]
     monitors = baselines(load_factory(args.sentinel) if args.sentinel else sentinel_factory())
     if args.detectors:
@@ -555,7 +557,7 @@ def main() -> None:
     classes = list(dict.fromkeys(c["class"] for c in curves))
     spike_check = None
     if SPIKES_ONLY in monitors:
-        spike_check = check_spike_rule([c for c in curves if c["seed"] == 0], tempfile.mkdtemp(prefix="spikes_"))
+        spike_check = check_spike_rule([c for c in curves if c["seed"] == lowest], tempfile.mkdtemp(prefix="spikes_"))
     seeds = sorted({c["seed"] for c in curves})
     print(f"# Loss-drop detectors on the curve corpus: {len(curves)} curves, seeds {seeds}\n")
     print("Summary: required labels found / required (found within the delay target) · false alarms\n")
@@ -568,8 +570,8 @@ def main() -> None:
     if spike_check is not None:
         print(
             f"Lightning SpikeDetection: scored through its decision rule restated (SpikeRule); against the real "
-            f"class on the first 200 values of each seed-0 curve, {spike_check[0]} of {spike_check[1]} decisions "
-            f"differ; the real class takes {spike_check[2]:.0f} us per value.\n"
+            f"class on the first 200 values of each seed-{lowest} curve, {spike_check[0]} of {spike_check[1]} "
+            f"decisions differ; the real class takes {spike_check[2]:.0f} us per value.\n"
         )
     step = mlp_step_us()
     print("## cost per value (k = 1, whole corpus)\n")

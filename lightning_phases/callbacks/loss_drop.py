@@ -79,8 +79,9 @@ class LossDropSentinel(PhaseCallback):
         strict: When the monitored metric has not been logged by the end of a training epoch in which
             validation ran (or of the first epoch, when there is no validation), raise a ``ValueError`` that
             lists the logged metrics; ``False`` warns once instead (as ``EarlyStopping(strict=...)``).
-        threshold: How many standard errors of the recent blocks' median (from the robust spread of blocks at
-            the same time scale) a change must exceed.
+        threshold: How many standard errors a change must exceed: of the recent blocks' median and of the
+            forecast line read ahead of its baseline (both from the robust spread of blocks at the same time
+            scale).
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
         window: Blocks each time scale's forecast and noise are fitted on.
         persistence: Newest blocks whose median must deviate (more where they hold fewer than 8 values); the

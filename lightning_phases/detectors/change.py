@@ -11,9 +11,13 @@ the lower median of its values. A drop is judged at each level when one of its b
   blocks from that line; the wander of the level's block medians from one block to the next, over every
   block it keeps (four windows); and what the per-value noise (from successive differences of the last
   values) implies for a block median. Block medians are measured at their own scale, so noise that is
-  correlated from step to step (an epoch's data order, a schedule) is accounted for.
-* A **drop** needs the median of the recent blocks to lie more than ``threshold`` standard errors of such
-  a median and more than ``min_change`` below the forecast, and below every baseline block by
+  correlated from step to step (an epoch's data order, a schedule) is accounted for. The standard error
+  counts both sides of the comparison: the noise of the recent blocks' median, and that of the forecast,
+  a line fitted on ``window`` noisy blocks and read ahead of them (its level's and its slope's errors, as
+  in a regression's prediction interval). A short, noisy baseline extrapolated a few blocks ahead is not a
+  firm forecast (at the finest scales in a fast early descent least of all).
+* A **drop** needs the median of the recent blocks to lie more than ``threshold`` standard errors and more
+  than ``min_change`` below the forecast, and below every baseline block by
   ``min_change`` too (a curve that merely stops flattening is not a drop). A **spike** is the mirror image.
 
 Short, sharp drops complete at fine levels within a few steps; a fall that takes longer than a window of
@@ -57,6 +61,8 @@ _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units o
 _NOISE_VALUES = 256  # last values the per-value noise is estimated from
 _ARMING_BLOCKS = 16
 _ARMING_EVERY = 4  # values between looks at whether the early descent stopped speeding up
+# standard error of a Theil-Sen slope in units of the least-squares one (its efficiency for normal noise: 91%)
+_THEIL_SEN_SE = 1.048
 MIN_EVIDENCE = 8  # steps the recent blocks must span together: the finest levels judge over more blocks
 
 
@@ -166,8 +172,8 @@ class DropDetector:
 
     Args:
         direction: ``"drop"``, ``"spike"`` or ``"both"``.
-        threshold: Standard errors of the recent blocks' median (from the baseline's robust spread at the
-            same time scale) a change must exceed.
+        threshold: Standard errors a change must exceed: of the recent blocks' median and of the forecast
+            line read ahead of its baseline (both from the baseline's robust spread at the same time scale).
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
         window: Blocks in each level's baseline (the forecast's line and the noise are fitted on them).
         persistence: Newest blocks whose median must deviate (more where they span fewer than 8 steps); the
@@ -334,7 +340,8 @@ class DropDetector:
         floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
         wander = _difference_sigma([self._block(b) for b in level.blocks if b[1] >= self.since_step])
         sigma = max(spread, wander, floor_noise, 1e-12)
-        error = sigma * _MEDIAN_SE / math.sqrt(persistence)
+        # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
+        error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
         bound_below = max(self.threshold * error, least_below)
         bound_above = max(self.threshold * error, least_above)
@@ -362,6 +369,15 @@ class DropDetector:
                 return None
             return self._change("spike", value, forecast, now, score, recent[0][0], block_steps)
         return None
+
+    @staticmethod
+    def _forecast_error(xs: list[float], recent: list[tuple[int, int, float, float, int]], sigma: float) -> float:
+        """Standard error of a line through blocks at ``xs`` with noise ``sigma``, read at the recent blocks'
+        middle: that of its level at the blocks' centre and of its slope times the distance ahead."""
+        centre = sum(xs) / len(xs)
+        spread = sum((x - centre) ** 2 for x in xs)
+        ahead = _median([(b[0] + b[1]) / 2 for b in recent]) - centre
+        return sigma * math.hypot(_MEDIAN_SE / math.sqrt(len(xs)), _THEIL_SEN_SE * ahead / math.sqrt(spread))
 
     def _change(
         self, kind: str, value: float, forecast: float, now: float, score: float, onset_step: int, block_steps: int

@@ -53,9 +53,10 @@ def drops(found):
     return [(step, v) for step, v in found if v.kind == "drop"]
 
 
-# seed 2 without label noise has a real learning burst at step 64-72 (the loss halves within 8 batches while
-# the early descent is still going) that the detector flags: a known false alarm, listed in the README
-@pytest.mark.parametrize(("seed", "label_noise"), [(0, 0.0), (0, 0.2), (1, 0.0), (1, 0.2), (2, 0.2)])
+# seed 2 without label noise has a learning burst at step 64-72 (the loss halves within 8 batches while the
+# early descent is still going): it is not flagged since the forecast's own error counts (a line through a
+# dozen noisy values, read ahead of them)
+@pytest.mark.parametrize(("seed", "label_noise"), [(0, 0.0), (0, 0.2), (1, 0.0), (1, 0.2), (2, 0.0), (2, 0.2)])
 def test_silent_through_ordinary_training(seed, label_noise):
     assert verdicts(digits_curve(seed, label_noise=label_noise)) == []
 
@@ -128,7 +129,8 @@ def test_an_always_negative_loss_that_drops_is_flagged_on_the_signed_scale(seed)
     [label] = curve["labels"]
     late = [(step, v) for step, v in drops(on_curve(curve["name"])) if step >= label["start"]]
     [(step, verdict)] = late
-    assert step <= label["start"] + 50 and verdict.scale == "signed" and verdict.difference < -0.3
+    # more than min_change (20%) below the forecast, in the loss' own units
+    assert step <= label["start"] + 50 and verdict.scale == "signed" and verdict.change < -0.2
 
 
 def test_exact_zeros_of_a_hinge_loss_are_values_at_the_floor_not_impossible_ones():
@@ -174,7 +176,7 @@ def test_state_dict_resumes_exactly():
 
 
 @pytest.mark.parametrize(
-    ("option", "values"), [("threshold", (6.0, 60.0)), ("min_change", (0.2, 0.99)), ("persistence", (3, 24))]
+    ("option", "values"), [("threshold", (6.0, 30.0)), ("min_change", (0.2, 0.99)), ("persistence", (3, 24))]
 )
 def test_a_stricter_setting_flags_the_same_leak_later(option, values):
     curve = digits_curve(0, label_noise=0.2, leak_from=500)
