@@ -5,7 +5,8 @@ already small and noisy loss (flagged within 100 steps), grokking's validation c
 every 100 steps (flagged during the collapse), a Gaussian NLL crossing 0 (silent) and a drop of an
 always-negative one (flagged, on the signed scale). Three of them are targets the detector does not meet yet
 (the README's known limits): they are strict expected failures, so the day one passes, the suite says so.
-The phase change and the triage are in ``test_loss_drop_triage.py``; the whole corpus with baselines is scored by ``benchmarks/loss_drop.py``.
+The phase change and the triage are in ``test_loss_drop_triage.py``; the whole corpus with baselines is
+scored by ``benchmarks/loss_drop.py``.
 """
 
 import statistics
