@@ -63,3 +63,14 @@ def test_shift_p_value_on_two_ranks_equals_the_single_process_p_value(tmp_path):
         assert result["statistic"] == pytest.approx(expected["statistic"], rel=1e-5)
     events = read_jsonl(tmp_path / "phase_events.jsonl")
     assert [e["kind"] for e in events] == ["shift_test"]
+
+
+def test_shift_with_module_features_runs_under_ddp_and_both_ranks_agree(tmp_path):
+    """Under DDP Lightning calls the module as ``module(batch, batch_idx)`` to route the step through the
+    wrapper; the tracker must record the model's own call (the inputs it runs again), not that one."""
+    run_script("ddp_shift.py", str(tmp_path), "backbone", timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 1
+    assert (ranks[0][0]["n_reference"], ranks[0][0]["n_current"]) == (1200, 300)
+    events = read_jsonl(tmp_path / "phase_events.jsonl")
+    assert [e["kind"] for e in events] == ["shift_test"]  # no internal_error, no crash

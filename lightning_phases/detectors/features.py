@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,17 @@ def unwatched() -> Iterator[None]:
         yield
     finally:
         _unwatched -= 1
+
+
+def _redirected(module: nn.Module) -> bool:
+    """Whether this call of ``module`` is a strategy routing a step through its wrapper, not a model call.
+
+    Under DDP (and other wrapping strategies) Lightning calls the LightningModule as ``module(batch, batch_idx)``
+    with its ``forward`` temporarily replaced by a plain function that calls ``training_step`` (and puts the
+    bound ``forward`` back first): that call's arguments are the step's, not the model's inputs.
+    """
+    forward = module.__dict__.get("forward")
+    return forward is not None and not isinstance(forward, types.MethodType)
 
 
 def batch_input(batch: Any) -> torch.Tensor:
@@ -145,9 +157,10 @@ class ForwardRecorder:
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     # The signature torch's register_forward_pre_hook calls with with_kwargs=True.
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:  # noqa: ARG002
-        if self._call is None and not _unwatched:
-            self._call = (args, kwargs)
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._call is not None or _unwatched or _redirected(module):
+            return
+        self._call = (args, kwargs)
 
     def take(self) -> Call | None:
         """The recorded call's ``(args, kwargs)`` since the last take, or ``None`` if the module was not called."""

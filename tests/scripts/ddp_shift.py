@@ -16,7 +16,8 @@ from helpers import small_trainer  # noqa: E402
 from lightning_phases import ShiftTracker  # noqa: E402
 
 out = Path(sys.argv[1])
-tracker = ShiftTracker(reference_size=2000, n_permutations=500, track_rates=False)
+features = sys.argv[2] if len(sys.argv) > 2 else "input"
+tracker = ShiftTracker(features=features, reference_size=2000, n_permutations=500, track_rates=False)
 trainer = small_trainer(
     [tracker], devices=2, strategy="ddp", limit_train_batches=None, limit_val_batches=None, default_root_dir=out
 )
