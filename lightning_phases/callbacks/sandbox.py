@@ -155,7 +155,7 @@ class SandboxCheck(PhaseCallback):
         self._seen_before: Counter[tuple[str, ...]] = Counter()  # earlier calls' attempts, for the report
         self._started: Counter[Stage] = Counter()
         self._spool_path: str | None = None
-        self._stage_running: Any = None  # shared with DataLoader workers: 1 while a sandboxed stage runs
+        self._stage_running: Any = None  # shared with DataLoader workers: 1 during a call that sandboxes a stage
         self._spool: SpoolReader | None = None
         self._patched: Any = None
         self._last_drain = 0.0
@@ -201,6 +201,10 @@ class SandboxCheck(PhaseCallback):
         audit.install()
         self.blind_spots = [*self._active_blind_spots(), *ALWAYS_BLIND]
         sandboxed_now = [s for s in _STAGES_OF_CALL.get(trainer.state.fn.value, ()) if s in self.stages]
+        # Workers of a sandboxed stage's loaders are judged for the whole call: Lightning starts a loader's
+        # iterator (and its workers prefetch) before the stage's start hook runs. A call with no sandboxed stage
+        # (predict, by default) leaves them paused: a persistent worker kept from validate then works freely.
+        self._stage_running.value = 1 if sandboxed_now else 0
         if not sandboxed_now:
             return  # e.g. predict, not sandboxed: nothing to say about what the hook cannot see
         if self.enforce == "kernel":
@@ -361,14 +365,10 @@ class SandboxCheck(PhaseCallback):
             return
         self._started[stage] += 1
         audit.activate(self._session(trainer, stage, report=self._report), id(self))
-        if self._stage_running is not None:
-            self._stage_running.value = 1
 
     def _deactivate(self) -> None:
-        """No sandboxed stage of this check runs: in this process, and in its (persistent) DataLoader workers."""
+        """No sandboxed stage of this check runs in this process (its loaders' workers: see ``setup``)."""
         audit.activate(None, id(self))
-        if self._stage_running is not None:
-            self._stage_running.value = 0
 
     def _raise_if_violated(self, trainer: pl.Trainer) -> None:
         """With ``on_violation="raise"``: stop the run once any rank's sandbox was violated (agreed by all)."""
@@ -439,6 +439,8 @@ class SandboxCheck(PhaseCallback):
 
     def _finish(self, trainer: pl.Trainer) -> None:
         self._deactivate()
+        if self._stage_running is not None:
+            self._stage_running.value = 0  # the call is over: persistent workers kept from it work freely
         self._stack.clear()
         self._drain(trainer)
         if self._patched is not None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import helpers
+import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsClassifier, DigitsDataModule
 from helpers import read_jsonl, small_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from typing_extensions import override
 
 from lightning_phases import SandboxCheck, SandboxViolation, ShiftTracker
 
@@ -334,3 +337,52 @@ def test_a_persistent_worker_is_judged_only_while_a_sandboxed_stage_runs(tmp_pat
     with pytest.raises(SandboxViolation, match="dataloader worker 0"):  # and judged again in the next validate
         trainer.validate(DigitsClassifier(), loader, verbose=False)
     assert not outside.exists()
+
+
+class WritesEveryItem(torch.utils.data.Dataset):
+    """Eight samples; reading each one tries to write ``<directory>/i<index>.txt`` (a refusal is swallowed)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            with open(os.path.join(self.directory, f"i{index}.txt"), "w") as file:
+                file.write("x")
+        except PermissionError:
+            pass
+        return torch.zeros(64), torch.tensor(index % 10)
+
+
+class SlowStageStart(pl.Callback):
+    """A start hook that takes a second: the loader's workers have started and prefetch meanwhile."""
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        time.sleep(1.0)
+
+
+@pytest.mark.parametrize("call", ["validate", "fit"])
+def test_workers_prefetching_before_the_stage_start_hook_are_judged(tmp_path: Path, call: str) -> None:
+    """Lightning starts a loader's iterator, and its workers prefetch, before ``on_validation_start`` runs."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    loader = torch.utils.data.DataLoader(
+        WritesEveryItem(str(outside)), batch_size=2, num_workers=2, multiprocessing_context="fork"
+    )
+    sandbox = SandboxCheck(stages=["validate", "test"])  # in fit, train (the enclosing stage) is not sandboxed
+    trainer = small_trainer(
+        [SlowStageStart(), sandbox], default_root_dir=tmp_path / "root", limit_val_batches=4, num_sanity_val_steps=0
+    )
+    if call == "validate":
+        trainer.validate(DigitsClassifier(), loader, verbose=False)
+    else:
+        data = DigitsDataModule()
+        data.setup("fit")
+        trainer.fit(DigitsClassifier(), data.train_dataloader(), val_dataloaders=loader)
+    assert sorted(outside.iterdir()) == []  # no prefetched item wrote
+    found = violations(tmp_path / "root")
+    assert len(found) == 8 and {e["data"]["process"] for e in found} <= {"dataloader worker 0", "dataloader worker 1"}
