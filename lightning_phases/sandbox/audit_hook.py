@@ -545,6 +545,18 @@ def _wandb_staging_dirs() -> tuple[str, ...]:
     return tuple(os.path.realpath(d) + os.sep for d in dirs)
 
 
+# Libraries W&B has write its media files (an image's PNG, a clip): their writes are W&B's when it called them.
+_MEDIA_WRITERS = ("PIL", "imageio", "numpy", "soundfile", "moviepy", "matplotlib")
+
+
+def _for_wandb(owner: FrameType) -> bool:
+    """Whether the code writing is W&B's, or a media library (PIL, imageio, ...) that W&B called to write."""
+    frame: FrameType | None = owner
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _MEDIA_WRITERS:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(_package_dir("wandb"))
+
+
 def _library_write(frame: FrameType | None, policy: SandboxPolicy, target: str) -> bool:
     """Whether a write outside the allowed directories is one the libraries make on the user's behalf.
 
@@ -552,7 +564,7 @@ def _library_write(frame: FrameType | None, policy: SandboxPolicy, target: str) 
     files (``pymp-*`` directories, the forkserver's socket); fsspec's temp file for an atomic save
     (Lightning's checkpoints) when the file it will become is under an allowed directory; and W&B's staging
     of tables, media and artifacts in the system temp directory and its own data and cache directories,
-    from which its service uploads them.
+    from which its service uploads them (also when W&B has a media library write them: PIL for an image).
     """
     owner = _owner(frame)
     if owner is None:
@@ -560,7 +572,7 @@ def _library_write(frame: FrameType | None, policy: SandboxPolicy, target: str) 
     filename = owner.f_code.co_filename
     if filename.startswith(_MULTIPROCESSING_DIR) and os.path.basename(filename) != "process.py":
         return True
-    if filename.startswith(_package_dir("wandb")):
+    if _for_wandb(owner):
         return target.startswith(_wandb_staging_dirs())
     if filename.endswith(os.path.join("fsspec", "implementations", "local.py")):
         final = resolve_path(getattr(owner.f_locals.get("self"), "path", None))

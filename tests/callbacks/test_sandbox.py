@@ -59,7 +59,7 @@ def test_clean_fit_validate_test_with_csv_wandb_and_checkpoints_has_no_violation
     sandbox = SandboxCheck()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     loggers = [WandbLogger(save_dir=tmp_path / "wandb", offline=True), CSVLogger(tmp_path / "csv")]
-    # ShiftTracker logs W&B tables inside the sandboxed stages, and so does the user's own code here.
+    # ShiftTracker logs W&B tables inside the sandboxed stages, and the user's own code here tables and images.
     trainer = small_trainer(
         [sandbox, checkpoints, ShiftTracker(reference_size=100, n_permutations=50)],
         max_epochs=2,
@@ -68,7 +68,11 @@ def test_clean_fit_validate_test_with_csv_wandb_and_checkpoints_has_no_violation
         logger=loggers,
         enable_checkpointing=True,
     )
-    model = EscapeInStep(lambda: loggers[0].log_table("user_table", columns=["a"], data=[[1]]), where=("train",))
+    def log_media() -> None:  # W&B stages both in the temp directory; PIL writes the image's PNG for it
+        loggers[0].log_table("user_table", columns=["a"], data=[[1]])
+        loggers[0].log_image("user_image", images=[torch.rand(8, 8).numpy()])
+
+    model = EscapeInStep(log_media, where=("train",))
     data = DigitsDataModule(num_workers=2)
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)
