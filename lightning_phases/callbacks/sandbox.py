@@ -41,7 +41,10 @@ SPOOL_POLL_S = 1.0
 
 #: What an audit hook cannot see in any run.
 ALWAYS_BLIND = (
-    "files and sockets opened by native code in the main process (torch.save(obj, path), C extensions, ctypes)",
+    "files and sockets opened by native code (torch.save(obj, path), C extensions, ctypes) in the main process, "
+    "and in DataLoader workers and children unless enforce='kernel'",
+    "processes started before the sandboxed stage (a ProcessPoolExecutor or multiprocessing pool made in setup): "
+    "what they do for the stage",
     "writes and sends on descriptors opened before the sandboxed stage",
     "functions taken before the sandbox was installed (from os import mkfifo) and _socket.socket methods called "
     "directly (a host-name connect through them sends its DNS query; the connect itself is refused)",

@@ -68,6 +68,7 @@ def test_clean_fit_validate_test_with_csv_wandb_and_checkpoints_has_no_violation
         logger=loggers,
         enable_checkpointing=True,
     )
+
     def log_media() -> None:  # W&B stages both in the temp directory; PIL writes the image's PNG for it
         loggers[0].log_table("user_table", columns=["a"], data=[[1]])
         loggers[0].log_image("user_image", images=[torch.rand(8, 8).numpy()])

@@ -635,7 +635,8 @@ def test_settings_changed_mid_stage_are_ignored_and_reported(
 
 
 BLIND = {  # what stays blind: a phrase of its info-event entry, and of its README row
-    "native code in the main process": "native code in the main process",
+    "native code (torch.save(obj, path), C extensions, ctypes) in the main process": "native code in the main process",
+    "processes started before the sandboxed stage": "processes started before the stage",
     "_socket.socket methods called": "`_socket.socket` methods called directly",
     "_thread.start_new_thread": "`_thread.start_new_thread` once the stage has ended",
     "symlink swapped in between check and open": "symlink swapped in between check and open",
