@@ -330,7 +330,9 @@ class ShiftTracker(PhaseCallback):
             self._window_seen = 0
         self._monitor = self._monitor_fit = None
         if stage in self.stages and self._monitors(stage):
-            self.monitored[stage] = {"samples": 0, "alarm": None, "alpha": self.alpha / 2}
+            before = self.monitored.get(stage) or {}
+            earlier = before.get("earlier_alarms", 0) + (before.get("alarm") is not None)
+            self.monitored[stage] = {"samples": 0, "alarm": None, "alpha": self.alpha / 2, "earlier_alarms": earlier}
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -472,10 +474,14 @@ class ShiftTracker(PhaseCallback):
                 rows.append(self._rates_observation())
             drifts = [r for r in done if r["drift"]]
             alarm = watch["alarm"] if watch is not None else None
+            earlier = watch.get("earlier_alarms", 0) if watch is not None else 0
+            untested = not done and watch is not None and alarm is None and not watch["samples"]
             if self.table[stage].data == "fixed_shift":
                 verdict = "shift measured (declared fixed_shift)" if drifts else "declared shift not found"
+            elif untested:
+                verdict = "not tested"
             else:
-                verdict = "shift detected" if drifts or alarm else "no shift"
+                verdict = "shift detected" if drifts or alarm or earlier else "no shift"
             details = []
             if done:
                 names = "/".join(sorted({r["test"] for r in done}))
@@ -487,6 +493,8 @@ class ShiftTracker(PhaseCallback):
                 )
             if watch is not None:
                 details.append(_monitor_text(watch))
+                if earlier:
+                    details.append(f"{earlier} earlier {stage} call(s) alarmed")
             rows.append(Observation(stage, f"data vs {self.reference_stage}", verdict, "; ".join(details)))
         return rows
 
@@ -730,11 +738,16 @@ class ShiftTracker(PhaseCallback):
     def _start_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, watch: dict[str, Any]) -> bool:
         """Split the reference into score-fitting and calibration halves and start the monitor."""
         reference = self._reference_rows(trainer, pl_module)
-        if reference is None:
-            return False
-        reference = reference.float()
-        reference = reference[torch.isfinite(reference).all(dim=1)]
-        if reference.shape[0] < 4:
+        if reference is not None:
+            reference = reference.float()
+            reference = reference[torch.isfinite(reference).all(dim=1)]
+        if reference is None or reference.shape[0] < 4:
+            found = 0 if reference is None else reference.shape[0]
+            watch["untested"] = (
+                f"no reference to test against ({found} finite {self.reference_stage} rows; the monitor needs 4 or "
+                f"more: fit first, keep the reference in the checkpoint, or pass a datamodule)"
+            )
+            self.warn_once("no reference", f"the anytime-valid monitor tests nothing: {watch['untested']}")
             return False
         order = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(self.seed))
         reference = canonical_order(reference)[order.to(reference.device)]
@@ -912,6 +925,10 @@ class ShiftTracker(PhaseCallback):
 def _monitor_text(watch: dict[str, Any]) -> str:
     """The anytime-valid monitor's outcome on one stage, in words."""
     alarm = watch["alarm"]
+    if alarm is None and not watch["samples"]:
+        return "anytime-valid monitor: tested no sample, " + watch.get(
+            "untested", "no finite feature row reached it (see the non_finite_features event)"
+        )
     if alarm is None:
         return (
             f"anytime-valid monitor: no alarm over {watch['samples']} samples (chance of any false alarm on this "

@@ -107,3 +107,23 @@ def test_without_anytime_valid_only_the_end_of_stage_test_runs(tmp_path: Path) -
     assert tracker.monitored == {}
     (test,) = [r for r in tracker.results if r["stage"] == "predict"]
     assert test["alpha"] == 0.05 and test["drift"]  # the whole of alpha goes to the end-of-stage test
+
+
+def test_a_predict_with_no_reference_says_not_tested_and_warns(tmp_path: Path) -> None:
+    tracker = ShiftTracker(reference_size=600, n_permutations=200, track_rates=False)
+    trainer = small_trainer([tracker], limit_predict_batches=None, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="the anytime-valid monitor tests nothing: no reference to test against"):
+        trainer.predict(Regressor(), stream(4000, seed=1))  # no fit, no datamodule: nothing to compare with
+    [row] = [row for row in tracker.phase_observations() if row.stage == "predict"]
+    assert row.verdict == "not tested" and "tested no sample, no reference to test against" in row.detail
+
+
+def test_an_alarm_of_an_earlier_predict_call_stays_in_the_verdict(tmp_path: Path) -> None:
+    tracker = ShiftTracker(reference_size=600, n_permutations=200, track_rates=False)
+    trainer, model = fit(tmp_path, tracker)
+    trainer.predict(model, stream(2000, seed=1))
+    assert tracker.monitored["predict"]["alarm"] is not None
+    trainer.predict(model, stream(None, seed=2))  # a later clean call
+    [row] = [row for row in tracker.phase_observations() if row.stage == "predict"]
+    assert tracker.monitored["predict"]["alarm"] is None
+    assert row.verdict == "shift detected" and "1 earlier predict call(s) alarmed" in row.detail
