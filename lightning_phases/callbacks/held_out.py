@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 try:
     import numpy
@@ -78,6 +79,12 @@ class HeldOutProbe:
                 self.cached.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
         if not self.cached:
             self.unavailable = "the validation DataLoader gave no batch"
+
+    def fingerprint(self) -> list[float]:
+        """A summary of the cached batches (each tensor's sum and size), to tell whether a resumed run caches the
+        same ones (one host synchronisation, when fitting starts)."""
+        leaves = [leaf for batch in self.cached for leaf in pytree.tree_leaves(batch) if isinstance(leaf, Tensor)]
+        return [value for leaf in leaves for value in (float(leaf.double().sum()), float(leaf.numel()))]
 
     @property
     def available(self) -> bool:

@@ -163,6 +163,7 @@ class LossDropSentinel(PhaseCallback):
         )
         self.probe = HeldOutProbe(self.triage_batches, self.triage_metric, "LossDropSentinel")
         self._references: deque[tuple[int, float]] = deque(maxlen=64)  # (step, held-out loss) before drops
+        self._restored_triage: dict[str, Any] | None = None
         self._next_reference = 0
         self._fit_start_step = 0
         self.triaged: dict[str, int] = {}
@@ -290,6 +291,16 @@ class LossDropSentinel(PhaseCallback):
         self._fit_start_step = self._next_reference = trainer.global_step
         self.probe.prepare(trainer)
         if not self.probe.available:
+            return
+        restored, self._restored_triage = self._restored_triage, None
+        same = restored is not None and restored["fingerprint"] == self.probe.fingerprint()
+        if trainer.world_size > 1:  # every rank holds other batches: keep the references only if all agree
+            same = trainer.strategy.reduce_boolean_decision(same, all=True)
+        if same:  # a resumed run with the same held-out batches goes on as if uninterrupted
+            assert restored is not None
+            self._references.extend((int(step), float(value)) for step, value in restored["references"])
+            self._fit_start_step, self._next_reference = int(restored["start"]), int(restored["next"])
+            self.probe.evaluations = int(restored["evaluations"])
             return
         try:
             self._take_reference(trainer, pl_module)
@@ -595,6 +606,13 @@ class LossDropSentinel(PhaseCallback):
             "last_trainable": self._last_trainable,
             "seen_in": self._seen_in,
             "triaged": dict(self.triaged),
+            "triage_references": {
+                "references": [list(reference) for reference in self._references],
+                "start": self._fit_start_step,
+                "next": self._next_reference,
+                "fingerprint": self.probe.fingerprint() if self.probe.available else None,
+                "evaluations": self.probe.evaluations,
+            },
         }
 
     @override
@@ -623,6 +641,8 @@ class LossDropSentinel(PhaseCallback):
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")
         self.triaged = dict(state_dict.get("triaged", {}))
+        restored = state_dict.get("triage_references")
+        self._restored_triage = restored if restored and restored["fingerprint"] is not None else None
         if self.source is not None and state_dict["detector"] is not None:
             self.detector = DropDetector(direction=self.direction, **self.detector_options)
             self.detector.load_state_dict(state_dict["detector"])
@@ -641,10 +661,7 @@ class LossDropSentinel(PhaseCallback):
         if self.triaged:
             detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
         if self.probe.evaluations:
-            detail += (
-                f"; {self.probe.evaluations} held-out evaluations of {len(self.probe.cached)} batches "
-                f"({self.probe.seconds:.2f} s)"
-            )
+            detail += f"; {self.probe.evaluations} held-out evaluations of {len(self.probe.cached)} batches"
         watched = {"drop": "drops", "spike": "spikes", "both": "drops and spikes"}[self.direction]
         return [Observation(stage, f"{self.monitor} watched for sudden {watched}", verdict, detail)]
 

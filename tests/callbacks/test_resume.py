@@ -111,7 +111,7 @@ class CrashAt(pl.Callback):
 
 def phase_callbacks() -> list[pl.Callback]:
     sentinel = LossDropSentinel(
-        check_every_n_steps=10, window=5, persistence=2, threshold=1.0, min_change=0.01, direction="both"
+        check_every_n_steps=10, window=5, persistence=2, threshold=0.5, min_change=0.01, direction="both"
     )
     tracker = ShiftTracker(reference_size=100, n_permutations=50, alpha=0.5, tests=["mmd"])  # fires at alpha 0.5
     freeze = ParamFreezeAssertion(frozen=["backbone.0.weight"], on_violation="warn")
