@@ -6,7 +6,8 @@ current one), and the loss falls from about ln(vocab) to about half of it within
 long plateau. Held-out sequences (other random tokens) fall with it: the capability generalises.
 """
 
-import math
+import importlib.util
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -15,18 +16,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 
-class _Attention(nn.Module):
-    def __init__(self, width: int, heads: int, length: int) -> None:
-        super().__init__()
-        self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width)
-        self.register_buffer("mask", torch.ones(length, length).triu(1).bool())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        weights = scores.masked_fill(self.mask[:t, :t], float("-inf")).softmax(-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(n, t, d))
+def _small_models():
+    """The corpus generators' models (``benchmarks/curves/small_models.py``): the same transformer as the corpus."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "curves" / "small_models.py"
+    spec = importlib.util.spec_from_file_location("corpus_small_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class InductionModel(pl.LightningModule):
@@ -42,16 +38,11 @@ class InductionModel(pl.LightningModule):
     def __init__(self, vocab: int = 64, half: int = 16, width: int = 64, lr: float = 1e-3) -> None:
         super().__init__()
         self.vocab, self.lr = vocab, lr
-        self.embed, self.position = nn.Embedding(vocab, width), nn.Parameter(0.02 * torch.randn(2 * half, width))
-        self.layers = nn.ModuleList(_Attention(width, 2, 2 * half) for _ in range(2))
-        self.unembed = nn.Linear(width, vocab)
+        self.model = _small_models().AttentionOnly(vocab, 2 * half, width=width)
 
     @override
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.position[: tokens.shape[1]]
-        for layer in self.layers:
-            x = x + layer(x)
-        return self.unembed(x)
+        return self.model(tokens)
 
     def _loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
         tokens = batch[0]
