@@ -221,6 +221,7 @@ class DropDetector:
         for level in self._levels:
             level.blocks.clear()
         self.armed = False
+        self.risen = False  # the series rose well above where it began (a validation loss while a model memorises)
         self.since_step: int | None = None  # the first step of the current history
         self.pre_spike: float | None = None  # the raw level a flagged spike rose from
         self.spike_armed = True
@@ -307,33 +308,87 @@ class DropDetector:
         return (1 << k) * 2 >= self._interval
 
     def _judge(self, level: _Level, value: float) -> Verdict | None:
-        blocks = list(level.blocks)
         block_steps = 1 << level.shift
         # the recent blocks span MIN_EVIDENCE steps at least: at the finest scales a handful of batches whose
         # losses happen to be low (heavy tails, an epoch's data order) is not evidence
         persistence = max(self.persistence, -(-MIN_EVIDENCE // block_steps))
-        if len(blocks) < self.window + persistence:
+        if len(level.blocks) < self.window + persistence:
             return None
+        blocks = list(level.blocks)
+        baseline, recent = blocks[-self.window - persistence : -persistence], blocks[-persistence:]
         older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
-        blocks = blocks[-self.window - persistence :]
-        baseline, recent = blocks[: self.window], blocks[self.window :]
-        base = [self._block(b) for b in baseline]
-        now = _median([self._block(b) for b in recent])
-        lowest, highest = min(base), max(base)
-        least_below, least_above = self._least(_median(base))
-        if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
+        found = self._assess(level, baseline, recent, older, persistence)
+        if found is None:
+            return None
+        kind, now, forecast, score, score_path = found
+        if kind == "back":
             # back where a flagged spike rose from: its blocks leave every baseline, so neither the way back
             # nor what follows is judged against them
             self._forget_spike()
             return None
-        dropping = now < lowest - least_below
-        spiking = now > highest + least_above
+        least_below = self._least(forecast)[0]
+        if kind == "drop":
+            if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
+                return None  # back from a spike, not below where it rose from
+            fitted = older if score_path == "long" else baseline
+            if not self.armed or (
+                self.floor is None and self.scale == "log" and not self._holds_unlogged(fitted, recent)
+            ):
+                return None
+            verdict = self._change("drop", value, forecast, now, score, recent[0][0], block_steps)
+            self._restart()
+            return verdict if self.direction != "spike" else None
+        if self.spike_armed and recent[0][0] > self.spike_step:
+            self.spike_armed, self.spike_step, self.spike_onset = False, self.last_step, recent[0][0]
+            if self.pre_spike is None or self._to(self.pre_spike) > forecast:
+                self.pre_spike = self._back(forecast)
+            if self.direction != "drop":
+                return self._change("spike", value, forecast, now, score, recent[0][0], block_steps)
+        return None
+
+    def _holds_unlogged(
+        self, fitted: list[tuple[int, int, float, float, int]], recent: list[tuple[int, int, float, float, int]]
+    ) -> bool:
+        """Whether a drop found on the log scale lies below the trend in the series' own units too.
+
+        Without a declared floor nothing says the series cannot cross zero, and on a log scale a positive loss
+        heading in a straight line for zero (a Gaussian NLL about to cross it) looks like a collapse. The
+        recent blocks must then also lie ``min_change`` below the straight line through the blocks the drop
+        was judged against (``fitted``), drawn in the values themselves.
+        """
+        xs = [(b[0] + b[1]) / 2 for b in fitted]
+        slope, intercept = _theil_sen(xs, [(b[2] + b[3]) / 2 for b in fitted])
+        forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
+        forecast = _median(forecasts)
+        return forecast <= 0 or _median([(b[2] + b[3]) / 2 for b in recent]) < (1 - self.min_change) * forecast
+
+    def _assess(
+        self,
+        level: _Level,
+        baseline: list[tuple[int, int, float, float, int]],
+        recent: list[tuple[int, int, float, float, int]],
+        older: list[tuple[int, int, float, float, int]],
+        persistence: int,
+    ) -> tuple[str, float, float, float, str] | None:
+        """``(kind, recent median, forecast, score, path)`` on the judged scale where the recent blocks lie far
+        enough below (``"drop"``) or above (``"spike"``) what the baseline was heading for, else ``None``;
+        ``path``: ``"long"`` where the drop was judged against the window before the baseline."""
+        base = [self._block(b) for b in baseline]
+        now = _median([self._block(b) for b in recent])
+        least_below, least_above = self._least(_median(base))
+        dropping = now < min(base) - least_below
+        spiking = now > max(base) + least_above
+        if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
+            return "back", now, now, 0.0, ""  # the caller forgets the spike
         if not (dropping or spiking):
             return None
         xs = [(b[0] + b[1]) / 2 for b in baseline]
         slope, intercept = _theil_sen(xs, base)
         forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
         forecast = _median(forecasts)
+        if self.floor is not None and self.scale == "signed":  # a line never forecasts below a declared floor
+            forecasts = [max(f, self.floor) for f in forecasts]
+            forecast = max(forecast, self.floor)
         residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
         spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
         per_block = sum(b[4] for b in baseline) / len(baseline)
@@ -343,31 +398,17 @@ class DropDetector:
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
-        bound_below = max(self.threshold * error, least_below)
-        bound_above = max(self.threshold * error, least_above)
-        score = residual / error
-        if dropping and residual >= -bound_below and len(older) == self.window:
+        if dropping and residual < -max(self.threshold * error, least_below):
+            return "drop", now, forecast, residual / error, ""
+        if dropping and len(older) == self.window:
             # a fall that gathers speed over longer than a window (grokking's validation loss) keeps every
             # window's line close to it: judge it against the line of the window before the baseline too,
             # with the uncertainty of extrapolating that line so far ahead
             long = self._long_horizon(older, recent, sigma, persistence)
             if long is not None and long[1] < -max(self.threshold * long[2], self._least(long[0])[0]):
-                forecast, residual, score = long[0], long[1], long[1] / long[2]
-        if dropping and residual < -max(self.threshold * error, self._least(forecast)[0]) and score < 0:
-            if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
-                return None  # back from a spike, not below where it rose from
-            if not self.armed:
-                return None
-            verdict = self._change("drop", value, forecast, now, score, recent[0][0], block_steps)
-            self._restart()
-            return verdict if self.direction != "spike" else None
-        if spiking and residual > bound_above and self.spike_armed and recent[0][0] > self.spike_step:
-            self.spike_armed, self.spike_step, self.spike_onset = False, self.last_step, recent[0][0]
-            if self.pre_spike is None or self._to(self.pre_spike) > forecast:
-                self.pre_spike = self._back(forecast)
-            if self.direction == "drop":
-                return None
-            return self._change("spike", value, forecast, now, score, recent[0][0], block_steps)
+                return "drop", now, long[0], long[1] / long[2], "long"
+        if spiking and residual > max(self.threshold * error, least_above):
+            return "spike", now, forecast, residual / error, ""
         return None
 
     @staticmethod
@@ -405,18 +446,23 @@ class DropDetector:
         """(forecast, residual, standard error) of the recent blocks against the line through ``older``."""
         xs = [(b[0] + b[1]) / 2 for b in older]
         ys = [self._block(b) for b in older]
-        slope, intercept = _theil_sen(xs, ys)
-        positions = [(b[0] + b[1]) / 2 for b in recent]
-        forecasts = [intercept + slope * x for x in positions]
-        residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
-        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
-        noise = max(spread, sigma)
         span = xs[-1] - xs[0]
         if span <= 0:
             return None
-        centre = sum(xs) / len(xs)
+        slope, intercept = _theil_sen(xs, ys)
+        if not self.risen and -slope * span > self._least(intercept + slope * xs[-1])[0]:
+            # not a plateau that a fall left, nor the way down from a rise (memorisation before grokking): a
+            # descent, judged by the baseline's line alone
+            return None
+        positions = [(b[0] + b[1]) / 2 for b in recent]
+        forecasts = [intercept + slope * x for x in positions]
+        if self.floor is not None and self.scale == "signed":
+            forecasts = [max(f, self.floor) for f in forecasts]
+        residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
+        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
+        noise = max(spread, sigma)
         slope_error = noise * math.sqrt(12 / len(xs)) / span
-        ahead = _median(positions) - centre
+        ahead = _median(positions) - sum(xs) / len(xs)
         error = math.hypot(noise * _MEDIAN_SE / math.sqrt(persistence), ahead * slope_error)
         return _median(forecasts), residual, error
 
@@ -438,7 +484,8 @@ class DropDetector:
             # slowing down: the recent half fell at most half as far as the first half did (or too little to
             # count); or the series rose well above where it began (a validation loss while the model
             # memorises): whatever descent began it is over
-            rose = max(series) - start > self._least(start)[1]
+            rose = max(series[1:]) - series[0] > self._least(series[0])[1]
+            self.risen = rose
             self.armed = rose or start - end <= least or half - end <= max((start - half) / 2, least)
             return
 
@@ -480,6 +527,7 @@ class DropDetector:
             "gaps": list(self._gaps),
             "interval": self._interval,
             "armed": self.armed,
+            "risen": self.risen,
             "since_step": self.since_step,
             "pre_spike": self.pre_spike,
             "spike_armed": self.spike_armed,
@@ -506,6 +554,7 @@ class DropDetector:
         self._gaps.extend(int(g) for g in state["gaps"])
         self._interval = int(state["interval"])
         self.armed = bool(state["armed"])
+        self.risen = bool(state.get("risen", False))
         self.since_step = state["since_step"]
         self.pre_spike = state["pre_spike"]
         self.spike_armed = bool(state["spike_armed"])
