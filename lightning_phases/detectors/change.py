@@ -357,10 +357,16 @@ class DropDetector:
         was judged against (``fitted``), drawn in the values themselves.
         """
         xs = [(b[0] + b[1]) / 2 for b in fitted]
-        slope, intercept = _theil_sen(xs, [(b[2] + b[3]) / 2 for b in fitted])
+        ys = [(b[2] + b[3]) / 2 for b in fitted]
+        slope, intercept = _theil_sen(xs, ys)
         forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
         forecast = _median(forecasts)
-        return forecast <= 0 or _median([(b[2] + b[3]) / 2 for b in recent]) < (1 - self.min_change) * forecast
+        if forecast <= 0:
+            return True
+        # a change is relative to the forecast or to where the series stood, whichever is larger: a line heading
+        # for zero is read close to zero, where a few hundredths are not a 50% collapse
+        least = self.min_change * max(forecast, _median(ys))
+        return _median([(b[2] + b[3]) / 2 for b in recent]) < forecast - least
 
     def _assess(
         self,
