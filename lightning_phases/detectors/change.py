@@ -49,6 +49,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,7 +141,7 @@ class Verdict:
 
 
 class _Level:
-    """Blocks of ``2**k`` steps, each summarised by the lower median of its values."""
+    """Blocks of ``2**k`` steps, each summarised by the middle pair of its values."""
 
     __slots__ = ("blocks", "current", "current_block", "shift")
 
@@ -148,21 +149,18 @@ class _Level:
         self.shift = shift
         self.current_block: int | None = None
         self.current: list[float] = []
-        # completed blocks: (first step, last step, lower middle value, upper middle value, number of values)
-        self.blocks: deque[tuple[int, int, float, float, int]] = deque(maxlen=keep)
+        # completed blocks: (first step, last step, lower middle value, upper middle value, number of values,
+        # the median on the judged scale)
+        self.blocks: deque[tuple[int, int, float, float, int, float]] = deque(maxlen=keep)
 
-    def add(self, step: int, value: float) -> bool:
-        """Add a value; ``True`` when it completed the previous block (the new value opens the next one)."""
-        block = step >> self.shift
-        completed = False
-        if block != self.current_block and self.current:
-            first = self.current_block << self.shift  # type: ignore[operator]
-            self.blocks.append((first, first + (1 << self.shift) - 1, *_middle_pair(self.current), len(self.current)))
-            self.current = []
-            completed = True
-        self.current_block = block
-        self.current.append(value)
-        return completed
+    def complete(self, to: Callable[[float], float]) -> None:
+        """Close the current block; ``to`` maps a value to the judged scale."""
+        first = self.current_block << self.shift  # type: ignore[operator]
+        low, high = _middle_pair(self.current)
+        self.blocks.append(
+            (first, first + (1 << self.shift) - 1, low, high, len(self.current), (to(low) + to(high)) / 2)
+        )
+        self.current = []
 
 
 class DropDetector:
@@ -251,9 +249,10 @@ class DropDetector:
     def _back(self, value: float) -> float:
         return math.exp(value) + (self.floor or 0.0) if self.all_positive else value
 
-    def _block(self, block: tuple[int, int, float, float, int]) -> float:
+    @staticmethod
+    def _block(block: tuple[int, int, float, float, int, float]) -> float:
         """A block's median on the judged scale."""
-        return (self._to(block[2]) + self._to(block[3])) / 2
+        return block[5]
 
     def _least(self, forecast: float) -> tuple[float, float]:
         """The smallest change below / above ``forecast`` (on the judged scale) that counts."""
@@ -288,8 +287,9 @@ class DropDetector:
                 self._interval = _lower_median(list(self._gaps))
         self.last_step = step
         self.seen += 1
-        if value <= (self.floor or 0.0):
+        if value <= (self.floor or 0.0) and self.all_positive:
             self.all_positive = False
+            self._rescale()
         self._recent_values.append(value)
         self._magnitude += abs(value)
         if self.since_step is None:
@@ -297,15 +297,30 @@ class DropDetector:
         verdict = None
         if not self.armed and self.seen % _ARMING_EVERY == 0:
             self._arm()  # judged on the history before any evidence of a drop, as it grows
-        for k, level in enumerate(self._levels):
-            if level.add(step, value) and verdict is None and self._active(k):
-                verdict = self._judge(level, value)
+        to, lowest_judged = self._to, self._lowest_judged
+        for level in self._levels:
+            block = step >> level.shift
+            if block != level.current_block:
+                if level.current:
+                    level.complete(to)
+                    if verdict is None and level.shift >= lowest_judged:
+                        verdict = self._judge(level, value)
+                level.current_block = block
+            level.current.append(value)
         return verdict
 
-    def _active(self, k: int) -> bool:
+    @property
+    def _lowest_judged(self) -> int:
         """Levels whose blocks are shorter than the sampling interval hold one value per block, like the
         first level that is not: only that level and coarser ones judge."""
-        return (1 << k) * 2 >= self._interval
+        return max(0, (self._interval - 1).bit_length() - 1)
+
+    def _rescale(self) -> None:
+        """Re-express every block's median on the scale judged now (a median commutes with monotone maps)."""
+        for level in self._levels:
+            blocks = [(*b[:5], (self._to(b[2]) + self._to(b[3])) / 2) for b in level.blocks]
+            level.blocks.clear()
+            level.blocks.extend(blocks)
 
     def _judge(self, level: _Level, value: float) -> Verdict | None:
         block_steps = 1 << level.shift
@@ -347,7 +362,9 @@ class DropDetector:
         return None
 
     def _holds_unlogged(
-        self, fitted: list[tuple[int, int, float, float, int]], recent: list[tuple[int, int, float, float, int]]
+        self,
+        fitted: list[tuple[int, int, float, float, int, float]],
+        recent: list[tuple[int, int, float, float, int, float]],
     ) -> bool:
         """Whether a drop found on the log scale lies below the trend in the series' own units too.
 
@@ -371,9 +388,9 @@ class DropDetector:
     def _assess(
         self,
         level: _Level,
-        baseline: list[tuple[int, int, float, float, int]],
-        recent: list[tuple[int, int, float, float, int]],
-        older: list[tuple[int, int, float, float, int]],
+        baseline: list[tuple[int, int, float, float, int, float]],
+        recent: list[tuple[int, int, float, float, int, float]],
+        older: list[tuple[int, int, float, float, int, float]],
         persistence: int,
     ) -> tuple[str, float, float, float, str] | None:
         """``(kind, recent median, forecast, score, path)`` on the judged scale where the recent blocks lie far
@@ -418,7 +435,9 @@ class DropDetector:
         return None
 
     @staticmethod
-    def _forecast_error(xs: list[float], recent: list[tuple[int, int, float, float, int]], sigma: float) -> float:
+    def _forecast_error(
+        xs: list[float], recent: list[tuple[int, int, float, float, int, float]], sigma: float
+    ) -> float:
         """Standard error of a line through blocks at ``xs`` with noise ``sigma``, read at the recent blocks'
         middle: that of its level at the blocks' centre and of its slope times the distance ahead."""
         centre = sum(xs) / len(xs)
@@ -444,8 +463,8 @@ class DropDetector:
 
     def _long_horizon(
         self,
-        older: list[tuple[int, int, float, float, int]],
-        recent: list[tuple[int, int, float, float, int]],
+        older: list[tuple[int, int, float, float, int, float]],
+        recent: list[tuple[int, int, float, float, int, float]],
         sigma: float,
         persistence: int,
     ) -> tuple[float, float, float] | None:
@@ -526,7 +545,7 @@ class DropDetector:
             "last_step": self.last_step,
             "magnitude": self._magnitude,
             "levels": [
-                {"block": lv.current_block, "current": list(lv.current), "blocks": [list(b) for b in lv.blocks]}
+                {"block": lv.current_block, "current": list(lv.current), "blocks": [list(b[:5]) for b in lv.blocks]}
                 for lv in self._levels
             ],
             "recent_values": list(self._recent_values),
@@ -555,7 +574,10 @@ class DropDetector:
         for level, saved in zip(self._levels, state["levels"], strict=True):
             level.current_block = saved["block"]
             level.current = [float(v) for v in saved["current"]]
-            level.blocks.extend((int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4])) for b in saved["blocks"])
+            level.blocks.extend(
+                (int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4]), (self._to(b[2]) + self._to(b[3])) / 2)
+                for b in saved["blocks"]
+            )
         self._recent_values.extend(float(v) for v in state["recent_values"])
         self._gaps.extend(int(g) for g in state["gaps"])
         self._interval = int(state["interval"])

@@ -176,7 +176,7 @@ def test_state_dict_resumes_exactly():
 
 
 @pytest.mark.parametrize(
-    ("option", "values"), [("threshold", (6.0, 30.0)), ("min_change", (0.2, 0.99)), ("persistence", (3, 24))]
+    ("option", "values"), [("threshold", (6.0, 30.0)), ("min_change", (0.2, 0.9)), ("persistence", (3, 24))]
 )
 def test_a_stricter_setting_flags_the_same_leak_later(option, values):
     curve = digits_curve(0, label_noise=0.2, leak_from=500)
