@@ -330,12 +330,11 @@ class DropDetector:
         if len(level.blocks) < self.window + persistence:
             return None
         blocks = list(level.blocks)
-        baseline, recent = blocks[-self.window - persistence : -persistence], blocks[-persistence:]
-        older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
-        found = self._assess(level, baseline, recent, older, persistence)
+        recent = blocks[-persistence:]
+        found = self._assess(level, blocks, persistence)
         if found is None:
             return None
-        kind, now, forecast, score, score_path = found
+        kind, now, forecast, score, fitted = found
         if kind == "back":
             # back where a flagged spike rose from: its blocks leave every baseline, so neither the way back
             # nor what follows is judged against them
@@ -345,7 +344,6 @@ class DropDetector:
         if kind == "drop":
             if self.pre_spike is not None and now > self._to(self.pre_spike) - least_below:
                 return None  # back from a spike, not below where it rose from
-            fitted = older if score_path == "long" else baseline
             if not self.armed or (
                 self.floor is None and self.scale == "log" and not self._holds_unlogged(fitted, recent)
             ):
@@ -388,21 +386,23 @@ class DropDetector:
     def _assess(
         self,
         level: _Level,
-        baseline: list[tuple[int, int, float, float, int, float]],
-        recent: list[tuple[int, int, float, float, int, float]],
-        older: list[tuple[int, int, float, float, int, float]],
+        blocks: list[tuple[int, int, float, float, int, float]],
         persistence: int,
-    ) -> tuple[str, float, float, float, str] | None:
-        """``(kind, recent median, forecast, score, path)`` on the judged scale where the recent blocks lie far
-        enough below (``"drop"``) or above (``"spike"``) what the baseline was heading for, else ``None``;
-        ``path``: ``"long"`` where the drop was judged against the window before the baseline."""
-        base = [self._block(b) for b in baseline]
-        now = _median([self._block(b) for b in recent])
-        least_below, least_above = self._least(_median(base))
+    ) -> tuple[str, float, float, float, list[tuple[int, int, float, float, int, float]]] | None:
+        """``(kind, recent median, forecast, score, fitted)`` on the judged scale where the level's newest
+        ``persistence`` blocks lie far enough below (``"drop"``) or above (``"spike"``) what the baseline before
+        them was heading for, else ``None``; ``fitted``: the blocks whose line gave the forecast."""
+        baseline, recent = blocks[-self.window - persistence : -persistence], blocks[-persistence:]
+        base = [b[5] for b in baseline]
+        now = _median([b[5] for b in recent])
+        if self.all_positive:
+            least_below, least_above = self._log_below, self._log_above
+        else:
+            least_below, least_above = self._least(_median(base))
         dropping = now < min(base) - least_below
         spiking = now > max(base) + least_above
         if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
-            return "back", now, now, 0.0, ""  # the caller forgets the spike
+            return "back", now, now, 0.0, []  # the caller forgets the spike
         if not (dropping or spiking):
             return None
         xs = [(b[0] + b[1]) / 2 for b in baseline]
@@ -422,16 +422,17 @@ class DropDetector:
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
         if dropping and residual < -max(self.threshold * error, least_below):
-            return "drop", now, forecast, residual / error, ""
+            return "drop", now, forecast, residual / error, baseline
+        older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
         if dropping and len(older) == self.window:
             # a fall that gathers speed over longer than a window (grokking's validation loss) keeps every
             # window's line close to it: judge it against the line of the window before the baseline too,
             # with the uncertainty of extrapolating that line so far ahead
             long = self._long_horizon(older, recent, sigma, persistence)
             if long is not None and long[1] < -max(self.threshold * long[2], self._least(long[0])[0]):
-                return "drop", now, long[0], long[1] / long[2], "long"
+                return "drop", now, long[0], long[1] / long[2], older
         if spiking and residual > max(self.threshold * error, least_above):
-            return "spike", now, forecast, residual / error, ""
+            return "spike", now, forecast, residual / error, baseline
         return None
 
     @staticmethod
