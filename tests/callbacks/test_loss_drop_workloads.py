@@ -3,7 +3,7 @@
 One run per case the issue names: a first descent lasting thousands of steps (silent), a late leak into an
 already small and noisy loss (flagged within 100 steps), grokking's validation collapse seen every step and
 every 100 steps (flagged during the collapse), a Gaussian NLL crossing 0 (silent) and a drop of an
-always-negative one (flagged, on the signed scale). Three of them are targets the detector does not meet yet
+always-negative one (flagged, on the signed scale). Two of them are targets the detector does not meet yet
 (the README's known limits): they are strict expected failures, so the day one passes, the suite says so.
 The phase change and the triage are in ``test_loss_drop_triage.py``; the whole corpus with baselines is
 scored by ``benchmarks/loss_drop.py``.
@@ -106,9 +106,6 @@ def test_grokking_is_flagged_during_its_validation_collapse_seen_every_step_or_e
     assert curve[event.global_step] > curve[max(curve)] * 3  # during the collapse, not after it
 
 
-@pytest.mark.xfail(
-    strict=True, reason="known false alarms, in the README's known limits: judged in log space while > 0"
-)
 def test_a_gaussian_nll_crossing_zero_is_silent(tmp_path):
     sentinel = LossDropSentinel(direction="both")
     curve = run(sentinel, GaussianRegression(), tmp_path, gaussian_loader(2000, 64), max_steps=2000)

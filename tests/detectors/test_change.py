@@ -133,6 +133,62 @@ def test_an_always_negative_loss_that_drops_is_flagged_on_the_signed_scale(seed)
     assert step <= label["start"] + 50 and verdict.scale == "signed" and verdict.change < -0.2
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_gaussian_nll_heading_for_zero_and_crossing_it_is_silent_before_and_after(seed):
+    """On a log scale a positive loss falling in a straight line to zero looks like a collapse; without a
+    declared floor a drop must also lie below the line in the values' own units."""
+    curve = CURVES[f"nll-crossing-s{seed}"]
+    crossing = next(step for step, value in zip(curve["steps"], curve["values"], strict=True) if value <= 0)
+    assert 150 < crossing < 900 and curve["floor"] is None
+    assert on_curve(curve["name"], direction="both") == []
+    # the same curve before the first value <= 0 (judged on the log scale throughout) is silent too
+    before = [(s, v) for s, v in zip(curve["steps"], curve["values"], strict=True) if s < crossing]
+    assert verdicts([v for _, v in before], [s for s, _ in before], direction="both") == []
+
+
+def test_the_own_units_check_leaves_a_drop_to_a_tenth_flagged():
+    """The other side of the check above: a fall to a tenth within a few steps is below every line."""
+    values = [1.0 + 0.02 * math.sin(i) for i in range(300)] + [0.1 + 0.002 * math.sin(i) for i in range(60)]
+    [(step, verdict)] = drops(verdicts(values))
+    assert 300 <= step <= 320 and verdict.scale == "log"
+
+
+@pytest.mark.parametrize("name", ["batch1200-s1", "batch1200-s2"])
+def test_a_full_batch_descent_that_speeds_up_is_not_judged_against_an_older_window(name):
+    """A full-batch loss falls exponentially and at times a little faster: the window before the baseline is a
+    descent, not a plateau a fall left, so only the baseline's own line judges it (was a false alarm)."""
+    assert on_curve(name, direction="both") == []
+
+
+def test_a_monotone_first_descent_has_not_risen_above_where_it_began():
+    """'Risen' (the long-horizon judgement's licence after memorisation) compares with the first block, not
+    with the median of a first quarter that a fast descent has already left."""
+    detector = DropDetector()
+    for step in range(600):
+        detector.update(2.5 * math.exp(-step / 60) + 0.05, step)
+    assert detector.armed and not detector.risen
+    rising = DropDetector()
+    for step in range(600):
+        rising.update(1.0 + 3.0 * step / 100 if step < 100 else 4.0 * math.exp(-(step - 100) / 400), step)
+    assert rising.armed and rising.risen
+
+
+def test_state_dict_resumes_exactly_across_a_change_of_scale():
+    """Block medians are kept on the judged scale and re-expressed when the first value <= 0 arrives."""
+    curve = CURVES["nll-negative-drop-s1"]
+    steps, values = curve["steps"], curve["values"]
+    whole = verdicts(values, steps)
+    cut = next(i for i, value in enumerate(values) if value <= 0) + 40
+    first = DropDetector()
+    for step, value in zip(steps[:cut], values[:cut], strict=True):
+        first.update(value, step)
+    assert first.scale == "signed"
+    resumed = DropDetector()
+    resumed.load_state_dict(first.state_dict())
+    later = [(s, v) for s, value in zip(steps[cut:], values[cut:], strict=True) if (v := resumed.update(value, s))]
+    assert later == [(s, v) for s, v in whole if s >= steps[cut]] and later
+
+
 def test_exact_zeros_of_a_hinge_loss_are_values_at_the_floor_not_impossible_ones():
     found = on_curve("hinge-zeros-s2", direction="both")
     assert all(v.kind != "impossible" for _, v in found)
