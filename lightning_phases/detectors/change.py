@@ -144,26 +144,27 @@ class Verdict:
 
 
 class _Level:
-    """Blocks of ``2**k`` steps, each summarised by the middle pair of its values."""
+    """Blocks of ``2**k`` steps, each summarised by the middle pair of its values.
 
-    __slots__ = ("blocks", "current", "current_block", "shift")
+    The values of the block being filled are not copied here: ``start`` is the index, among all values the
+    detector was given, of its first one (the detector keeps the values no level has completed yet).
+    """
+
+    __slots__ = ("blocks", "current_block", "shift", "start")
 
     def __init__(self, shift: int, keep: int) -> None:
         self.shift = shift
         self.current_block: int | None = None
-        self.current: list[float] = []
+        self.start = 0
         # completed blocks: (first step, last step, lower middle value, upper middle value, number of values,
         # the median on the judged scale)
         self.blocks: deque[tuple[int, int, float, float, int, float]] = deque(maxlen=keep)
 
-    def complete(self, to: Callable[[float], float]) -> None:
-        """Close the current block; ``to`` maps a value to the judged scale."""
+    def complete(self, values: list[float], to: Callable[[float], float]) -> None:
+        """Close the current block, whose values are ``values``; ``to`` maps a value to the judged scale."""
         first = self.current_block << self.shift  # type: ignore[operator]
-        low, high = _middle_pair(self.current)
-        self.blocks.append(
-            (first, first + (1 << self.shift) - 1, low, high, len(self.current), (to(low) + to(high)) / 2)
-        )
-        self.current = []
+        low, high = _middle_pair(values)
+        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), (to(low) + to(high)) / 2))
 
 
 class DropDetector:
@@ -213,6 +214,8 @@ class DropDetector:
         self._magnitude = 0.0  # the sum of |value|: the series' typical size, for changes on the signed scale
         self._levels = [_Level(k, 4 * self.window + max(self.persistence, MIN_EVIDENCE)) for k in range(LEVELS)]
         self._recent_values: deque[float] = deque(maxlen=_NOISE_VALUES)
+        self._values: list[float] = []  # the values of the blocks being filled (the coarsest holds all of them)
+        self._first = 0  # the index among all values given of ``_values[0]``
         self._gaps: deque[int] = deque(maxlen=15)
         self._interval = 1
         self._restart()
@@ -300,16 +303,22 @@ class DropDetector:
         verdict = None
         if not self.armed and self.seen % _ARMING_EVERY == 0:
             self._arm()  # judged on the history before any evidence of a drop, as it grows
-        to, lowest_judged = self._to, self._lowest_judged
+        values, first = self._values, self._first
+        index = first + len(values)  # the new value's index among all values given
         for level in self._levels:
             block = step >> level.shift
-            if block != level.current_block:
-                if level.current:
-                    level.complete(to)
-                    if verdict is None and level.shift >= lowest_judged:
-                        verdict = self._judge(level, value)
-                level.current_block = block
-            level.current.append(value)
+            if block == level.current_block:
+                break  # blocks are nested: no coarser block completes either
+            if level.current_block is not None:
+                level.complete(values[level.start - first :], self._to)
+                if verdict is None and level.shift >= self._lowest_judged:
+                    verdict = self._judge(level, value)
+            level.current_block, level.start = block, index
+        values.append(value)
+        coarsest = self._levels[-1].start - first
+        if coarsest > _NOISE_VALUES:  # values before the coarsest block being filled are no longer needed
+            del values[:coarsest]
+            self._first += coarsest
         return verdict
 
     @property
@@ -549,7 +558,11 @@ class DropDetector:
             "last_step": self.last_step,
             "magnitude": self._magnitude,
             "levels": [
-                {"block": lv.current_block, "current": list(lv.current), "blocks": [list(b[:5]) for b in lv.blocks]}
+                {
+                    "block": lv.current_block,
+                    "current": self._values[lv.start - self._first :] if lv.current_block is not None else [],
+                    "blocks": [list(b[:5]) for b in lv.blocks],
+                }
                 for lv in self._levels
             ],
             "recent_values": list(self._recent_values),
@@ -577,11 +590,14 @@ class DropDetector:
         self._magnitude = float(state["magnitude"])
         for level, saved in zip(self._levels, state["levels"], strict=True):
             level.current_block = saved["block"]
-            level.current = [float(v) for v in saved["current"]]
+            if level is self._levels[-1]:  # the coarsest block being filled holds every finer one's values
+                self._values = [float(v) for v in saved["current"]]
             level.blocks.extend(
                 (int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4]), (self._to(b[2]) + self._to(b[3])) / 2)
                 for b in saved["blocks"]
             )
+        for level, saved in zip(self._levels, state["levels"], strict=True):
+            level.start = len(self._values) - len(saved["current"])
         self._recent_values.extend(float(v) for v in state["recent_values"])
         self._gaps.extend(int(g) for g in state["gaps"])
         self._interval = int(state["interval"])
