@@ -179,6 +179,7 @@ class LossDropSentinel(PhaseCallback):
         self._last_rates: tuple[float, ...] | None = None  # the rates at the last recorded change
         self._rates_now: tuple[float, ...] = ()
         self._last_trainable: int | None = None
+        self._parameters: list[Tensor] = []  # the module's parameters, listed again at each training epoch
         self._quiet_until: dict[str, int] = {}
         self.checked = 0
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
@@ -236,8 +237,11 @@ class LossDropSentinel(PhaseCallback):
             self._last_rates = rates
 
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Record a change of the number of trainable tensors (checked once per check, not per step)."""
-        trainable = _trainable(pl_module)
+        """Record a change of the number of trainable tensors (checked once per check, not per step; the
+        parameters are listed again at each training epoch's start, where fine-tuning callbacks add some)."""
+        if not self._parameters:
+            self._parameters = list(pl_module.parameters())
+        trainable = sum(1 for parameter in self._parameters if parameter.requires_grad)
         if self._last_trainable is not None and trainable != self._last_trainable:
             self._changes.append((trainer.global_step, "trainable", self._last_trainable, trainable))
         self._last_trainable = trainable
@@ -346,6 +350,8 @@ class LossDropSentinel(PhaseCallback):
     @override
     def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._validated_this_epoch = False
+        if stage == "train":
+            self._parameters = []
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -694,7 +700,3 @@ def _rates_moved(before: tuple[float, ...], after: tuple[float, ...]) -> bool:
     if len(before) != len(after):
         return True
     return any(abs(new - old) > LR_CHANGE * abs(old) for old, new in zip(before, after, strict=True))
-
-
-def _trainable(pl_module: pl.LightningModule) -> int:
-    return sum(1 for parameter in pl_module.parameters() if parameter.requires_grad)

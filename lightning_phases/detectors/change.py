@@ -303,7 +303,7 @@ class DropDetector:
         verdict = None
         if not self.armed and self.seen % _ARMING_EVERY == 0:
             self._arm()  # judged on the history before any evidence of a drop, as it grows
-        values, first = self._values, self._first
+        values, first, lowest_judged = self._values, self._first, self._lowest_judged
         index = first + len(values)  # the new value's index among all values given
         for level in self._levels:
             block = step >> level.shift
@@ -311,7 +311,7 @@ class DropDetector:
                 break  # blocks are nested: no coarser block completes either
             if level.current_block is not None:
                 level.complete(values[level.start - first :], self._to)
-                if verdict is None and level.shift >= self._lowest_judged:
+                if verdict is None and level.shift >= lowest_judged:
                     verdict = self._judge(level, value)
             level.current_block, level.start = block, index
         values.append(value)
