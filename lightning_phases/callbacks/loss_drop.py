@@ -180,6 +180,8 @@ class LossDropSentinel(PhaseCallback):
         self._rates_now: tuple[float, ...] = ()
         self._last_trainable: int | None = None
         self._parameters: list[Tensor] = []  # the module's parameters, listed again at each training epoch
+        self._optimizers: list[torch.optim.Optimizer] = []  # the Trainer's, listed again at each training epoch
+        self._device = torch.device("cpu")  # the root device, read at each stage's start
         self._quiet_until: dict[str, int] = {}
         self.checked = 0
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
@@ -212,10 +214,12 @@ class LossDropSentinel(PhaseCallback):
     ) -> None:
         if stage != "train":
             return
-        self._note_rates(trainer)
+        # this runs at every training step: each attribute read of the Trainer is made once
+        step = trainer.global_step
+        self._note_rates(step)
         value = self._step_value(trainer, outputs)
         if value is not None:
-            value = _as_scalar(value, trainer.strategy.root_device)
+            value = _as_scalar(value, self._device)
             if self.monitor == "loss" and trainer.accumulate_grad_batches > 1:
                 # Lightning divides each micro-batch loss by the accumulation count: their sum is the step's mean
                 self._accumulated = value if self._accumulated is None else self._accumulated + value
@@ -223,17 +227,21 @@ class LossDropSentinel(PhaseCallback):
                     return
                 value, self._accumulated = self._accumulated, None
             self._pending.append(value)
-            self._pending_steps.append(trainer.global_step)
-        if self._pending and (trainer.global_step % self.check_every_n_steps == 0 or trainer.is_last_batch):
+            self._pending_steps.append(step)
+        if self._pending and (step % self.check_every_n_steps == 0 or trainer.is_last_batch):
             self._check(trainer, pl_module, "step", "train")
 
-    def _note_rates(self, trainer: pl.Trainer) -> None:
-        """Record a learning-rate change of more than ``LR_CHANGE`` with its step (host-side floats: no sync)."""
-        rates = self._rates_now = _learning_rates(trainer)
+    def _note_rates(self, step: int) -> None:
+        """Record a learning-rate change of more than ``LR_CHANGE`` with its step (host-side floats: no sync).
+
+        The optimizers are listed at each training epoch's start (their param groups are read live, so a group
+        added mid-epoch counts)."""
+        rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
+        self._rates_now = rates
         if self._last_rates is None:
             self._last_rates = rates
         elif rates != self._last_rates and _rates_moved(self._last_rates, rates):
-            self._changes.append((trainer.global_step, "lr", self._last_rates, rates))
+            self._changes.append((step, "lr", self._last_rates, rates))
             self._last_rates = rates
 
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,8 +297,10 @@ class LossDropSentinel(PhaseCallback):
     @override
     def on_stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         """Cache the held-out batches and evaluate the first reference, before the first training step."""
+        self._device = trainer.strategy.root_device
         if stage != "train":
             return
+        self._optimizers = list(trainer.optimizers)
         self._references.clear()
         self._fit_start_step = self._next_reference = trainer.global_step
         self.probe.prepare(trainer)
@@ -343,7 +353,7 @@ class LossDropSentinel(PhaseCallback):
         if value is None:
             return
         self._seen_in = "validation"
-        self._pending.append(_as_scalar(value, trainer.strategy.root_device))
+        self._pending.append(_as_scalar(value, self._device))
         self._pending_steps.append(trainer.global_step)
         self._check(trainer, pl_module, "validation", "validate")
 
@@ -351,7 +361,7 @@ class LossDropSentinel(PhaseCallback):
     def on_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         self._validated_this_epoch = False
         if stage == "train":
-            self._parameters = []
+            self._parameters, self._optimizers = [], list(trainer.optimizers)
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -383,7 +393,7 @@ class LossDropSentinel(PhaseCallback):
         self._pending, self._pending_steps = [], []
         values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
         if source == "validation":
-            self._note_rates(trainer)
+            self._note_rates(trainer.global_step)
         self._note_trainable(trainer, pl_module)
         assert self.detector is not None
         verdicts = []
@@ -689,10 +699,6 @@ def _describe_change(verdict: Verdict) -> str:
     if verdict.scale == "signed":
         return f"{word} by {abs(verdict.difference):.4g} {side} the forecast {verdict.forecast:.4g}"
     return f"{word} {abs(verdict.change):.0%} {side} the forecast {verdict.forecast:.4g}"
-
-
-def _learning_rates(trainer: pl.Trainer) -> tuple[float, ...]:
-    return tuple(float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups)
 
 
 def _rates_moved(before: tuple[float, ...], after: tuple[float, ...]) -> bool:
