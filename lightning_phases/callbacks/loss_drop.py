@@ -219,7 +219,8 @@ class LossDropSentinel(PhaseCallback):
         self._note_rates(step)
         value = self._step_value(trainer, outputs)
         if value is not None:
-            value = _as_scalar(value, self._device)
+            if value.requires_grad:  # its dtype, device and shape are settled at the check, for all at once
+                value = value.detach()
             if self.monitor == "loss" and trainer.accumulate_grad_batches > 1:
                 # Lightning divides each micro-batch loss by the accumulation count: their sum is the step's mean
                 self._accumulated = value if self._accumulated is None else self._accumulated + value
@@ -387,8 +388,12 @@ class LossDropSentinel(PhaseCallback):
             self.source = source
             self.detector = DropDetector(direction=self.direction, **self.detector_options)
         device = trainer.strategy.root_device
-        # values restored from a checkpoint wait on the CPU; the rest are on the device already (no copy)
-        values = torch.stack([v if v.device == device else v.to(device) for v in self._pending])
+        try:  # one stack, one conversion: the common case of same-shaped scalars on the device
+            values = torch.stack(self._pending).to(device=device, dtype=torch.float32).reshape(-1)
+        except RuntimeError:  # values restored from a checkpoint wait on the CPU; shapes [] and [1] mix
+            values = None
+        if values is None or values.numel() != len(self._pending):
+            values = torch.stack([_as_scalar(v, device) for v in self._pending])
         steps = self._pending_steps
         self._pending, self._pending_steps = [], []
         values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
