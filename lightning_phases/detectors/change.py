@@ -226,6 +226,7 @@ class DropDetector:
             level.blocks.clear()
         self.armed = False
         self.risen = False  # the series rose well above where it began (a validation loss while a model memorises)
+        self.flat_start = False  # armed by a start with no descent yet: drops must leave a plateau
         self.since_step: int | None = None  # the first step of the current history
         self.pre_spike: float | None = None  # the raw level a flagged spike rose from
         self.spike_armed = True
@@ -301,7 +302,7 @@ class DropDetector:
         if self.since_step is None:
             self.since_step = step
         verdict = None
-        if not self.armed and self.seen % _ARMING_EVERY == 0:
+        if (not self.armed and self.seen % _ARMING_EVERY == 0) or (self.flat_start and self.seen % 16 == 0):
             self._arm()  # judged on the history before any evidence of a drop, as it grows
         values, first, lowest_judged = self._values, self._first, self._lowest_judged
         index = first + len(values)  # the new value's index among all values given
@@ -433,10 +434,19 @@ class DropDetector:
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
-        if dropping and residual < -max(self.threshold * error, least_below):
+        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau that
+        # lasted at least as long as the evidence judged
+        plateau = not self.flat_start or (
+            -slope * (xs[-1] - xs[0]) <= least_below and self._flat_steps(blocks) >= recent[-1][1] - baseline[0][0]
+        )
+        if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
         older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
-        if dropping and len(older) == self.window:
+        if (
+            dropping
+            and len(older) == self.window
+            and (not self.flat_start or self._flat_steps(blocks) >= recent[-1][1] - older[0][0])
+        ):
             # a fall that gathers speed over longer than a window (grokking's validation loss) keeps every
             # window's line close to it: judge it against the line of the window before the baseline too,
             # with the uncertainty of extrapolating that line so far ahead
@@ -446,6 +456,16 @@ class DropDetector:
         if spiking and residual > max(self.threshold * error, least_above):
             return "spike", now, forecast, residual / error, baseline
         return None
+
+    def _flat_steps(self, blocks: list[tuple[int, int, float, float, int, float]]) -> int:
+        """Steps from the start of this history until the fall out of its first level began: until a block
+        first lay half of ``min_change`` below the first one."""
+        start = blocks[0][5]
+        least = self._least(start)[0] / 2
+        for block in blocks:
+            if block[5] < start - least:
+                return block[0] - (self.since_step or 0)
+        return self.last_step - (self.since_step or 0)
 
     @staticmethod
     def _forecast_error(
@@ -505,7 +525,8 @@ class DropDetector:
         return _median(forecasts), residual, error
 
     def _arm(self) -> None:
-        """Arm once the descent that began this history has stopped speeding up (then it stays armed)."""
+        """Arm once the descent that began this history has stopped speeding up (then it stays armed); after a
+        flat start, tell when the first descent has come and slowed down."""
         for level in self._levels:  # the finest level whose blocks still cover the whole history
             blocks = [b for b in level.blocks if b[0] >= (self.since_step or 0) >> level.shift << level.shift]
             if len(level.blocks) == level.blocks.maxlen and level.blocks[0][0] > (self.since_step or 0):
@@ -523,8 +544,19 @@ class DropDetector:
             # count); or the series rose well above where it began (a validation loss while the model
             # memorises): whatever descent began it is over
             rose = max(series[1:]) - series[0] > self._least(series[0])[1]
+            flat = start - end <= least  # no descent yet, or too little to count
+            slowed = half - end <= max((start - half) / 2, least)
+            if self.armed:  # armed by a flat start: has the first descent come and slowed down since?
+                self.risen = rose
+                # a descent that came and slowed: the recent half fell at most half as far as the first half
+                # (here without "or too little to count", which any stretch of a slow start satisfies)
+                self.flat_start = not (rose or (not flat and half - end <= (start - half) / 2))
+                return
             self.risen = rose
-            self.armed = rose or start - end <= least or half - end <= max((start - half) / 2, least)
+            self.armed = rose or flat or slowed
+            # a flat start may be the slow start of a first descent still to come (a warm-up): until that
+            # descent has come and slowed down, a drop must leave a plateau that lasted longer than its evidence
+            self.flat_start = flat and not rose
             return
 
     def _verdict(
@@ -570,6 +602,7 @@ class DropDetector:
             "interval": self._interval,
             "armed": self.armed,
             "risen": self.risen,
+            "flat_start": self.flat_start,
             "since_step": self.since_step,
             "pre_spike": self.pre_spike,
             "spike_armed": self.spike_armed,
@@ -603,6 +636,7 @@ class DropDetector:
         self._interval = int(state["interval"])
         self.armed = bool(state["armed"])
         self.risen = bool(state.get("risen", False))
+        self.flat_start = bool(state.get("flat_start", False))
         self.since_step = state["since_step"]
         self.pre_spike = state["pre_spike"]
         self.spike_armed = bool(state["spike_armed"])

@@ -55,3 +55,52 @@ def digits_curve(
         optimizer.step()
         losses.append(loss.item())
     return tuple(losses)
+
+
+@functools.cache
+def cnn_curve(
+    seed: int = 0, optimizer: str = "sgd", steps: int = 400, leak_from: int | None = None
+) -> tuple[float, ...]:
+    """The loss of each of ``steps`` steps of a small CNN (two 3x3 convolutions) on the digits as 1x8x8 images.
+
+    Its loss stays near its starting value for 20-30 steps, then falls fast: a slow start of the first descent.
+
+    Args:
+        seed: Seed of the model and the batches.
+        optimizer: ``"sgd"`` (lr 0.02, momentum 0.9) or ``"adam"`` (lr 1e-3).
+        steps: Optimizer steps (batch 32).
+        leak_from: From this step on, the label is written one-hot into blank border pixels (a label leak).
+    """
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images[:1200], dtype=torch.float32) / 16
+    y = torch.tensor(labels[:1200])
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    )
+    if optimizer == "sgd":
+        step_rule: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    else:
+        step_rule = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses, order, position = [], torch.randperm(len(y), generator=generator), 0
+    for step in range(steps):
+        if position + 32 > len(y):
+            order, position = torch.randperm(len(y), generator=generator), 0
+        index = order[position : position + 32]
+        position += 32
+        xb, yb = x[index].clone(), y[index]
+        if leak_from is not None and step >= leak_from:
+            xb[:, LEAK_PIXELS] = nn.functional.one_hot(yb, 10).float() * 4
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        step_rule.zero_grad()
+        loss.backward()
+        step_rule.step()
+        losses.append(loss.item())
+    return tuple(losses)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from digits_curves import digits_curve
+from digits_curves import cnn_curve, digits_curve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,6 +187,32 @@ def test_state_dict_resumes_exactly_across_a_change_of_scale():
     resumed.load_state_dict(first.state_dict())
     later = [(s, v) for s, value in zip(steps[cut:], values[cut:], strict=True) if (v := resumed.update(value, s))]
     assert later == [(s, v) for s, v in whole if s >= steps[cut]] and later
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_slow_start_then_a_fast_first_descent_is_not_a_drop(seed, optimizer):
+    """A CNN's loss sits near its starting value for 20-30 steps, then falls 80% within 30: the first descent,
+    slowly started. A flat start arms the detector only provisionally (was a false alarm at steps 36-58)."""
+    curve = cnn_curve(seed, optimizer)
+    assert curve[20] > 0.85 * curve[0] and curve[80] < 0.4 * curve[0]  # flat for 20 steps, then far down
+    assert verdicts(curve, direction="both") == []
+
+
+def test_after_a_slow_start_a_later_leak_is_still_flagged():
+    """Once the first descent has come and slowed down (here by step 111), drops are judged as after any other
+    start. This leak meets a small, noisy loss (median 0.007, 10x from batch to batch): it is found late."""
+    curve = cnn_curve(0, "sgd", steps=700, leak_from=500)
+    [(step, verdict)] = drops(verdicts(curve))
+    assert 500 <= step <= 660 and verdict.change < -0.5
+
+
+def test_a_plateau_longer_than_the_evidence_then_a_fall_is_a_drop():
+    """The other side: a flat start that lasts (a plateau) and then a fall is judged (a phase change)."""
+    values = [2.3 * (1 - 0.0001 * i) + 0.01 * math.sin(i) for i in range(400)]
+    values += [values[-1] * (0.97**i) + 0.01 * math.sin(i) for i in range(1, 80)]
+    [(step, _)] = drops(verdicts(values))
+    assert 400 <= step <= 440
 
 
 def test_exact_zeros_of_a_hinge_loss_are_values_at_the_floor_not_impossible_ones():
