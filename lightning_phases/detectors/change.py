@@ -508,9 +508,9 @@ class DropDetector:
         if span <= 0:
             return None
         slope, intercept = _theil_sen(xs, ys)
-        if not self.risen and -slope * span > self._least(intercept + slope * xs[-1])[0]:
-            # not a plateau that a fall left, nor the way down from a rise (memorisation before grokking): a
-            # descent, judged by the baseline's line alone
+        if not self.risen and -slope * span > self._least(intercept + slope * xs[-1])[0] / 2:
+            # not a plateau that a fall left (its line fell by half of min_change or more), nor the way down
+            # from a rise (memorisation before grokking): a descent, judged by the baseline's line alone
             return None
         positions = [(b[0] + b[1]) / 2 for b in recent]
         forecasts = [intercept + slope * x for x in positions]
