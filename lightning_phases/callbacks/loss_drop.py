@@ -76,9 +76,10 @@ class LossDropSentinel(PhaseCallback):
             saves a full checkpoint named after the step; ``"suspend"`` checkpoints, then stops cleanly
             (resuming from that checkpoint with ``ckpt_path`` continues without flagging the same drop again);
             ``"raise"`` checkpoints, then raises ``LossDropDetected``. Non-finite values are always an event.
-        strict: When the monitored metric has not been logged by the end of a training epoch in which
-            validation ran (or of the first epoch, when there is no validation), raise a ``ValueError`` that
-            lists the logged metrics; ``False`` warns once instead (as ``EarlyStopping(strict=...)``).
+        strict: When the monitored metric has not been logged (or, for ``"loss"``, ``training_step`` returned
+            no loss tensor) by the end of a training epoch in which validation ran (or of the first epoch,
+            when there is no validation), raise a ``ValueError`` that lists the logged metrics; ``False``
+            warns once instead (as ``EarlyStopping(strict=...)``).
         threshold: How many standard errors a change must exceed: of the recent blocks' median and of the
             forecast line read ahead of its baseline (both from the robust spread of blocks at the same time
             scale).
@@ -343,6 +344,8 @@ class LossDropSentinel(PhaseCallback):
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
         if stage == "train" and self._pending:  # a run that stopped between checks (max_steps, should_stop)
             self._check(trainer, pl_module, "step", "train")
+        if stage == "train":  # the module's tensors and the optimizers are not kept beyond the fit
+            self._parameters, self._optimizers = [], []
         elif stage == "validate":
             self._validated_this_epoch = True
             self._validation_value(trainer, pl_module)
@@ -366,8 +369,17 @@ class LossDropSentinel(PhaseCallback):
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        """A monitor never logged is judged missing once validation had its chance to log it."""
-        if self.source is not None or self.monitor == "loss" or self.monitor in trainer.callback_metrics:
+        """A monitor never logged is judged missing once validation had its chance to log it; a training loss
+        never returned, at the end of the first training epoch."""
+        if self.monitor == "loss":
+            if stage == "train" and self.source is None and not self._pending and self._accumulated is None:
+                self._missing(
+                    f"monitor='loss' but training_step returned no loss tensor in epoch {trainer.current_epoch} "
+                    "(with manual optimization it may return None). Return the loss from training_step, or log it "
+                    "(self.log('train_loss', loss)) and set monitor='train_loss'."
+                )
+            return
+        if self.source is not None or self.monitor in trainer.callback_metrics:
             return
         if trainer.enable_validation and not self._validated_this_epoch:
             return  # validation did not run this epoch (check_val_every_n_epoch): it may log the metric later
@@ -377,7 +389,12 @@ class LossDropSentinel(PhaseCallback):
             f"{suggestion(self.monitor, logged)}; logged metrics are: {', '.join(logged) or 'none'}. "
             f"Log it with self.log({self.monitor!r}, ...) or fix the name."
         )
-        if self.strict:  # callback_metrics are the same on every rank, so every rank raises
+        self._missing(message)
+
+    def _missing(self, message: str) -> None:
+        """Nothing to watch: raise (``strict``) or warn once. Every rank runs the same code and logs the same
+        metrics, so every rank comes here alike."""
+        if self.strict:
             raise PhaseUsageError(f"{self.name}: {message}")
         self.warn_once("missing monitor", message + " (strict=False: the sentinel watches nothing until it is)")
 
@@ -444,7 +461,7 @@ class LossDropSentinel(PhaseCallback):
             self.emit(
                 trainer,
                 kind,
-                f"{self.monitor} is {verdict.value} at step {trainer.global_step}",
+                f"{self.monitor} is {verdict.value} at step {verdict.onset_step}{_checked_at(verdict, trainer)}",
                 data,
                 severity="warning",
                 stage=stage,
@@ -455,7 +472,8 @@ class LossDropSentinel(PhaseCallback):
             data["triage"] = "impossible"
             self.triaged["impossible"] = self.triaged.get("impossible", 0) + 1
             message = (
-                f"{self.monitor} is {verdict.value:.6g} at step {trainer.global_step}, below its declared floor "
+                f"{self.monitor} is {verdict.value:.6g} at step {verdict.onset_step}{_checked_at(verdict, trainer)}, "
+                f"below its declared floor "
                 f"{self.floor:g}: a bug in the loss or the data, not a capability (triage: impossible)"
             )
             self.flags.append((trainer.global_step, kind, verdict.value))
@@ -696,6 +714,11 @@ def _as_scalar(value: Tensor, device: torch.device) -> Tensor:
     if value.device != device:
         value = value.to(device)
     return value.reshape(()) if value.dim() else value
+
+
+def _checked_at(verdict: Verdict, trainer: pl.Trainer) -> str:
+    """`` (checked at step N)`` where the value was taken at an earlier step than the check that judged it."""
+    return f" (checked at step {trainer.global_step})" if verdict.onset_step != trainer.global_step else ""
 
 
 def _describe_change(verdict: Verdict) -> str:

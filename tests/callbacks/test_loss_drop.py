@@ -187,6 +187,47 @@ def test_missing_monitor_raises_by_default_and_warns_once_when_not_strict(tmp_pa
     assert sum("was not logged" in str(w.message) for w in caught) == 1
 
 
+class ReturnsNothing(Scripted):
+    """Manual optimization whose training_step returns None (allowed there): no loss reaches the callbacks."""
+
+    def __init__(self):
+        super().__init__(manual=True)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+
+
+def test_a_training_step_that_returns_no_loss_is_reported_not_silently_unwatched(tmp_path):
+    def run(sentinel):
+        small_trainer(
+            [sentinel], max_epochs=2, limit_train_batches=5, limit_val_batches=0, default_root_dir=tmp_path
+        ).fit(ReturnsNothing(), DigitsDataModule())
+
+    with pytest.raises(ValueError, match=r"monitor='loss' but training_step returned no loss tensor in epoch 0"):
+        run(LossDropSentinel())
+    with pytest.warns(PhaseWarning, match=r"set monitor='train_loss'") as caught:
+        run(LossDropSentinel(strict=False))
+    assert sum("returned no loss tensor" in str(w.message) for w in caught) == 1
+    watched = LossDropSentinel()  # the same model returning its loss is watched, and nothing is said
+    small_trainer([watched], max_epochs=2, limit_train_batches=5, limit_val_batches=0, default_root_dir=tmp_path).fit(
+        Scripted(manual=True), DigitsDataModule()
+    )
+    assert watched.checked == 10 and watched.events == []
+
+
+def test_the_sentinel_keeps_none_of_the_model_s_tensors_or_optimizers_after_fit(tmp_path):
+    sentinel = LossDropSentinel()
+    model = Scripted()
+    small_trainer([sentinel], max_epochs=1, limit_train_batches=12, limit_val_batches=2, default_root_dir=tmp_path).fit(
+        model, DigitsDataModule()
+    )
+    assert sentinel.checked == 12
+    kept = [item for value in vars(sentinel).values() if isinstance(value, list | tuple) for item in value]
+    assert not any(item is parameter for item in kept for parameter in model.parameters())
+    assert not any(isinstance(item, torch.optim.Optimizer) for item in kept)
+
+
 def test_a_monitor_logged_only_every_second_epoch_is_not_called_missing(tmp_path):
     sentinel = LossDropSentinel(monitor="val_loss")  # strict: a false "missing" would raise
     trainer = small_trainer(
@@ -429,6 +470,10 @@ def test_a_value_below_the_declared_floor_is_one_critical_impossible_loss_on_dis
     [event] = sentinel.events
     assert event.kind == "impossible_loss" and event.severity == "critical" and event.data["floor"] == 0.0
     assert event.data["value"] < 0 and "below its declared floor 0" in event.message
+    # the message names the step the value was logged at, and the check that judged it, when they differ
+    first = min(step for step, value in sentinel.curve if value < 0)
+    assert event.data["onset_step"] == first and f"at step {first}" in event.message
+    assert first == event.global_step or f"(checked at step {event.global_step})" in event.message
     assert [e["kind"] for e in logged(tmp_path)] == ["impossible_loss"]
 
 
