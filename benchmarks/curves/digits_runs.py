@@ -27,6 +27,11 @@ def constant(base: float) -> Callable[[int], float]:
     return lambda _step: base
 
 
+def linear_warmup(base: float, warmup: int) -> Callable[[int], float]:
+    """From ``base / warmup`` up to ``base`` over ``warmup`` steps, then constant (a slow start)."""
+    return lambda step: base * min(1.0, (step + 1) / warmup)
+
+
 def warmup_cosine(base: float, total: int, warmup: int = 100) -> Callable[[int], float]:
     def lr(step: int) -> float:
         if step < warmup:
@@ -66,13 +71,15 @@ def train(
     leak_from: int | None = None,
     leak_fraction: float = 1.0,
     width: int = 128,
+    conv: bool = False,
 ) -> tuple[list[int], list[float]]:
     """Train and return ``(steps, losses)``: one loss per batch, at the global (optimizer) step it belongs to.
 
     With ``accumulate > 1`` each optimizer step sees ``accumulate`` batches, each logged at that step (as a
     per-batch metric in Lightning is). ``leak_from``: from this optimizer step on, the label is written one-hot
     into blank border pixels (a label leak) of each sample with probability ``leak_fraction``. ``width=0``: a
-    linear classifier instead of the MLP.
+    linear classifier instead of the MLP; ``conv``: a small CNN (two 3x3 convolutions of 16 channels) on the
+    8x8 images instead. ``optimizer``: ``"adamw"``, ``"adam"``, ``"sgd"`` or ``"sgd_momentum"`` (0.9).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -81,7 +88,17 @@ def train(
     if label_noise:
         flip = torch.rand(len(y), generator=generator) < label_noise
         y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
-    if width:
+    if conv:
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 64, 10),
+        )
+    elif width:
         model = nn.Sequential(
             nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, 10)
         )
@@ -89,8 +106,10 @@ def train(
         model = nn.Sequential(nn.Linear(64, 10))
     if optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr(0), weight_decay=1e-4)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr(0))
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr(0))
+        opt = torch.optim.SGD(model.parameters(), lr=lr(0), momentum=0.9 if optimizer == "sgd_momentum" else 0.0)
     order, position = torch.randperm(len(y), generator=generator), 0
     out_steps, losses = [], []
     for step in range(steps):

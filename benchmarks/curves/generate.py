@@ -109,6 +109,25 @@ def early_descent(seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def slow_start(seed: int) -> list[dict[str, Any]]:
+    """First descents that start slowly: the loss stays near its first value for a while, then falls fast. The
+    MLP under a linear LR warm-up from ~0 over 300 and 1000 steps (AdamW 3e-3), and a small CNN (SGD with
+    momentum 0.02, Adam 1e-3) whose loss sits near ln 10 for 20-30 steps, then falls 80% within 30."""
+    out = []
+    plans = {  # name: (learning rate, optimizer, conv, steps)
+        "warmup300": (dr.linear_warmup(3e-3, 300), "adamw", False, 1000),
+        "warmup1000": (dr.linear_warmup(3e-3, 1000), "adamw", False, 1700),
+        "cnn-sgd": (dr.constant(0.02), "sgd_momentum", True, 600),
+        "cnn-adam": (dr.constant(1e-3), "adam", True, 600),
+    }
+    for plan, (lr, optimizer, conv, total) in plans.items():
+        steps, values = dr.train(seed, total, lr, optimizer=optimizer, label_noise=0.1, conv=conv)
+        params = {"optimizer": optimizer, "conv": conv}
+        params |= {f"descent_{int(100 * share)}%": _descent_steps(steps, values, share) for share in (0.5, 0.9)}
+        out.append(curve(f"slow-{plan}-s{seed}", "slow_start", "early_descent", seed, steps, values, params=params))
+    return out
+
+
 def label_leak(seed: int) -> list[dict[str, Any]]:
     """Digits runs where the label leaks into blank pixels early, mid-run and late (loss already ~0.025 and 3-5x
     noisy batch to batch): late into 97% of the samples (the loss falls ~10x within ~50 steps) and into all."""
@@ -208,6 +227,7 @@ FAMILIES: dict[str, Family] = {
     "batch_noise": batch_noise,
     "accumulation": accumulation,
     "early_descent": early_descent,
+    "slow_start": slow_start,
     "label_leak": label_leak,
     "lr_events": lr_events,
     "grokking": grokking,

@@ -544,7 +544,8 @@ class DropDetector:
             # count); or the series rose well above where it began (a validation loss while the model
             # memorises): whatever descent began it is over
             rose = max(series[1:]) - series[0] > self._least(series[0])[1]
-            flat = start - end <= least  # no descent yet, or too little to count
+            # no descent yet, or too little to count: neither from the first block nor from the first quarter
+            flat = max(series[0], start) - end <= least
             slowed = half - end <= max((start - half) / 2, least)
             if self.armed:  # armed by a flat start: has the first descent come and slowed down since?
                 self.risen = rose
