@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -57,11 +60,21 @@ def digits_curve(
     return tuple(losses)
 
 
+def _corpus_trainer():
+    """The labelled corpus' training loop (``benchmarks/curves/digits_runs.py``): one implementation for both."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "curves" / "digits_runs.py"
+    spec = importlib.util.spec_from_file_location("digits_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("digits_runs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def cnn_curve(
-    seed: int = 0, optimizer: str = "sgd", steps: int = 400, leak_from: int | None = None
+    seed: int = 0, optimizer: str = "sgd", steps: int = 400, leak_from: int | None = None, label_noise: float = 0.0
 ) -> tuple[float, ...]:
-    """The loss of each of ``steps`` steps of a small CNN (two 3x3 convolutions) on the digits as 1x8x8 images.
+    """The loss of each of ``steps`` steps of the corpus' small CNN (two 3x3 convolutions) on the digits.
 
     Its loss stays near its starting value for 20-30 steps, then falls fast: a slow start of the first descent.
 
@@ -70,37 +83,11 @@ def cnn_curve(
         optimizer: ``"sgd"`` (lr 0.02, momentum 0.9) or ``"adam"`` (lr 1e-3).
         steps: Optimizer steps (batch 32).
         leak_from: From this step on, the label is written one-hot into blank border pixels (a label leak).
+        label_noise: Fraction of training labels replaced, once, by random ones (the loss then plateaus).
     """
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images[:1200], dtype=torch.float32) / 16
-    y = torch.tensor(labels[:1200])
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 64, 10),
+    runs = _corpus_trainer()
+    rate, rule = (0.02, "sgd_momentum") if optimizer == "sgd" else (1e-3, "adam")
+    _, losses = runs.train(
+        seed, steps, runs.constant(rate), optimizer=rule, label_noise=label_noise, leak_from=leak_from, conv=True
     )
-    if optimizer == "sgd":
-        step_rule: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    else:
-        step_rule = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses, order, position = [], torch.randperm(len(y), generator=generator), 0
-    for step in range(steps):
-        if position + 32 > len(y):
-            order, position = torch.randperm(len(y), generator=generator), 0
-        index = order[position : position + 32]
-        position += 32
-        xb, yb = x[index].clone(), y[index]
-        if leak_from is not None and step >= leak_from:
-            xb[:, LEAK_PIXELS] = nn.functional.one_hot(yb, 10).float() * 4
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        step_rule.zero_grad()
-        loss.backward()
-        step_rule.step()
-        losses.append(loss.item())
     return tuple(losses)

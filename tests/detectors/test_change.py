@@ -199,12 +199,14 @@ def test_a_slow_start_then_a_fast_first_descent_is_not_a_drop(seed, optimizer):
     assert verdicts(curve, direction="both") == []
 
 
-def test_after_a_slow_start_a_later_leak_is_still_flagged():
-    """Once the first descent has come and slowed down (here by step 111), drops are judged as after any other
-    start. This leak meets a small, noisy loss (median 0.007, 10x from batch to batch): it is found late."""
-    curve = cnn_curve(0, "sgd", steps=700, leak_from=500)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_after_a_slow_start_a_later_leak_is_still_flagged(optimizer):
+    """Once the first descent has come and slowed down, drops are judged as after any other start: a leak into
+    a CNN trained on 20% noisy labels (its loss levelled at ~0.8) is flagged within 40 steps, and only it."""
+    curve = cnn_curve(0, optimizer, steps=700, leak_from=500, label_noise=0.2)
+    assert curve[20] > 0.85 * curve[0]  # the slow start
     [(step, verdict)] = drops(verdicts(curve))
-    assert 500 <= step <= 660 and verdict.change < -0.5
+    assert 500 <= step <= 540 and verdict.change < -0.5
 
 
 def test_a_plateau_longer_than_the_evidence_then_a_fall_is_a_drop():
