@@ -434,11 +434,9 @@ class DropDetector:
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
-        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau that
-        # lasted at least as long as the evidence judged
-        plateau = not self.flat_start or (
-            -slope * (xs[-1] - xs[0]) <= least_below and self._flat_steps(blocks) >= recent[-1][1] - baseline[0][0]
-        )
+        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau: a
+        # baseline whose line fell by less than half of min_change (as the window before it must, below)
+        plateau = not self.flat_start or -slope * (xs[-1] - xs[0]) <= least_below / 2
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
         older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
@@ -551,7 +549,11 @@ class DropDetector:
                 self.risen = rose
                 # a descent that came and slowed: the recent half fell at most half as far as the first half
                 # (here without "or too little to count", which any stretch of a slow start satisfies)
-                self.flat_start = not (rose or (not flat and half - end <= (start - half) / 2))
+                # or a descent that has gone on, past the first min_change, for three times as long as the flat
+                # start lasted: well under way, whatever comes next is not its slow start
+                flat_for = self._flat_steps(blocks)
+                going_on = self.last_step - (self.since_step or 0) - flat_for >= 3 * flat_for
+                self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or going_on)))
                 return
             self.risen = rose
             self.armed = rose or flat or slowed
