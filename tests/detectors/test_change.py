@@ -63,9 +63,19 @@ def test_silent_through_ordinary_training(seed, label_noise):
 
 @pytest.mark.parametrize(
     "name",
-    ["schedule-warmup_cosine-s0", "schedule-one_cycle-s1", "accumulate8-s2", "batch4-s0", "descent-linear-slow-s0"],
+    [
+        "schedule-warmup_cosine-s0",
+        "schedule-one_cycle-s1",
+        "accumulate8-s2",
+        "batch4-s0",
+        "descent-linear-slow-s0",
+        "batch1200-s1",
+        "slow-warmup1000-s2",
+        "slow-cnn-sgd-s0",
+        "slow-cnn-adam-s1",
+    ],
 )
-def test_silent_on_ordinary_schedules_noise_accumulation_and_a_2000_step_descent(name):
+def test_silent_on_ordinary_schedules_noise_accumulation_long_descents_and_slow_starts(name):
     assert on_curve(name, direction="both") == []
 
 
