@@ -21,21 +21,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_step_seconds(
-    callbacks: Sequence[Any], model_args: dict[str, Any], data_args: dict[str, Any], steps: int, skip: int = 50
-) -> float:
-    """Fit the digits MLP for ``steps`` steps; the median wall time between consecutive training batch starts.
-
-    Args:
-        callbacks: The callbacks under test (none for the baseline).
-        model_args: ``DigitsClassifier`` arguments.
-        data_args: ``DigitsDataModule`` arguments.
-        steps: Optimizer steps to run.
-        skip: Steps left out at the start (warm-up).
-    """
-    return median_step_times(callbacks, model_args, data_args, steps, skip)["wall"]
-
-
 def median_step_times(
     callbacks: Sequence[Any], model_args: dict[str, Any], data_args: dict[str, Any], steps: int, skip: int = 50
 ) -> dict[str, float]:

@@ -17,10 +17,11 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import in_fresh_interpreter, median_step_seconds
+from _timing import in_fresh_interpreter, median_step_times
 
 EVENTS = 1_000_000
 OPENS = 20_000
@@ -73,10 +74,12 @@ def step_time(mode: str) -> dict[str, float]:
         from lightning_phases.sandbox import audit_hook as audit
 
         audit.install()
-    return {
-        name: median_step_seconds([SandboxCheck()] if mode == "sandbox" else [], model_args, data_args, steps, skip=20)
-        for name, (model_args, data_args, steps) in MODELS.items()
-    }
+
+    def wall(model_args: dict[str, Any], data_args: dict[str, Any], steps: int) -> float:
+        callbacks = [SandboxCheck()] if mode == "sandbox" else []
+        return median_step_times(callbacks, model_args, data_args, steps, skip=20)["wall"]
+
+    return {name: wall(*settings) for name, settings in MODELS.items()}
 
 
 def main() -> None:

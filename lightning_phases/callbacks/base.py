@@ -466,7 +466,7 @@ class PhaseCallback(Callback):
         self._end(trainer, pl_module)
 
     def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if getattr(self.on_batch_start, "__func__", None) is PhaseCallback.on_batch_start:
+        if type(self).on_batch_start is PhaseCallback.on_batch_start:
             return  # not overridden: a callback that does nothing before a batch costs nothing there
         stage = current_stage(trainer)
         if stage is not None:

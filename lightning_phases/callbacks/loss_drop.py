@@ -342,10 +342,10 @@ class LossDropSentinel(PhaseCallback):
 
     @override
     def on_stage_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
-        if stage == "train" and self._pending:  # a run that stopped between checks (max_steps, should_stop)
-            self._check(trainer, pl_module, "step", "train")
-        if stage == "train":  # the module's tensors and the optimizers are not kept beyond the fit
-            self._parameters, self._optimizers = [], []
+        if stage == "train":
+            if self._pending:  # a run that stopped between checks (max_steps, should_stop)
+                self._check(trainer, pl_module, "step", "train")
+            self._parameters, self._optimizers = [], []  # the module's tensors are not kept beyond the fit
         elif stage == "validate":
             self._validated_this_epoch = True
             self._validation_value(trainer, pl_module)
@@ -473,8 +473,8 @@ class LossDropSentinel(PhaseCallback):
             self.triaged["impossible"] = self.triaged.get("impossible", 0) + 1
             message = (
                 f"{self.monitor} is {verdict.value:.6g} at step {verdict.onset_step}{_checked_at(verdict, trainer)}, "
-                f"below its declared floor "
-                f"{self.floor:g}: a bug in the loss or the data, not a capability (triage: impossible)"
+                f"below its declared floor {self.floor:g}: a bug in the loss or the data, not a capability "
+                "(triage: impossible)"
             )
             self.flags.append((trainer.global_step, kind, verdict.value))
             if self.on_violation != "warn":

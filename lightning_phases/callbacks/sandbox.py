@@ -255,33 +255,13 @@ class SandboxCheck(PhaseCallback):
             self._drain_now_and_then(trainer)
 
     @override
-    def on_train_batch_end(
+    def _batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._batch_end_due():
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._batch_end_due():
-            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-
-    on_test_batch_end = on_validation_batch_end
-    on_predict_batch_end = on_validation_batch_end
-
-    def _batch_end_due(self) -> bool:
-        """Whether :meth:`on_batch_end` has anything to do: a raise per batch, or the spool due for a look.
-
-        Otherwise the batch-end dispatch is skipped: one clock read per batch on the hot path."""
-        return self._raise_per_batch or time.monotonic() - self._last_drain >= SPOOL_POLL_S
+        # every batch-end hook comes here: the dispatch (stage look-up, guarded call) only when on_batch_end has
+        # something to do, a raise per batch or the spool due for a look; otherwise one clock read per batch
+        if self._raise_per_batch or time.monotonic() - self._last_drain >= SPOOL_POLL_S:
+            super()._batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:

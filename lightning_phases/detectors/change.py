@@ -160,11 +160,12 @@ class _Level:
         # the median on the judged scale)
         self.blocks: deque[tuple[int, int, float, float, int, float]] = deque(maxlen=keep)
 
-    def complete(self, values: list[float], to: Callable[[float], float]) -> None:
-        """Close the current block, whose values are ``values``; ``to`` maps a value to the judged scale."""
+    def complete(self, values: list[float], scaled: Callable[[float, float], float]) -> None:
+        """Close the current block, whose values are ``values``; ``scaled`` gives the median of a middle pair
+        on the judged scale."""
         first = self.current_block << self.shift  # type: ignore[operator]
         low, high = _middle_pair(values)
-        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), (to(low) + to(high)) / 2))
+        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), scaled(low, high)))
 
 
 class DropDetector:
@@ -256,6 +257,10 @@ class DropDetector:
     def _back(self, value: float) -> float:
         return math.exp(value) + (self.floor or 0.0) if self.all_positive else value
 
+    def _scaled(self, low: float, high: float) -> float:
+        """The median of a block with middle pair ``low``, ``high``, on the judged scale."""
+        return (self._to(low) + self._to(high)) / 2
+
     @staticmethod
     def _block(block: tuple[int, int, float, float, int, float]) -> float:
         """A block's median on the judged scale."""
@@ -311,7 +316,7 @@ class DropDetector:
             if block == level.current_block:
                 break  # blocks are nested: no coarser block completes either
             if level.current_block is not None:
-                level.complete(values[level.start - first :], self._to)
+                level.complete(values[level.start - first :], self._scaled)
                 if verdict is None and level.shift >= lowest_judged:
                     verdict = self._judge(level, value)
             level.current_block, level.start = block, index
@@ -331,7 +336,7 @@ class DropDetector:
     def _rescale(self) -> None:
         """Re-express every block's median on the scale judged now (a median commutes with monotone maps)."""
         for level in self._levels:
-            blocks = [(*b[:5], (self._to(b[2]) + self._to(b[3])) / 2) for b in level.blocks]
+            blocks = [(*b[:5], self._scaled(b[2], b[3])) for b in level.blocks]
             level.blocks.clear()
             level.blocks.extend(blocks)
 
@@ -421,10 +426,8 @@ class DropDetector:
         xs = [(b[0] + b[1]) / 2 for b in baseline]
         slope, intercept = _theil_sen(xs, base)
         forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
+        forecasts = self._above_floor(forecasts)
         forecast = _median(forecasts)
-        if self.floor is not None and self.scale == "signed":  # a line never forecasts below a declared floor
-            forecasts = [max(f, self.floor) for f in forecasts]
-            forecast = max(forecast, self.floor)
         residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
         spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
         per_block = sum(b[4] for b in baseline) / len(baseline)
@@ -434,9 +437,8 @@ class DropDetector:
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
-        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau: a
-        # baseline whose line fell by less than half of min_change (as the window before it must, below)
-        plateau = not self.flat_start or -slope * (xs[-1] - xs[0]) <= least_below / 2
+        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau
+        plateau = not self.flat_start or self._plateau(slope, xs[-1] - xs[0], forecast)
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
         older = [b for b in blocks[: -self.window - persistence] if b[1] >= self.since_step][-self.window :]
@@ -454,6 +456,16 @@ class DropDetector:
         if spiking and residual > max(self.threshold * error, least_above):
             return "spike", now, forecast, residual / error, baseline
         return None
+
+    def _above_floor(self, forecasts: list[float]) -> list[float]:
+        """Forecasts on the signed scale never lie below a declared floor (a line heading past a hinge loss' 0)."""
+        if self.floor is not None and self.scale == "signed":
+            return [max(f, self.floor) for f in forecasts]
+        return forecasts
+
+    def _plateau(self, slope: float, span: float, at: float) -> bool:
+        """Whether a line of ``slope`` fell by less than half of ``min_change`` (relative to ``at``) over ``span``."""
+        return -slope * span <= self._least(at)[0] / 2
 
     def _flat_steps(self, blocks: list[tuple[int, int, float, float, int, float]]) -> int:
         """Steps from the start of this history until the fall out of its first level began: until a block
@@ -506,14 +518,12 @@ class DropDetector:
         if span <= 0:
             return None
         slope, intercept = _theil_sen(xs, ys)
-        if not self.risen and -slope * span > self._least(intercept + slope * xs[-1])[0] / 2:
-            # not a plateau that a fall left (its line fell by half of min_change or more), nor the way down
-            # from a rise (memorisation before grokking): a descent, judged by the baseline's line alone
+        if not self.risen and not self._plateau(slope, span, intercept + slope * xs[-1]):
+            # not a plateau that a fall left, nor the way down from a rise (memorisation before grokking): a
+            # descent, judged by the baseline's line alone
             return None
         positions = [(b[0] + b[1]) / 2 for b in recent]
-        forecasts = [intercept + slope * x for x in positions]
-        if self.floor is not None and self.scale == "signed":
-            forecasts = [max(f, self.floor) for f in forecasts]
+        forecasts = self._above_floor([intercept + slope * x for x in positions])
         residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
         spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
         noise = max(spread, sigma)
@@ -545,8 +555,8 @@ class DropDetector:
             # no descent yet, or too little to count: neither from the first block nor from the first quarter
             flat = max(series[0], start) - end <= least
             slowed = half - end <= max((start - half) / 2, least)
+            self.risen = rose
             if self.armed:  # armed by a flat start: has the first descent come and slowed down since?
-                self.risen = rose
                 # a descent that came and slowed: the recent half fell at most half as far as the first half
                 # (here without "or too little to count", which any stretch of a slow start satisfies)
                 # or a descent that has gone on, past the first min_change, for three times as long as the flat
@@ -555,7 +565,6 @@ class DropDetector:
                 going_on = self.last_step - (self.since_step or 0) - flat_for >= 3 * flat_for
                 self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or going_on)))
                 return
-            self.risen = rose
             self.armed = rose or flat or slowed
             # a flat start may be the slow start of a first descent still to come (a warm-up): until that
             # descent has come and slowed down, a drop must leave a plateau that lasted longer than its evidence
@@ -624,16 +633,15 @@ class DropDetector:
         self.all_positive = bool(state["all_positive"])
         self.last_step = int(state["last_step"])
         self._magnitude = float(state["magnitude"])
+        # the coarsest block being filled holds every finer one's values
+        self._values = [float(v) for v in state["levels"][-1]["current"]]
         for level, saved in zip(self._levels, state["levels"], strict=True):
             level.current_block = saved["block"]
-            if level is self._levels[-1]:  # the coarsest block being filled holds every finer one's values
-                self._values = [float(v) for v in saved["current"]]
+            level.start = len(self._values) - len(saved["current"])
             level.blocks.extend(
-                (int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4]), (self._to(b[2]) + self._to(b[3])) / 2)
+                (int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4]), self._scaled(b[2], b[3]))
                 for b in saved["blocks"]
             )
-        for level, saved in zip(self._levels, state["levels"], strict=True):
-            level.start = len(self._values) - len(saved["current"])
         self._recent_values.extend(float(v) for v in state["recent_values"])
         self._gaps.extend(int(g) for g in state["gaps"])
         self._interval = int(state["interval"])
