@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_phases import LossDropSentinel, ParamFreezeAssertion, PhaseCallback, Phases, SandboxCheck, ShiftTracker
 
@@ -28,17 +29,36 @@ def _function(member: Any) -> Any:
 
 
 def _methods(cls: type) -> dict[str, Any]:
-    """The non-dunder methods and properties defined in ``cls``'s own body."""
+    """The non-dunder methods and properties defined in ``cls``'s own body (not a base class's own function
+    installed on it, as PhaseCallback installs Lightning's no-op batch-start hooks on a subclass that needs none)."""
     return {
         name: function
         for name, member in vars(cls).items()
-        if not (name.startswith("__") and name.endswith("__")) and (function := _function(member)) is not None
+        if not (name.startswith("__") and name.endswith("__"))
+        and (function := _function(member)) is not None
+        and not any(vars(base).get(name) is member for base in cls.__mro__[1:])
     }
 
 
 def _overridden_bases(cls: type, name: str) -> list[type]:
     """The base classes of ``cls`` (up to and including Lightning's ``Callback``) that define ``name``."""
     return [base for base in cls.__mro__[1:] if base is not object and name in vars(base)]
+
+
+def test_a_callback_that_does_nothing_before_a_batch_is_not_called_there():
+    """Its batch-start hooks are Lightning's no-ops; a subclass that acts before a batch gets the dispatch back."""
+    for cls in (LossDropSentinel, SandboxCheck, ShiftTracker):
+        assert cls.on_train_batch_start is Callback.on_train_batch_start
+        assert cls.on_predict_batch_start is Callback.on_predict_batch_start
+    assert ParamFreezeAssertion.on_train_batch_start is PhaseCallback.on_train_batch_start
+
+    class Acting(LossDropSentinel):
+        @override
+        def on_batch_start(self, trainer, pl_module, stage, batch, batch_idx):
+            self.seen.append((stage, batch_idx))
+
+    assert Acting.on_train_batch_start is PhaseCallback.on_train_batch_start
+    assert Acting.on_test_batch_start is PhaseCallback.on_test_batch_start
 
 
 def test_the_walk_sees_the_hooks():

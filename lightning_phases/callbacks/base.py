@@ -33,6 +33,13 @@ from lightning_phases.reporting.report_model import Observation
 from lightning_phases.reporting.reporter import CHECKPOINT_KEY, Reporter
 from lightning_phases.validation import check_choice, check_name
 
+_BATCH_START_HOOKS = (
+    "on_train_batch_start",
+    "on_validation_batch_start",
+    "on_test_batch_start",
+    "on_predict_batch_start",
+)
+
 
 class PhaseCallback(Callback):
     """Base class of the lightning-phases callbacks.
@@ -466,8 +473,6 @@ class PhaseCallback(Callback):
         self._end(trainer, pl_module)
 
     def _batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if type(self).on_batch_start is PhaseCallback.on_batch_start:
-            return  # not overridden: a callback that does nothing before a batch costs nothing there
         stage = current_stage(trainer)
         if stage is not None:
             self._guarded(trainer, "on_batch_start", self.on_batch_start, trainer, pl_module, stage, batch, batch_idx)
@@ -516,3 +521,14 @@ class PhaseCallback(Callback):
     on_test_batch_end = on_validation_batch_end
     on_predict_batch_start = on_validation_batch_start
     on_predict_batch_end = on_validation_batch_end
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that does nothing before a batch is not called there: its batch-start hooks are
+        Lightning's no-ops, not a dispatch that finds nothing to do (about a microsecond per batch)."""
+        super().__init_subclass__(**kwargs)
+        idle = cls.on_batch_start is PhaseCallback.on_batch_start
+        for hook in _BATCH_START_HOOKS:
+            if idle and getattr(cls, hook) is getattr(PhaseCallback, hook):
+                setattr(cls, hook, getattr(Callback, hook))
+            elif not idle and getattr(cls, hook) is getattr(Callback, hook):  # a subclass of an idle one acts
+                setattr(cls, hook, getattr(PhaseCallback, hook))

@@ -19,6 +19,9 @@ the lower median of its values. A drop is judged at each level when one of its b
 * A **drop** needs the median of the recent blocks to lie more than ``threshold`` standard errors and more
   than ``min_change`` below the forecast, and below every baseline block by
   ``min_change`` too (a curve that merely stops flattening is not a drop). A **spike** is the mirror image.
+  Where the baseline's line is too uncertain, the recent blocks are also judged against the line through
+  ``window`` blocks four times as long that end before them (a forecast from four times as many values):
+  a leak into a small, noisy loss is found after a few fine blocks, not a few coarse ones.
 
 Short, sharp drops complete at fine levels within a few steps. A fall that takes longer than a window of
 fine blocks (a phase change, grokking's validation collapse) keeps each window's line close to it, so at every
@@ -76,6 +79,10 @@ MIN_EVIDENCE = 8  # steps the recent blocks must span together: the finest level
 # blocks of one step are kept (the arming reads them) but not judged: over MIN_EVIDENCE steps, blocks of two see
 # the same evidence at half the cost (the same decisions on the whole corpus and the held-out set)
 _FINEST_JUDGED = 1
+# a drop the baseline's line does not settle is judged against the line through ``window`` blocks of the level this
+# many levels coarser (4x as long) that end before the recent blocks: a forecast from 4x as many values, its slope
+# from a span 4x as long, read at the fine blocks (a leak into a small, noisy loss late in training)
+_COARSER = 2
 # once a value lies exactly at a declared floor, the log scale measures from this fraction of the typical distance
 # above the floor below it: values within it count as at the floor, and a fall to the floor is one of about 10x.
 # Of 0.01, 0.03, 0.1 and 0.2 on the corpus' and the held-out set's 10 hinge curves, the smallest that brought no
@@ -177,7 +184,10 @@ class _Level:
         """Close the current block, whose values are ``values``; ``scaled`` gives the median of a middle pair
         on the judged scale."""
         first = self.current_block << self.shift  # type: ignore[operator]
-        low, high = _middle_pair(values)
+        if len(values) == 1:  # most blocks of the finest levels
+            low = high = values[0]
+        else:
+            low, high = _middle_pair(values)
         self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), scaled(low, high)))
 
 
@@ -290,7 +300,7 @@ class DropDetector:
 
     def _scaled(self, low: float, high: float) -> float:
         """The median of a block with middle pair ``low``, ``high``, on the judged scale."""
-        return (self._to(low) + self._to(high)) / 2
+        return self._to(low) if low == high else (self._to(low) + self._to(high)) / 2
 
     @staticmethod
     def _block(block: tuple[int, int, float, float, int, float]) -> float:
@@ -458,7 +468,8 @@ class DropDetector:
             least_below, least_above = self._log_below, self._log_above
         else:
             least_below, least_above = self._least(_median(base))
-        dropping = now < min(base) - least_below
+        # before the detector is armed a drop is not judged (nor its long-horizon and coarse forms computed)
+        dropping = self.armed and now < min(base) - least_below
         spiking = now > max(base) + least_above
         if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
             return "back", now, now, 0.0, []  # the caller forgets the spike
@@ -466,7 +477,7 @@ class DropDetector:
         # every window's line close to it: the recent blocks, below every baseline block, are also judged
         # against the window before the baseline, when they lie ``min_change`` below every block of it
         long = None
-        if now < min(base):
+        if self.armed and now < min(base):
             # the window before the baseline, in this history (only a block being filled at a restart began before it)
             older = blocks[-2 * self.window - persistence : -self.window - persistence]
             if (
@@ -498,6 +509,10 @@ class DropDetector:
         plateau = not self.flat_start or self._plateau(slope, xs[-1] - xs[0], forecast)
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
+        if dropping and plateau and residual < -least_below:  # far enough below, not surely enough
+            coarse = self._coarse(level, recent, sigma, persistence, now)
+            if coarse is not None:
+                return coarse
         if long is not None:
             # the line of the window before the baseline, read far ahead: its noise is the larger of its own
             # spread and the baseline's
@@ -507,6 +522,54 @@ class DropDetector:
                 return "drop", now, long_forecast, long_residual / long_error, older
         if spiking and residual > max(self.threshold * error, least_above):
             return "spike", now, forecast, residual / error, baseline
+        return None
+
+    def _coarse(
+        self,
+        level: _Level,
+        recent: list[tuple[int, int, float, float, int, float]],
+        sigma: float,
+        persistence: int,
+        now: float,
+    ) -> tuple[str, float, float, float, list[tuple[int, int, float, float, int, float]]] | None:
+        """A ``"drop"`` assessment of the recent blocks against the line through the last ``window`` blocks of
+        the level ``_COARSER`` levels coarser that end before them (in this history), or ``None``.
+
+        The recent median's error is that of ``level`` (``sigma``); the forecast's is that of the coarser line
+        (its own spread, wander and per-value noise). The recent median must lie ``min_change`` below every
+        coarse block and below the coarse line by ``threshold`` standard errors.
+        """
+        index = level.shift + _COARSER
+        if index >= LEVELS:
+            return None
+        start = recent[0][0]
+        base: list[tuple[int, int, float, float, int, float]] = []
+        for block in reversed(self._levels[index].blocks):
+            if block[1] >= start:
+                continue
+            if block[0] < (self.since_step or 0) or len(base) == self.window:
+                break
+            base.append(block)
+        if len(base) < self.window:
+            return None
+        base.reverse()
+        ys = [b[5] for b in base]
+        least_below = self._least(_median(ys))[0]
+        if now >= min(ys) - least_below:
+            return None
+        xs = [(b[0] + b[1]) / 2 for b in base]
+        slope, intercept = _theil_sen(xs, ys)
+        forecasts = self._above_floor([intercept + slope * (b[0] + b[1]) / 2 for b in recent])
+        forecast = _median(forecasts)
+        residual = _median([b[5] - f for b, f in zip(recent, forecasts, strict=True)])
+        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
+        per_block = sum(b[4] for b in base) / len(base)
+        floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
+        wander = _difference_sigma([b[5] for b in self._levels[index].blocks if b[1] >= (self.since_step or 0)])
+        coarse_sigma = max(spread, wander, floor_noise, 1e-12)
+        error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, coarse_sigma))
+        if residual < -max(self.threshold * error, self._least(forecast)[0]):
+            return "drop", now, forecast, residual / error, base
         return None
 
     def _above_floor(self, forecasts: list[float]) -> list[float]:

@@ -16,6 +16,7 @@ import torch
 from digits import DigitsClassifier, DigitsDataModule
 from helpers import leet_records, read_jsonl, small_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from typing_extensions import override
 
 from lightning_phases import (
     LossDropSentinel,
@@ -327,3 +328,23 @@ def test_repeated_trainer_calls_release_the_event_log(tmp_path: Path) -> None:
     for index in range(5):
         run([ParamFreezeAssertion()], default_root_dir=tmp_path / str(index)).validate(model, data, verbose=False)
     assert open_fds() == before
+
+
+def test_a_subclass_that_acts_before_a_batch_is_called_before_every_batch_of_every_stage(tmp_path):
+    """LossDropSentinel does nothing before a batch (so it is not called there); a subclass that does is."""
+
+    class CountingSentinel(LossDropSentinel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.starts: list[tuple[str, int]] = []
+
+        @override
+        def on_batch_start(self, trainer, pl_module, stage, batch, batch_idx) -> None:
+            self.starts.append((stage, batch_idx))
+
+    sentinel = CountingSentinel()
+    trainer = small_trainer([sentinel], default_root_dir=tmp_path, max_epochs=1, limit_train_batches=3)
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+    trainer.test(DigitsClassifier(), DigitsDataModule(), verbose=False)
+    stages = [stage for stage, _ in sentinel.starts]
+    assert stages.count("train") == 3 and "validate" in stages and "test" in stages

@@ -141,6 +141,24 @@ def test_a_fall_from_a_plateau_slower_than_the_window_is_flagged_once_it_is_min_
     assert 960 <= step <= 1060 and -0.3 < verdict.change < -0.2
 
 
+def _noisy_late_leak(seed):
+    """A small loss, each batch 0.8 log-units of noise around a slow decline, that falls 6x at step 1000."""
+    rng = random.Random(seed)
+    return [0.03 * math.exp(-i / 3000) * (1 if i < 1000 else 1 / 6) * math.exp(rng.gauss(0, 0.8)) for i in range(1300)]
+
+
+def test_a_noisy_late_leak_is_judged_against_a_coarser_baseline_too():
+    """Three fine blocks right after a leak against a line through twelve blocks four times as long that end
+    before them: a forecast read from four times as many values, its slope from a span four times as long.
+    Over 10 seeds every leak is flagged within 64 steps, half within 40 (against the fine baseline alone:
+    16-88 steps, median 56), and nothing before it."""
+    delays = []
+    for seed in range(10):
+        [(step, _)] = drops(verdicts(_noisy_late_leak(seed)))
+        delays.append(step - 1000)
+    assert all(0 <= delay <= 64 for delay in delays) and sorted(delays)[4] <= 40
+
+
 @pytest.mark.parametrize("every", [1, 10])
 def test_grokking_validation_collapse_is_flagged_while_it_happens(every):
     curve = CURVES[f"grokking-every{every}-s1"]
