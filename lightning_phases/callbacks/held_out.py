@@ -179,11 +179,17 @@ class _UserState:
     """
 
     def __init__(self, pl_module: pl.LightningModule) -> None:
-        self.modes = {module: module.training for module in pl_module.modules()}
-        self.metrics = _metric_states(_metrics_of(pl_module))
+        self.modes: dict[Any, bool] = {}
         self.containers: list[tuple[Any, Any]] = []
-        for module in pl_module.modules():
+        metrics: dict[int, Any] = {}  # every torchmetrics Metric: submodules, and those in dict, list, tuple attributes
+        for module in pl_module.modules():  # one walk over the modules and their attributes
+            self.modes[module] = module.training
+            if _is_metric(module):
+                metrics[id(module)] = module
             for name, value in vars(module).items():
+                if isinstance(value, list | tuple | dict):
+                    items = value.values() if isinstance(value, dict) else value
+                    metrics.update((id(item), item) for item in items if _is_metric(item))
                 if name.startswith("_") or _is_metric(value):
                     continue
                 if isinstance(value, list):
@@ -191,6 +197,7 @@ class _UserState:
                 elif isinstance(value, dict):
                     self.containers.append((value, dict(value)))
                     self.containers.extend((inner, list(inner)) for inner in value.values() if isinstance(inner, list))
+        self.metrics = _metric_states(list(metrics.values()))
 
     def reset_metrics(self) -> None:
         for metric, _ in self.metrics:
@@ -297,26 +304,14 @@ def _validating(trainer: pl.Trainer) -> Iterator[None]:
 _METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache")
 
 
+try:  # Lightning installs torchmetrics; looked up once, not at each of the many checks per evaluation
+    from torchmetrics import Metric as _Metric
+except ImportError:  # pragma: no cover
+    _Metric = None
+
+
 def _is_metric(value: Any) -> bool:
-    try:
-        from torchmetrics import Metric
-    except ImportError:
-        return False
-    return isinstance(value, Metric)
-
-
-def _metrics_of(pl_module: pl.LightningModule) -> list[Any]:
-    """Every torchmetrics ``Metric`` of the module: submodules, and those kept in dict, list or tuple attributes."""
-    found: dict[int, Any] = {}
-    for module in pl_module.modules():
-        if _is_metric(module):
-            found[id(module)] = module
-        for value in vars(module).values():
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
-            for item in items:
-                if _is_metric(item):
-                    found.setdefault(id(item), item)
-    return list(found.values())
+    return _Metric is not None and isinstance(value, _Metric)
 
 
 def _metric_states(metrics: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
