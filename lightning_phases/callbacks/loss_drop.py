@@ -421,10 +421,13 @@ class LossDropSentinel(PhaseCallback):
         assert self.detector is not None
         verdicts = []
         for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
+            positive = self.detector.all_positive
             verdict = self.detector.update(value, step)
             self.checked += 1
             if math.isfinite(value):
                 self.curve.append((step, value))
+            if value == 0 and positive and not self.detector.all_positive and self.floor is None:
+                self._zero_without_floor(step)  # an exact 0 turned a positive loss into a signed one
             if verdict is not None:
                 verdicts.append((verdict, self.detector.seen))
         # act only once every value of this check is in the state, so a checkpoint taken now resumes exactly
@@ -432,6 +435,15 @@ class LossDropSentinel(PhaseCallback):
             self._flag(trainer, pl_module, verdict, stage, index)
         if source == "step" and self.probe.available and trainer.global_step >= self._next_reference:
             self._take_reference(trainer, pl_module)
+
+    def _zero_without_floor(self, step: int) -> None:
+        """A value of exactly 0 with no declared floor: from now on changes are judged in the values' own units."""
+        self.warn_once(
+            "zero without floor",
+            f"{self.monitor} is exactly 0 at step {step} and no floor is declared, so it is judged in its own units "
+            "from now on (as a signed loss). If 0 is a lower bound (a hinge loss, a cross-entropy), declare "
+            "floor=0.0: a fall to 0 is then judged as one of about 10x.",
+        )
 
     def _flag(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: Verdict, stage: Stage, index: int
@@ -486,7 +498,9 @@ class LossDropSentinel(PhaseCallback):
         explained = data["lr_changed"] or data["trainable_changed"]
         triage = ""
         if kind == "loss_drop":
-            data["triage"], data["triage_detail"], triage = self._triage(trainer, pl_module, verdict, explained)
+            data["triage"], data["triage_detail"], triage = self._triage(
+                trainer, pl_module, self._triage_onset(verdict), explained
+            )
             self.triaged[data["triage"]] = self.triaged.get(data["triage"], 0) + 1
         self.flags.append((trainer.global_step, kind, verdict.value))
         quiet = explained and self.ignore_explained
@@ -502,13 +516,26 @@ class LossDropSentinel(PhaseCallback):
         else:
             self.violation(trainer, kind, message, data, stage=stage)
 
+    def _triage_onset(self, verdict: Verdict) -> int:
+        """Where the drop's evidence began, or a spike flagged within its baseline (a leak that first raises the
+        loss, then lowers it): a held-out reference taken after that is not from before the event."""
+        assert self.detector is not None
+        horizon = verdict.onset_step - self.detector.window * verdict.block_steps
+        spikes = [
+            int(event.data["onset_step"])
+            for event in self.events
+            if event.kind == "loss_spike" and horizon <= int(event.data["onset_step"]) < verdict.onset_step
+        ]
+        return min([verdict.onset_step, *spikes])
+
     def _triage(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: Verdict, explained: bool
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, onset: int, explained: bool
     ) -> tuple[str, dict[str, Any], str]:
         """The drop's triage label, its numbers, and the sentence for the message.
 
         A drop of a validation metric is itself measured on held-out data. A drop of a per-step value is
-        compared with the held-out loss: evaluated now, and at the last reference at or before the drop's onset.
+        compared with the held-out loss: evaluated now, and at the last reference at or before ``onset`` (the
+        drop's, or that of a spike it came back from: a leak that first raises the loss).
         """
         if self.source == "validation":
             label = "explained" if explained else "generalizes"
@@ -524,10 +551,10 @@ class LossDropSentinel(PhaseCallback):
         if not math.isfinite(after) or not self._references:
             reason = self.probe.failure or (f"the held-out loss is {after}" if not math.isfinite(after) else "")
             self._give_up_triage(reason or "no reference evaluation before the drop")
-            return self._triage(trainer, pl_module, verdict, explained)
+            return self._triage(trainer, pl_module, onset, explained)
         before_step, before = self._references[0]
         for step, value in self._references:
-            if step <= verdict.onset_step:
+            if step <= onset:
                 before_step, before = step, value
         train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
         comparison = judge_drop(train_before, train_after, before, after, self.floor)

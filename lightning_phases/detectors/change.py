@@ -36,9 +36,14 @@ decisions agree up to the sampling.
 
 There is no warm-up count. Drops are judged only once the descent that began the series (or followed the
 last flagged drop) has slowed down: over the history since then, the recent half declined by at most half
-as much as the first half, or by less than ``min_change``, or the series rose by more than ``min_change``
-above where it began (the validation loss of a model that memorises first). However long an early descent
-that gathers speed lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
+as much as the first half, or the series rose by more than ``min_change`` above where it began (the
+median of three blocks in a row above the first block: the validation loss of a model that memorises first).
+A start with no descent yet, or whose recent half fell less than ``min_change`` (however much faster than
+its first half), arms the detector only provisionally: until the first descent has come and slowed down
+(or is under way at a steady pace: the first half of the history fell by half of ``min_change`` and the
+recent half at most twice as far), a drop must leave a plateau that lasted at least as long as its evidence
+(its baseline and recent blocks). However long an early descent that gathers speed lasts (a slow start, a
+learning-rate warm-up), it is never a "sudden drop".
 
 The scale is chosen by the values: ``log(value - floor)`` while every value lies above a declared lower
 bound ``floor`` (a value below it is ``impossible``), ``log(value)`` while every value has been positive
@@ -484,7 +489,7 @@ class DropDetector:
                 len(older) == self.window
                 and older[0][1] >= self.since_step
                 and now < min(b[5] for b in older) - least_below
-                and (not self.flat_start or self._flat_steps(blocks) >= recent[-1][1] - older[0][0])
+                and (not self.flat_start or self._flat_for(older[0][0], recent[-1][1]))
             ):
                 long = self._long_horizon(older, recent, persistence)
                 if long is not None and long[1] >= -self._least(long[0])[0]:
@@ -506,10 +511,13 @@ class DropDetector:
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
         # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau
-        plateau = not self.flat_start or self._plateau(slope, xs[-1] - xs[0], forecast)
+        # that lasted at least as long as its evidence (baseline and recent blocks)
+        plateau = not self.flat_start or (
+            self._plateau(slope, xs[-1] - xs[0], forecast) and self._flat_for(baseline[0][0], recent[-1][1])
+        )
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
-        if dropping and plateau and residual < -least_below:  # far enough below, not surely enough
+        if dropping and residual < -least_below:  # far enough below, not surely enough (or not from a plateau)
             coarse = self._coarse(level, recent, sigma, persistence, now)
             if coarse is not None:
                 return coarse
@@ -559,6 +567,11 @@ class DropDetector:
             return None
         xs = [(b[0] + b[1]) / 2 for b in base]
         slope, intercept = _theil_sen(xs, ys)
+        if self.flat_start and not (
+            self._plateau(slope, xs[-1] - xs[0], intercept + slope * xs[-1])
+            and self._flat_for(base[0][0], recent[-1][1])
+        ):
+            return None  # after a flat start, a drop must leave a plateau that lasted as long as its evidence
         forecasts = self._above_floor([intercept + slope * (b[0] + b[1]) / 2 for b in recent])
         forecast = _median(forecasts)
         residual = _median([b[5] - f for b, f in zip(recent, forecasts, strict=True)])
@@ -582,15 +595,34 @@ class DropDetector:
         """Whether a line of ``slope`` fell by less than half of ``min_change`` (relative to ``at``) over ``span``."""
         return -slope * span <= self._least(at)[0] / 2
 
-    def _flat_steps(self, blocks: list[tuple[int, int, float, float, int, float]]) -> int:
-        """Steps from the start of this history until the fall out of its first level began: until a block
-        first lay half of ``min_change`` below the first one."""
-        start = blocks[0][5]
+    def _flat_for(self, first: int, last: int) -> bool:
+        """Whether the flat start lasted at least as long as evidence from step ``first`` to step ``last``: a
+        short flat start followed by a fast fall is the slow start of the first descent, not a plateau it left."""
+        return self._flat_steps() >= last - first
+
+    def _history(self) -> list[tuple[int, int, float, float, int, float]]:
+        """The blocks of the finest level that still holds the whole of this history (none while too short)."""
+        since = self.since_step or 0
+        for level in self._levels:
+            if len(level.blocks) == level.blocks.maxlen and level.blocks[0][0] > since:
+                continue  # this level no longer holds the history's first blocks
+            return [b for b in level.blocks if b[0] >= since >> level.shift << level.shift]
+        return []
+
+    def _flat_steps(self) -> int:
+        """Steps from the start of this history until its fall began: about the middle of the first quarter's
+        worth of blocks whose median (not one noisy block) lay half of ``min_change`` below the first quarter's."""
+        since = self.since_step or 0
+        series = [self._block(b) for b in self._history()]
+        quarter = max(1, len(series) // 4)
+        if len(series) < 2 * quarter:
+            return self.last_step - since
+        start = _median(series[:quarter])
         least = self._least(start)[0] / 2
-        for block in blocks:
-            if block[5] < start - least:
-                return block[0] - (self.since_step or 0)
-        return self.last_step - (self.since_step or 0)
+        for i in range(1, len(series) - quarter + 1):
+            if _median(series[i : i + quarter]) < start - least:  # most of these blocks lie below: the fall
+                return self._history()[i + quarter // 2][0] - since  # began about the middle one
+        return self.last_step - since
 
     @staticmethod
     def _forecast_error(
@@ -649,12 +681,8 @@ class DropDetector:
     def _arm(self) -> None:
         """Arm once the descent that began this history has stopped speeding up (then it stays armed); after a
         flat start, tell when the first descent has come and slowed down."""
-        for level in self._levels:  # the finest level whose blocks still cover the whole history
-            blocks = [b for b in level.blocks if b[0] >= (self.since_step or 0) >> level.shift << level.shift]
-            if len(level.blocks) == level.blocks.maxlen and level.blocks[0][0] > (self.since_step or 0):
-                continue
-            if len(blocks) < _ARMING_BLOCKS:
-                return
+        blocks = self._history()  # the finest level whose blocks still cover the whole history
+        if len(blocks) >= _ARMING_BLOCKS:
             series = [self._block(b) for b in blocks]
             quarter = max(1, len(series) // 4)
             middle = len(series) // 2
@@ -662,28 +690,32 @@ class DropDetector:
             half = _median(series[middle - quarter // 2 : middle - quarter // 2 + quarter])
             end = _median(series[-quarter:])
             least = self._least(end)[0]
-            # slowing down: the recent half fell at most half as far as the first half did (or too little to
-            # count); or the series rose well above where it began (a validation loss while the model
-            # memorises): whatever descent began it is over
-            rose = max(series[1:]) - series[0] > self._least(series[0])[1]
+            # slowing down: the recent half fell at most half as far as the first half did; or the series rose
+            # well above where it began (a validation loss while the model memorises): whatever descent began
+            # it is over. Rose: the median of some three blocks in a row after the first (not one noisy block)
+            # lay well above the first block
+            rose = (
+                max(_median(series[i : i + 3]) for i in range(1, len(series) - 2)) - series[0]
+                > (self._least(series[0])[1])
+            )
             # no descent yet, or too little to count: neither from the first block nor from the first quarter
             flat = max(series[0], start) - end <= least
-            slowed = half - end <= max((start - half) / 2, least)
+            slowed = half - end <= (start - half) / 2
+            # a recent half that fell too little to count, but faster than the first half: a descent may be
+            # gathering speed (armed provisionally, like a flat start)
+            little = half - end <= least
             self.risen = rose
             if self.armed:  # armed by a flat start: has the first descent come and slowed down since?
-                # a descent that came and slowed: the recent half fell at most half as far as the first half
-                # (here without "or too little to count", which any stretch of a slow start satisfies)
-                # or a descent that has gone on, past the first min_change, for three times as long as the flat
-                # start lasted: well under way, whatever comes next is not its slow start
-                flat_for = self._flat_steps(blocks)
-                going_on = self.last_step - (self.since_step or 0) - flat_for >= 3 * flat_for
-                self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or going_on)))
+                # a descent that came and slowed: the recent half fell at most half as far as the first half;
+                # or one under way at a steady pace: the first half already fell by half of min_change, and the
+                # recent half at most twice as far (a slow start's descent still gathers speed)
+                steady = start - half >= self._least(start)[0] / 2 and half - end <= 2 * (start - half)
+                self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or steady)))
                 return
-            self.armed = rose or flat or slowed
+            self.armed = rose or flat or slowed or little
             # a flat start may be the slow start of a first descent still to come (a warm-up): until that
             # descent has come and slowed down, a drop must leave a plateau that lasted longer than its evidence
-            self.flat_start = flat and not rose
-            return
+            self.flat_start = (flat or (little and not slowed)) and not rose
 
     def _verdict(
         self,

@@ -483,6 +483,64 @@ def test_without_a_floor_the_same_negative_values_are_judged_on_the_signed_scale
     assert sentinel.events == [] and sentinel.detector is not None and sentinel.detector.scale == "signed"
 
 
+def test_a_leak_that_first_raises_the_loss_is_triaged_against_a_reference_from_before_its_spike(tmp_path):
+    """Found by a new user's trial: with gradient accumulation the leak first spikes the loss, and the drop's
+    onset comes after the spike; a held-out reference taken between the two is already inside the event
+    (it was, at step 310: "followed" -17%). The reference now predates a spike flagged within the drop's
+    baseline."""
+    sentinel = LossDropSentinel(direction="both", triage_every_n_steps=10)
+    fit(
+        sentinel,
+        Scripted(leak_label_from_step=300),
+        tmp_path,
+        steps=450,
+        noise=0.0,
+        accumulate_grad_batches=4,
+        limit_val_batches=3,
+    )
+    spike, drop = sentinel.events[:2]
+    assert spike.kind == "loss_spike" and drop.kind == "loss_drop"
+    assert spike.data["onset_step"] < drop.data["onset_step"]
+    detail = drop.data["triage_detail"]
+    assert detail["reference_step"] <= spike.data["onset_step"] and drop.data["triage"] == "train_only"
+    assert detail["followed"] < -0.5  # the held-out loss rose while the training loss fell
+
+
+class ClampedAtZero(Scripted):
+    """Returns max(0, cross-entropy - 0.3): a hinge-like loss whose batches reach exactly 0 as it converges."""
+
+    @override
+    def training_step(self, batch, batch_idx):
+        return torch.relu(super().training_step(batch, batch_idx) - 0.3)
+
+
+@pytest.mark.parametrize("floor", [None, 0.0])
+def test_an_exact_zero_without_a_floor_says_once_how_to_declare_one(tmp_path, floor):
+    """Found by a new user's trial: a hinge loss without ``floor=0.0`` was silently judged on the signed scale
+    from its first exact 0 on, where its leak to exact zeros went unflagged."""
+    pl.seed_everything(0)
+    sentinel = LossDropSentinel(floor=floor)
+    trainer = small_trainer([sentinel], default_root_dir=tmp_path, max_steps=300, max_epochs=-1, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", PhaseWarning)
+        trainer.fit(ClampedAtZero(), DigitsDataModule(label_noise=0.0))
+    assert sum(value == 0 for _, value in sentinel.curve) > 10
+    hints = [str(w.message) for w in record if "exactly 0" in str(w.message)]
+    if floor is None:
+        assert len(hints) == 1 and "declare floor=0.0" in hints[0] and sentinel.detector.scale == "signed"
+    else:
+        assert hints == [] and sentinel.detector.scale == "log_above_floor"
+
+
+def test_a_negative_loss_without_a_floor_gets_no_floor_hint(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", PhaseWarning)
+        sentinel = LossDropSentinel()
+        trainer = small_trainer([sentinel], default_root_dir=tmp_path, max_steps=100, max_epochs=-1)
+        trainer.fit(NegativeLoss(shift=1.0), DigitsDataModule(label_noise=0.2))
+    assert sentinel.detector.scale == "signed" and not any("exactly 0" in str(w.message) for w in record)
+
+
 def test_window_and_persistence_reach_the_detector_and_change_when_the_leak_is_flagged(tmp_path):
     flagged = {}
     for window, persistence in [(12, 3), (12, 24), (64, 3)]:  # the window's effect: tests/detectors/test_change.py

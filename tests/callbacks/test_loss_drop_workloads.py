@@ -124,3 +124,46 @@ def test_a_drop_of_an_always_negative_loss_is_flagged_on_the_signed_scale(tmp_pa
     drops = [event for event in sentinel.events if event.global_step >= 1500]
     assert [event.kind for event in drops] == ["loss_drop"] and drops[0].global_step <= 1550
     assert drops[0].data["scale"] == "signed" and drops[0].data["difference"] < -0.3
+
+
+class SmallCNN(pl.LightningModule):
+    """A new user's CNN (two 3x3 convolutions, max-pooling), SGD with momentum at lr 0.05."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 16, 10),
+        )
+
+    @override
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    @override
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_cnn_whose_loss_sits_at_ln10_then_falls_fast_is_not_flagged(tmp_path, seed):
+    """Found by a new user's trial (both seeds were flagged at step 40): the loss stays near ln 10 for about 25
+    steps, then falls 80% within 20. That is the first descent, slowly started."""
+    from sklearn.datasets import load_digits
+
+    pl.seed_everything(seed, verbose=False)
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:1400]
+    x, y = torch.tensor(images, dtype=torch.float32)[order] / 16, torch.tensor(labels)[order]
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    sentinel = LossDropSentinel(direction="both")
+    curve = run(sentinel, SmallCNN(), tmp_path, train, max_steps=200)
+    assert curve[1] > 2.2 and statistics.median(curve[s] for s in range(150, 200)) < 0.5  # it did fall
+    assert sentinel.events == []

@@ -265,6 +265,40 @@ def test_after_a_slow_start_a_later_leak_is_still_flagged(optimizer):
     assert 500 <= step <= 540 and verdict.change < -0.5
 
 
+def _accelerating_descent(seed, scale, noise, flat):
+    """A first descent that gathers speed: flat for ``flat`` steps, then a fall of 2.3 to 0.08 shaped like
+    exp(-(t / scale)**2), with ``noise`` log-units of noise per step."""
+    rng = random.Random(seed)
+    shape = [math.exp(-((max(0.0, t - flat) / scale) ** 2)) for t in range(300)]
+    return [(0.08 + 2.22 * level) * math.exp(rng.gauss(0, noise)) for level in shape]
+
+
+@pytest.mark.parametrize("flat", [0, 10])
+@pytest.mark.parametrize("scale", [10, 15, 20, 30])
+def test_a_first_descent_that_gathers_speed_is_not_a_drop(scale, flat):
+    """Found by a new user's trial: MLPs and CNNs on digits at high learning rates (SGD 0.05-0.1, Adam 3e-3)
+    were flagged at step 40 in 9 of 39 runs. A recent half that fell less than ``min_change`` but faster than
+    the first half no longer arms the detector for good (only provisionally, as a flat start does), and a drop
+    after a flat start must leave a plateau at least as long as its evidence (7 of these 48 curves were
+    flagged before)."""
+    for noise in (0.03, 0.1):
+        for seed in range(3):
+            assert verdicts(_accelerating_descent(seed, scale, noise, flat)) == []
+
+
+def test_one_noisy_block_above_the_first_is_not_a_rise():
+    """ "Rose above where it began" (memorisation before grokking) looks at medians of three blocks in a row,
+    not at single blocks: one batch 35% above the first in a flat, noisy start does not end the
+    provision of the flat start (it did, and a parity task's first descent was flagged)."""
+    rng = random.Random(0)
+    values = [0.7 * math.exp(rng.gauss(0, 0.05)) for _ in range(40)]
+    values[5] = 0.95
+    detector = DropDetector()
+    for step, value in enumerate(values):
+        detector.update(value, step)
+    assert detector.armed and detector.flat_start and not detector.risen
+
+
 def test_a_plateau_longer_than_the_evidence_then_a_fall_is_a_drop():
     """The other side: a flat start that lasts (a plateau) and then a fall is judged (a phase change)."""
     values = [2.3 * (1 - 0.0001 * i) + 0.01 * math.sin(i) for i in range(400)]
