@@ -91,7 +91,8 @@ class LossDropSentinel(PhaseCallback):
             cross-entropy or an MSE); the first value below it is a ``critical`` ``impossible_loss`` event,
             then the ``on_violation`` action. Changes are then judged in ``log(value - floor)``, measured
             from a tenth of the typical distance above the floor once a value lies exactly at it (a hinge
-            loss' zeros). ``None`` declares no bound.
+            loss' zeros); a drop found there is not checked again in the values' own units (a series heading
+            for a bound it cannot cross is collapsing, not about to cross it). ``None`` declares no bound.
         check_every_n_steps: Training steps between checks of per-step values; between checks values stay on
             the device with no host synchronisation. Validation values are checked when validation ends.
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
