@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.callbacks.held_out import HeldOutProbe
 from lightning_phases.detectors.change import DropDetector, Verdict
-from lightning_phases.detectors.triage import judge_drop
+from lightning_phases.detectors.triage import judge_drop, moved_like
 from lightning_phases.exceptions import LossDropDetected, PhaseUsageError
 from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
@@ -499,9 +499,7 @@ class LossDropSentinel(PhaseCallback):
         explained = data["lr_changed"] or data["trainable_changed"]
         triage = ""
         if kind == "loss_drop":
-            data["triage"], data["triage_detail"], triage = self._triage(
-                trainer, pl_module, self._triage_onset(verdict), explained
-            )
+            data["triage"], data["triage_detail"], triage = self._triage(trainer, pl_module, verdict, explained)
             self.triaged[data["triage"]] = self.triaged.get(data["triage"], 0) + 1
         self.flags.append((trainer.global_step, kind, verdict.value))
         quiet = explained and self.ignore_explained
@@ -530,13 +528,16 @@ class LossDropSentinel(PhaseCallback):
         return min([verdict.onset_step, *spikes])
 
     def _triage(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, onset: int, explained: bool
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: Verdict, explained: bool
     ) -> tuple[str, dict[str, Any], str]:
         """The drop's triage label, its numbers, and the sentence for the message.
 
         A drop of a validation metric is itself measured on held-out data. A drop of a per-step value is
-        compared with the held-out loss: evaluated now, and at the last reference at or before ``onset`` (the
-        drop's, or that of a spike it came back from: a leak that first raises the loss).
+        compared with the held-out loss evaluated now and at the last reference before the drop (before its
+        onset, or a spike it came back from: a leak that first raises the loss). Both are taken net of the
+        trend: the training loss' fall is the drop itself (its level against its forecast), and the held-out
+        loss' is measured from where it would be now had it moved since the reference as the training loss'
+        forecast did (ordinary learning between an early reference and the drop is not the drop).
         """
         if self.source == "validation":
             label = "explained" if explained else "generalizes"
@@ -552,13 +553,15 @@ class LossDropSentinel(PhaseCallback):
         if not math.isfinite(after) or not self._references:
             reason = self.probe.failure or (f"the held-out loss is {after}" if not math.isfinite(after) else "")
             self._give_up_triage(reason or "no reference evaluation before the drop")
-            return self._triage(trainer, pl_module, onset, explained)
+            return self._triage(trainer, pl_module, verdict, explained)
+        onset = self._triage_onset(verdict)
         before_step, before = self._references[0]
         for step, value in self._references:
             if step <= onset:
                 before_step, before = step, value
         train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
-        comparison = judge_drop(train_before, train_after, before, after, self.floor)
+        expected = moved_like(before, train_before, verdict.forecast, self.floor)
+        comparison = judge_drop(verdict.forecast, verdict.level, expected, after, self.floor)
         label = "explained" if explained else comparison.label
         detail = {
             "basis": "held-out batches evaluated with validation_step",
@@ -566,8 +569,11 @@ class LossDropSentinel(PhaseCallback):
             "held_out_batches": len(self.probe.cached),
             "reference_step": before_step,
             "held_out_before": before,
+            "held_out_expected": expected,
             "held_out_after": after,
             "train_before": train_before,
+            "train_forecast": verdict.forecast,
+            "train_level": verdict.level,
             "train_after": train_after,
             "followed": comparison.followed,
             "scale": comparison.scale,
@@ -580,8 +586,8 @@ class LossDropSentinel(PhaseCallback):
             "explained": "see the coinciding change",
         }[label]
         numbers = (
-            f"held-out {before:.4g} at step {before_step} -> {after:.4g}, training {train_before:.4g} -> "
-            f"{train_after:.4g}"
+            f"held-out {before:.4g} at step {before_step} -> {after:.4g}, {expected:.4g} expected on the training "
+            f"trend; training {verdict.level:.4g} against its forecast {verdict.forecast:.4g}"
         )
         if comparison.followed is not None:
             numbers += f", followed {comparison.followed:.0%}"

@@ -76,3 +76,19 @@ def judge_drop(
     followed = held_change / train_change
     label: TriageLabel = "generalizes" if followed >= FOLLOWED else "train_only"
     return DropComparison(label, followed, train_change, held_change, scale)
+
+
+def moved_like(value: float, reference: float, now: float, floor: float | None = None) -> float:
+    """``value`` moved as another loss moved from ``reference`` to ``now``: by the same factor above ``floor``
+    (0 when ``None``) when all three lie above it, else by the same difference (a signed loss).
+
+    Args:
+        value: Where the loss stood (the held-out loss at a reference evaluation).
+        reference: Where the other loss stood then (the training loss' level at the reference).
+        now: Where the other loss is heading now (the training loss' forecast at the drop).
+        floor: The losses' declared lower bound, if any.
+    """
+    base = 0.0 if floor is None else floor
+    if value > base and reference > base and now > base:
+        return base + (value - base) * (now - base) / (reference - base)
+    return value + now - reference

@@ -19,7 +19,7 @@ from test_loss_drop import Scripted, fit
 from typing_extensions import override
 
 from lightning_phases import LossDropSentinel, PhaseUsageError, PhaseWarning
-from lightning_phases.detectors.triage import judge_drop
+from lightning_phases.detectors.triage import judge_drop, moved_like
 
 
 def leak_fit(sentinel, tmp_path, steps=560, **model_options):
@@ -354,3 +354,79 @@ def test_what_users_do_in_validation_is_left_as_it_was_and_the_logged_metric_is_
     [leak] = [event for event in drops(on) if event.global_step >= 400]
     assert leak.data["triage"] == "train_only"
     assert leak.data["triage_detail"]["held_out_metric"] == "val/loss"
+
+
+def test_moved_like_scales_above_the_floor_and_shifts_a_signed_loss():
+    assert moved_like(0.6, 0.5, 0.25) == pytest.approx(0.3)  # the other loss halved: so does this one
+    assert moved_like(1.2, 1.5, 1.25, floor=1.0) == pytest.approx(1.1)  # halved above the floor of 1
+    assert moved_like(0.2, 0.5, -0.5) == pytest.approx(-0.8)  # signed: the same difference
+
+
+class DictMLP(pl.LightningModule):
+    """A new user's MLP on dict batches, Adam 1e-3; the label leaks into border pixels from ``leak_from``."""
+
+    def __init__(self, leak_from: int, leak_in_validation: bool) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        self.leak_from, self.leak_in_validation = leak_from, leak_in_validation
+
+    def loss(self, batch, leak):
+        x, y = batch["x"], batch["y"]
+        if leak:
+            x = x.clone()
+            x[:, [0, 7, 8, 15, 16, 23, 24, 31, 32, 39]] = torch.nn.functional.one_hot(y, 10).float() * 3
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch, self.global_step >= self.leak_from)
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss(batch, self.leak_in_validation and self.global_step >= self.leak_from))
+
+    @override
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def dict_loaders():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    x, y = torch.tensor(images, dtype=torch.float32)[order] / 16, torch.tensor(labels)[order]
+    rows = [{"x": xi, "y": yi} for xi, yi in zip(x, y, strict=True)]
+    train = torch.utils.data.DataLoader(rows[:1400], batch_size=32, shuffle=True)
+    return train, torch.utils.data.DataLoader(rows[1400:], batch_size=100)
+
+
+@pytest.mark.parametrize(("leak_in_validation", "label"), [(False, "train_only"), (True, "generalizes")])
+def test_a_leak_during_the_first_descent_is_triaged_net_of_the_trend(tmp_path, leak_in_validation, label):
+    """Found by a new user's trial: a leak at step 300 of a descent still under way, with gradient
+    accumulation, was triaged "generalizes": the last reference (step 160) came before 140 steps of ordinary
+    learning that lowered the held-out loss too. The held-out loss is now measured from where it would be had
+    it moved as the training loss' forecast did since the reference; the same leak reaching the validation
+    data too is still a capability jump by this measure."""
+    pl.seed_everything(0)
+    sentinel = LossDropSentinel()
+    trainer = small_trainer(
+        [sentinel],
+        default_root_dir=tmp_path,
+        max_steps=400,
+        max_epochs=-1,
+        limit_train_batches=1.0,
+        limit_val_batches=3,
+        check_val_every_n_epoch=100,
+        accumulate_grad_batches=4,
+    )
+    train, val = dict_loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(DictMLP(300, leak_in_validation), train, val)
+    [drop] = [event for event in sentinel.events if event.kind == "loss_drop"]
+    detail = drop.data["triage_detail"]
+    assert drop.global_step >= 300 and detail["reference_step"] < 300 and drop.data["triage"] == label
+    # the training trend since the reference would have lowered the held-out loss too
+    assert detail["held_out_expected"] < 0.9 * detail["held_out_before"]
+    assert f"expected on the training trend; training {drop.data['level']:.4g}" in drop.message
