@@ -669,6 +669,8 @@ class DropDetector:
             # not a plateau that a fall left, nor the way down from a rise (memorisation before grokking): a
             # descent, judged by the baseline's line alone
             return None
+        if slope > 0:  # a rise is not read ahead so far: judged against where it got to, not where it was going
+            slope, intercept = 0.0, _median(ys[len(ys) // 2 :])
         positions = [(b[0] + b[1]) / 2 for b in recent]
         forecasts = self._above_floor([intercept + slope * x for x in positions])
         residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
@@ -709,7 +711,11 @@ class DropDetector:
                 # a descent that came and slowed: the recent half fell at most half as far as the first half;
                 # or one under way at a steady pace: the first half already fell by half of min_change, and the
                 # recent half at most twice as far (a slow start's descent still gathers speed)
-                steady = start - half >= self._least(start)[0] / 2 and half - end <= 2 * (start - half)
+                steady = (
+                    self.last_step - (self.since_step or 0) >= 4 * _ARMING_BLOCKS  # not judged on a short history
+                    and start - half >= self._least(start)[0] / 2
+                    and half - end <= 2 * (start - half)
+                )
                 self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or steady)))
                 return
             self.armed = rose or flat or slowed or little

@@ -5,6 +5,7 @@ case that must stay right.
 """
 
 import importlib.util
+import json
 import math
 import random
 import sys
@@ -284,6 +285,33 @@ def test_a_first_descent_that_gathers_speed_is_not_a_drop(scale, flat):
     for noise in (0.03, 0.1):
         for seed in range(3):
             assert verdicts(_accelerating_descent(seed, scale, noise, flat)) == []
+
+
+def test_a_first_descent_that_looks_steady_early_and_then_speeds_up_is_not_a_drop():
+    """A recorded hinge-loss MLP run (a new user's re-trial): its first 48 steps fell at an even pace, then the
+    fall sped up (0.55 to 0.39 within 8 steps). The provision of its flat start ended at step 48 on that short
+    history and the speed-up was flagged at step 64; a steady pace now needs 64 steps of history to count."""
+    curve = json.loads((Path(__file__).parent / "data" / "hinge_mlp_first_descent.json").read_text())
+    assert verdicts(curve["values"], curve["steps"], floor=0.0) == []
+
+
+def _leak_that_first_raises_the_loss(seed):
+    """A loss of 0.1 (0.4 log-units of noise per step) that a leak first raises to 0.6 over 16 steps, then
+    lowers to 0.01."""
+    rng = random.Random(seed)
+    levels = [0.1] * 1000 + [0.1 + 0.5 * t / 16 for t in range(16)]
+    levels += [0.6 * math.exp(-t / 10) + 0.01 for t in range(284)]
+    return [level * math.exp(rng.gauss(0, 0.4)) for level in levels]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_rise_is_not_read_ahead_as_the_forecast_of_a_drop(seed):
+    """Judged against the window before the baseline, a window that rose was read ahead as a line: a drop
+    "below the forecast 6.4" of a loss that never exceeded about 1 (and a triage that took that forecast as the
+    training trend). A rising window now stands for where it got to."""
+    values = _leak_that_first_raises_the_loss(seed)
+    [(step, verdict)] = drops(verdicts(values))
+    assert 1016 <= step <= 1100 and verdict.forecast <= max(values[: step + 1])
 
 
 def test_one_noisy_block_above_the_first_is_not_a_rise():
