@@ -612,7 +612,14 @@ class LossDropSentinel(PhaseCallback):
         trainable = [change for change in recent if change[1] == "trainable"]
         reasons = []
         if rates:
-            reasons.append(f"a learning-rate change {list(rates[0][2])} -> {list(rates[-1][3])} at step {rates[0][0]}")
+            old, new = list(rates[0][2]), list(rates[-1][3])
+            if len(old) == len(new):
+                reasons.append(f"a learning-rate change {old} -> {new} at step {rates[0][0]}")
+            else:  # a fine-tuning callback adding the unfrozen backbone as a group of its own
+                what = "added to" if len(new) > len(old) else "removed from"
+                reasons.append(
+                    f"parameter groups {what} the optimizer (learning rates {old} -> {new}) at step {rates[0][0]}"
+                )
         if trainable:
             reasons.append(
                 f"a change of the trainable parameters ({trainable[0][2]} -> {trainable[-1][3]} tensors) "

@@ -354,6 +354,32 @@ def test_a_drop_coinciding_with_an_unfreeze_is_explained(tmp_path):
     assert event.data["lr_changed"] is False and "trainable parameters" in event.message
 
 
+class UnfreezeIntoANewGroup(UnfreezeAt):
+    """The optimizer holds the head only; at ``step`` the backbone joins it as a parameter group of its own, at
+    the same learning rate (what Lightning's BackboneFinetuning does)."""
+
+    @override
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=3e-3)
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == self.unfreeze_step:
+            self.backbone.requires_grad_(True)
+            self.trainer.optimizers[0].add_param_group({"params": list(self.backbone.parameters()), "lr": 3e-3})
+
+
+def test_a_parameter_group_added_at_an_unfreeze_is_named_as_such_not_as_a_rate_change(tmp_path):
+    """Found by a new user's trial with BackboneFinetuning: the added group read "a learning-rate change
+    [0.001] -> [0.001, 0.001]" though no rate moved."""
+    sentinel = LossDropSentinel()
+    fit(sentinel, UnfreezeIntoANewGroup(398, leak_label_from_step=400), tmp_path)
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and event.data["lr_changed"] and event.data["trainable_changed"]
+    assert "parameter groups added to the optimizer (learning rates [0.003] -> [0.003, 0.003])" in event.message
+    assert "learning-rate change" not in event.message
+
+
 class TeacherStudent(pl.LightningModule):
     """A student MLP learns a fixed teacher network's classes with SGD at a high learning rate, which keeps it
     jittering above what it could reach; a step schedule cuts the rate tenfold at ``cut_at`` (a real
