@@ -65,7 +65,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -496,17 +496,7 @@ class DropDetector:
                     long = None
         if not (dropping or spiking or long):
             return None
-        xs = [(b[0] + b[1]) / 2 for b in baseline]
-        slope, intercept = _theil_sen(xs, base)
-        forecasts = [intercept + slope * (b[0] + b[1]) / 2 for b in recent]
-        forecasts = self._above_floor(forecasts)
-        forecast = _median(forecasts)
-        residual = _median([self._block(b) - f for b, f in zip(recent, forecasts, strict=True)])
-        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, base, strict=True)])
-        per_block = sum(b[4] for b in baseline) / len(baseline)
-        floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
-        wander = _difference_sigma([self._block(b) for b in level.blocks if b[1] >= self.since_step])
-        sigma = max(spread, wander, floor_noise, 1e-12)
+        xs, slope, forecast, residual, sigma = self._fit(baseline, recent, level.blocks)
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
@@ -565,25 +555,36 @@ class DropDetector:
         least_below = self._least(_median(ys))[0]
         if now >= min(ys) - least_below:
             return None
-        xs = [(b[0] + b[1]) / 2 for b in base]
-        slope, intercept = _theil_sen(xs, ys)
+        xs, slope, forecast, residual, coarse_sigma = self._fit(base, recent, self._levels[index].blocks)
         if self.flat_start and not (
-            self._plateau(slope, xs[-1] - xs[0], intercept + slope * xs[-1])
-            and self._flat_for(base[0][0], recent[-1][1])
+            self._plateau(slope, xs[-1] - xs[0], forecast) and self._flat_for(base[0][0], recent[-1][1])
         ):
             return None  # after a flat start, a drop must leave a plateau that lasted as long as its evidence
-        forecasts = self._above_floor([intercept + slope * (b[0] + b[1]) / 2 for b in recent])
-        forecast = _median(forecasts)
-        residual = _median([b[5] - f for b, f in zip(recent, forecasts, strict=True)])
-        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
-        per_block = sum(b[4] for b in base) / len(base)
-        floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
-        wander = _difference_sigma([b[5] for b in self._levels[index].blocks if b[1] >= (self.since_step or 0)])
-        coarse_sigma = max(spread, wander, floor_noise, 1e-12)
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, coarse_sigma))
         if residual < -max(self.threshold * error, self._least(forecast)[0]):
             return "drop", now, forecast, residual / error, base
         return None
+
+    def _fit(
+        self,
+        baseline: list[tuple[int, int, float, float, int, float]],
+        recent: list[tuple[int, int, float, float, int, float]],
+        blocks: Iterable[tuple[int, int, float, float, int, float]],
+    ) -> tuple[list[float], float, float, float, float]:
+        """``(xs, slope, forecast, residual, sigma)`` of the Theil-Sen line through ``baseline`` (at its blocks'
+        middles ``xs``) read at the ``recent`` blocks: the median forecast, the median residual of the recent
+        blocks, and the noise of one block at that scale, the largest of the line's spread, the wander of
+        ``blocks`` (the level's) since this history began and what the per-value noise implies."""
+        xs = [(b[0] + b[1]) / 2 for b in baseline]
+        ys = [b[5] for b in baseline]
+        slope, intercept = _theil_sen(xs, ys)
+        forecasts = self._above_floor([intercept + slope * (b[0] + b[1]) / 2 for b in recent])
+        residual = _median([b[5] - f for b, f in zip(recent, forecasts, strict=True)])
+        spread = _MAD_TO_SIGMA * _median([abs(y - (intercept + slope * x)) for x, y in zip(xs, ys, strict=True)])
+        per_block = sum(b[4] for b in baseline) / len(baseline)
+        floor_noise = self._value_noise() / math.sqrt(per_block) * (_MEDIAN_SE if per_block > 2 else 1.0)
+        wander = _difference_sigma([b[5] for b in blocks if b[1] >= (self.since_step or 0)])
+        return xs, slope, _median(forecasts), residual, max(spread, wander, floor_noise, 1e-12)
 
     def _above_floor(self, forecasts: list[float]) -> list[float]:
         """Forecasts on the signed scale never lie below a declared floor (a line heading past a hinge loss' 0)."""
@@ -595,11 +596,6 @@ class DropDetector:
         """Whether a line of ``slope`` fell by less than half of ``min_change`` (relative to ``at``) over ``span``."""
         return -slope * span <= self._least(at)[0] / 2
 
-    def _flat_for(self, first: int, last: int) -> bool:
-        """Whether the flat start lasted at least as long as evidence from step ``first`` to step ``last``: a
-        short flat start followed by a fast fall is the slow start of the first descent, not a plateau it left."""
-        return self._flat_steps() >= last - first
-
     def _history(self) -> list[tuple[int, int, float, float, int, float]]:
         """The blocks of the finest level that still holds the whole of this history (none while too short)."""
         since = self.since_step or 0
@@ -609,20 +605,26 @@ class DropDetector:
             return [b for b in level.blocks if b[0] >= since >> level.shift << level.shift]
         return []
 
-    def _flat_steps(self) -> int:
-        """Steps from the start of this history until its fall began: about the middle of the first quarter's
-        worth of blocks whose median (not one noisy block) lay half of ``min_change`` below the first quarter's."""
+    def _flat_for(self, first: int, last: int) -> bool:
+        """Whether the flat start lasted at least as long as evidence from step ``first`` to step ``last``: a
+        short flat start followed by a fast fall is the slow start of the first descent, not a plateau it left.
+
+        The flat start lasted until its fall began: about the middle of the first quarter's worth of blocks
+        whose median (not one noisy block) lay half of ``min_change`` below the first quarter's.
+        """
         since = self.since_step or 0
-        series = [self._block(b) for b in self._history()]
+        history = self._history()
+        series = [self._block(b) for b in history]
         quarter = max(1, len(series) // 4)
-        if len(series) < 2 * quarter:
-            return self.last_step - since
-        start = _median(series[:quarter])
-        least = self._least(start)[0] / 2
-        for i in range(1, len(series) - quarter + 1):
-            if _median(series[i : i + quarter]) < start - least:  # most of these blocks lie below: the fall
-                return self._history()[i + quarter // 2][0] - since  # began about the middle one
-        return self.last_step - since
+        flat = self.last_step - since
+        if len(series) >= 2 * quarter:
+            start = _median(series[:quarter])
+            least = self._least(start)[0] / 2
+            for i in range(1, len(series) - quarter + 1):
+                if _median(series[i : i + quarter]) < start - least:  # most of these blocks lie below: the fall
+                    flat = history[i + quarter // 2][0] - since  # began about the middle one
+                    break
+        return flat >= last - first
 
     @staticmethod
     def _forecast_error(
