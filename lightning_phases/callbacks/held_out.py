@@ -187,6 +187,8 @@ class _UserState:
             if _is_metric(module):
                 metrics[id(module)] = module
             for name, value in vars(module).items():
+                if name in _MODULE_INTERNALS:  # torch's own bookkeeping (submodules are walked on their own)
+                    continue
                 if isinstance(value, list | tuple | dict):
                     items = value.values() if isinstance(value, dict) else value
                     metrics.update((id(item), item) for item in items if _is_metric(item))
@@ -302,6 +304,10 @@ def _validating(trainer: pl.Trainer) -> Iterator[None]:
 
 
 _METRIC_COUNTERS = ("_update_count", "_computed", "_forward_cache")
+
+# The attributes every torch module has (parameters, buffers, submodules, hooks, the training flag): nothing
+# validation_step appends to, and no Metric outside the submodules the walk visits anyway.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 
 
 try:  # Lightning installs torchmetrics; looked up once, not at each of the many checks per evaluation
