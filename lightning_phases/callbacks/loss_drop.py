@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_phases.callbacks.base import PhaseCallback
 from lightning_phases.callbacks.held_out import HeldOutProbe
 from lightning_phases.detectors.change import DropDetector, Verdict
-from lightning_phases.detectors.triage import judge_drop, moved_like
+from lightning_phases.detectors.triage import expected_held_out, judge_drop
 from lightning_phases.exceptions import LossDropDetected, PhaseUsageError
 from lightning_phases.phases import PhaseTable, Stage
 from lightning_phases.reporting.events import PhaseEvent
@@ -536,8 +536,10 @@ class LossDropSentinel(PhaseCallback):
         compared with the held-out loss evaluated now and at the last reference before the drop (before its
         onset, or a spike it came back from: a leak that first raises the loss). Both are taken net of the
         trend: the training loss' fall is the drop itself (its level against its forecast), and the held-out
-        loss' is measured from where it would be now had it moved since the reference as the training loss'
-        forecast did (ordinary learning between an early reference and the drop is not the drop).
+        loss' is measured from where it would be now (:func:`expected_held_out`): moved since the reference as
+        the training loss' forecast did (ordinary learning between an early reference and the drop is not the
+        drop), or, where its own trend over its last two references was flatter (a model overfitting), on that
+        trend, never above the reference.
         """
         if self.source == "validation":
             label = "explained" if explained else "generalizes"
@@ -555,12 +557,10 @@ class LossDropSentinel(PhaseCallback):
             self._give_up_triage(reason or "no reference evaluation before the drop")
             return self._triage(trainer, pl_module, verdict, explained)
         onset = self._triage_onset(verdict)
-        before_step, before = self._references[0]
-        for step, value in self._references:
-            if step <= onset:
-                before_step, before = step, value
+        prior = [reference for reference in self._references if reference[0] <= onset] or self._references[:1]
+        before_step, before = prior[-1]
         train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
-        expected = moved_like(before, train_before, verdict.forecast, self.floor)
+        expected, basis = expected_held_out(prior, train_before, verdict.forecast, trainer.global_step, self.floor)
         comparison = judge_drop(verdict.forecast, verdict.level, expected, after, self.floor)
         label = "explained" if explained else comparison.label
         detail = {
@@ -570,6 +570,7 @@ class LossDropSentinel(PhaseCallback):
             "reference_step": before_step,
             "held_out_before": before,
             "held_out_expected": expected,
+            "expected_on": basis,
             "held_out_after": after,
             "train_before": train_before,
             "train_forecast": verdict.forecast,
@@ -586,8 +587,8 @@ class LossDropSentinel(PhaseCallback):
             "explained": "see the coinciding change",
         }[label]
         numbers = (
-            f"held-out {before:.4g} at step {before_step} -> {after:.4g}, {expected:.4g} expected on the training "
-            f"trend; training {verdict.level:.4g} against its forecast {verdict.forecast:.4g}"
+            f"held-out {before:.4g} at step {before_step} -> {after:.4g}, {expected:.4g} expected on {basis}; "
+            f"training {verdict.level:.4g} against its forecast {verdict.forecast:.4g}"
         )
         if comparison.followed is not None:
             numbers += f", followed {comparison.followed:.0%}"

@@ -7,6 +7,7 @@ steps, on the same scale.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,3 +93,52 @@ def moved_like(value: float, reference: float, now: float, floor: float | None =
     if value > base and reference > base and now > base:
         return base + (value - base) * (now - base) / (reference - base)
     return value + now - reference
+
+
+ExpectedBasis = Literal["the training trend", "its own trend", "its reference level"]
+
+
+def expected_held_out(
+    references: Sequence[tuple[int, float]],
+    train_before: float,
+    train_forecast: float,
+    now_step: int,
+    floor: float | None = None,
+) -> tuple[float, ExpectedBasis]:
+    """Where the held-out loss would stand at ``now_step`` had nothing happened, and on what that rests.
+
+    Two guesses bound it: the held-out loss moved from its last reference as the training loss' forecast did
+    (:func:`moved_like`), or it stayed where it was. Between those, its own trend decides: the line through its
+    last two references (in ``log(value - floor)``, or in its own units for a signed loss) read at
+    ``now_step``. Where the two losses went the same way it is the training trend; where the held-out loss had
+    stopped following (a model overfitting: its training loss falls and its held-out loss does not), its own,
+    flatter, trend; a held-out loss that was rising is expected to stay where it was, not to rise further.
+
+    Args:
+        references: The held-out loss' reference evaluations at or before the drop, ``(step, value)``, oldest
+            first (at least one).
+        train_before: The training loss' level at the last reference.
+        train_forecast: The training loss' forecast at the drop (where its trend was heading).
+        now_step: The step the held-out loss is evaluated at after the drop.
+        floor: The losses' declared lower bound, if any.
+    """
+    if not references:
+        raise ValueError("expected_held_out needs at least one reference evaluation")
+    step, value = references[-1]
+    on_training = moved_like(value, train_before, train_forecast, floor)
+    low, high = sorted((on_training, value))
+    if len(references) < 2 or on_training == value:
+        return on_training, "the training trend"
+    (older_step, older), base = references[-2], 0.0 if floor is None else floor
+    if older_step >= step:
+        return on_training, "the training trend"
+    ahead = (now_step - step) / (step - older_step)
+    if older > base and value > base:
+        own = base + (value - base) * ((value - base) / (older - base)) ** ahead
+    else:
+        own = value + (value - older) * ahead
+    if own <= low:
+        return low, "the training trend" if low == on_training else "its reference level"
+    if own >= high:
+        return high, "the training trend" if high == on_training else "its reference level"
+    return own, "its own trend"

@@ -19,7 +19,7 @@ from test_loss_drop import Scripted, fit
 from typing_extensions import override
 
 from lightning_phases import LossDropSentinel, PhaseUsageError, PhaseWarning
-from lightning_phases.detectors.triage import judge_drop, moved_like
+from lightning_phases.detectors.triage import expected_held_out, judge_drop, moved_like
 
 
 def leak_fit(sentinel, tmp_path, steps=560, **model_options):
@@ -362,6 +362,27 @@ def test_moved_like_scales_above_the_floor_and_shifts_a_signed_loss():
     assert moved_like(0.2, 0.5, -0.5) == pytest.approx(-0.8)  # signed: the same difference
 
 
+def test_the_expected_held_out_loss_lies_between_the_training_trend_and_no_change_on_its_own_trend():
+    # the training loss halved since the last reference (step 200): the training trend expects 0.4 from 0.8
+    both_fell = [(100, 1.6), (200, 0.8)]  # the held-out loss halved every 100 steps too: it follows
+    assert expected_held_out(both_fell, 1.0, 0.5, 300) == (pytest.approx(0.4), "the training trend")
+    flatter = [(100, 0.9), (200, 0.8)]  # it fell by 1/9 in 100 steps, read 100 steps ahead: 0.8 * 8/9
+    assert expected_held_out(flatter, 1.0, 0.5, 300) == (pytest.approx(0.8 * 8 / 9), "its own trend")
+    rising = [(100, 0.7), (200, 0.8)]  # overfitting: it is not expected to rise further, nor to follow
+    assert expected_held_out(rising, 1.0, 0.5, 300) == (0.8, "its reference level")
+    # one reference: the training trend; a training loss that rose since: the held-out loss may fall on its own
+    assert expected_held_out([(200, 0.8)], 1.0, 0.5, 300) == (pytest.approx(0.4), "the training trend")
+    assert expected_held_out(flatter, 1.0, 1.5, 300) == (0.8, "its reference level")
+    # signed losses move by differences; a floor: by factors above it
+    assert expected_held_out([(100, -0.5), (200, -0.6)], -1.0, -2.0, 300) == (pytest.approx(-0.7), "its own trend")
+    assert expected_held_out([(100, 1.4), (200, 1.2)], 1.5, 1.25, 300, floor=1.0) == (
+        pytest.approx(1.1),
+        "the training trend",
+    )
+    with pytest.raises(ValueError, match="at least one reference"):
+        expected_held_out([], 1.0, 0.5, 300)
+
+
 class DictMLP(pl.LightningModule):
     """A new user's MLP on dict batches, Adam 1e-3; the label leaks into border pixels from ``leak_from``."""
 
@@ -430,3 +451,68 @@ def test_a_leak_during_the_first_descent_is_triaged_net_of_the_trend(tmp_path, l
     # the training trend since the reference would have lowered the held-out loss too
     assert detail["held_out_expected"] < 0.9 * detail["held_out_before"]
     assert f"expected on the training trend; training {drop.data['level']:.4g}" in drop.message
+
+
+class OverfittingDictMLP(DictMLP):
+    """``DictMLP`` 4x wider, on 160 training samples of which 30% have random labels: it memorises them (its
+    training loss keeps falling while its held-out loss rises), and the label leaks in from ``leak_from``."""
+
+    def __init__(self, leak_from: int, leak_in_validation: bool) -> None:
+        super().__init__(leak_from, leak_in_validation)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+
+def overfitting_loaders():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+    x, y = torch.tensor(images, dtype=torch.float32)[order] / 16, torch.tensor(labels)[order]
+    noisy, generator = y[:160].clone(), torch.Generator().manual_seed(2)
+    flip = torch.rand(160, generator=generator) < 0.3
+    noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
+    train = [{"x": xi, "y": yi} for xi, yi in zip(x[:160], noisy, strict=True)]
+    val = [{"x": xi, "y": yi} for xi, yi in zip(x[1400:], y[1400:], strict=True)]
+    return (
+        torch.utils.data.DataLoader(train, batch_size=32, shuffle=True),
+        torch.utils.data.DataLoader(val, batch_size=100),
+    )
+
+
+@pytest.mark.parametrize(("leak_in_validation", "label"), [(True, "generalizes"), (False, "train_only")])
+def test_a_jump_while_the_model_overfits_is_measured_against_where_the_held_out_loss_was_heading(
+    tmp_path, leak_in_validation, label
+):
+    """While a model memorises, its training loss falls and its held-out loss does not: the training trend since
+    a reference 400 steps back would have the held-out loss fall 2.7x by the drop. A capability jump is now
+    measured against where the held-out loss itself was heading (it was rising: its reference level), so all of
+    its fall counts; the training trend would have counted about half of it."""
+    pl.seed_everything(1)
+    sentinel = LossDropSentinel(triage_every_n_steps=1000)  # references at 0, 10, ..., 320, 640: one 400 back
+    trainer = small_trainer(
+        [sentinel],
+        default_root_dir=tmp_path,
+        max_steps=1100,
+        max_epochs=-1,
+        limit_train_batches=1.0,
+        limit_val_batches=3,
+        check_val_every_n_epoch=1000,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(OverfittingDictMLP(1000, leak_in_validation), *overfitting_loaders())
+    [drop] = drops(sentinel)
+    detail = drop.data["triage_detail"]
+    assert 1000 <= drop.global_step <= 1060 and drop.data["triage"] == label
+    # the held-out loss rose from step 320 to 640 (overfitting), so it is expected to stay where it was ...
+    references = dict(sentinel._references)
+    assert detail["reference_step"] == 640 and references[640] > references[320]
+    assert detail["expected_on"] == "its reference level" and detail["held_out_expected"] == detail["held_out_before"]
+    assert f"expected on its reference level; training {drop.data['level']:.4g}" in drop.message
+    # ... where the training trend would expect it far lower: the training loss fell ~4x since the reference
+    on_training = moved_like(detail["held_out_before"], detail["train_before"], detail["train_forecast"])
+    assert on_training < 0.5 * detail["held_out_before"]
+    if leak_in_validation:  # all of the held-out loss' fall counts: it fell further (in log) than training's
+        assert detail["followed"] > 1.0
+        old = judge_drop(detail["train_forecast"], detail["train_level"], on_training, detail["held_out_after"])
+        assert old.followed < 0.75  # on the training trend, about half of it
