@@ -12,7 +12,12 @@ Cases (each a real Trainer run at the sentinel's defaults, with a validation Dat
 * ``phase change``: a 2-layer attention-only transformer forming induction heads on repeated random tokens,
   held-out sequences of other tokens (expected ``generalizes``);
 * ``leak + LR cut``: the training-only leak with the learning rate halved 2 steps before it (expected
-  ``explained``).
+  ``explained``);
+* ``overfitting, then a jump``: a wide MLP memorising 160 digits with 30% random labels (its training loss
+  falls, its held-out loss rises), the label leaking into training and validation inputs from step 1000
+  (expected ``generalizes``), and ``overfitting, then a leak``: into the training inputs only (expected
+  ``train_only``); ``overfitting, then a jump, far reference``: the jump with ``triage_every_n_steps=1000``
+  (the last reference 360 steps before it).
 
 Prints one row per case and seed (the triage of every drop flagged after the case's event, with ``followed``),
 the share named right, and the time the held-out evaluations took against the run's.
@@ -36,6 +41,7 @@ sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "tests"), str(ROOT / "tests" 
 from digits import DigitsDataModule  # noqa: E402
 from induction import InductionModel, repeated_tokens  # noqa: E402
 from test_loss_drop import Scripted  # noqa: E402
+from test_loss_drop_triage import OverfittingDictMLP, overfitting_loaders  # noqa: E402
 
 from lightning_phases import LossDropSentinel  # noqa: E402
 
@@ -44,12 +50,15 @@ CASES: dict[str, tuple[str, int]] = {  # case: (expected triage, step of the eve
     "leak, also in validation": ("generalizes", 400),
     "phase change": ("generalizes", 0),
     "leak + LR cut": ("explained", 400),
+    "overfitting, then a jump": ("generalizes", 1000),
+    "overfitting, then a leak": ("train_only", 1000),
+    "overfitting, then a jump, far reference": ("generalizes", 1000),
 }
 
 
 def run_case(case: str, seed: int, root: Path) -> tuple[LossDropSentinel, float]:
     pl.seed_everything(seed)
-    sentinel = LossDropSentinel()
+    sentinel = LossDropSentinel(triage_every_n_steps=1000 if case.endswith("far reference") else 200)
     options: dict[str, Any] = dict(
         max_epochs=-1,
         limit_train_batches=1.0,
@@ -68,6 +77,9 @@ def run_case(case: str, seed: int, root: Path) -> tuple[LossDropSentinel, float]
             trainer.fit(
                 InductionModel(), repeated_tokens(32 * 1400, seed=100 + seed), repeated_tokens(128, seed=200 + seed)
             )
+        elif case.startswith("overfitting"):
+            trainer = pl.Trainer(max_steps=1100, limit_val_batches=3, check_val_every_n_epoch=1000, **options)
+            trainer.fit(OverfittingDictMLP(1000, "jump" in case), *overfitting_loaders(seed))
         else:
             model = Scripted(
                 leak_label_from_step=400,

@@ -462,13 +462,14 @@ class OverfittingDictMLP(DictMLP):
         self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
 
 
-def overfitting_loaders():
+def overfitting_loaders(seed=1):
+    """160 shuffled digits to train on, 30% of them with random labels; 397 others to validate on."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     x, y = torch.tensor(images, dtype=torch.float32)[order] / 16, torch.tensor(labels)[order]
-    noisy, generator = y[:160].clone(), torch.Generator().manual_seed(2)
+    noisy, generator = y[:160].clone(), torch.Generator().manual_seed(seed + 1)
     flip = torch.rand(160, generator=generator) < 0.3
     noisy[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=generator)
     train = [{"x": xi, "y": yi} for xi, yi in zip(x[:160], noisy, strict=True)]
