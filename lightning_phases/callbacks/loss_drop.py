@@ -38,10 +38,12 @@ from lightning_phases.validation import (
 
 OnViolation = Literal["warn", "checkpoint", "suspend", "raise"]
 CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkpoints)
-# A learning rate counts as changed once some param group's rate moved by more than this (relative) from the
-# last recorded rates: a step cut or a restart does, the small per-step moves of a long cosine or linear
-# schedule do not (until they add up to it).
+# A learning rate counts as changed once some param group's rate moved by more than LR_CHANGE (relative)
+# within LR_SPAN training steps: a step cut, a restart, a warm-up's first steps or a schedule's last ones do;
+# the steady moves of a cosine, linear or one-cycle schedule (a few tenths of a percent per step) do not,
+# however far they add up over a drop's baseline.
 LR_CHANGE = 0.1
+LR_SPAN = 8
 
 
 class LossDropSentinel(PhaseCallback):
@@ -54,11 +56,12 @@ class LossDropSentinel(PhaseCallback):
     are judged once the early descent stops speeding up, so it is never flagged, however long it lasts, and
     neither are ordinary noise or a spike's way back. A value below a declared ``floor`` is a critical
     ``impossible_loss`` event whatever the detector thinks. A flagged drop says what coincided with it, within the
-    detection window: a change of any optimizer param group's learning rate by more than 10% (a step cut, a
-    restart; not the small per-step moves of a long cosine schedule), or of the set of trainable parameters
-    (an unfreeze), and a triage says which kind of drop it is: ``explained`` (by those changes),
-    ``generalizes`` (a held-out loss fell with it: the model got more capable), ``train_only`` (the held-out
-    loss did not follow: suspect a label leak, memorisation or a data bug), or ``impossible`` (below ``floor``).
+    detection window: a change of any optimizer param group's learning rate by more than 10% within 8 steps (a
+    step cut, a restart; not the steady moves of a cosine or one-cycle schedule), or of the set of trainable
+    parameters (an unfreeze), and a triage says which kind of drop it is: ``explained`` (by those changes, and
+    the held-out loss did not contradict them), ``generalizes`` (a held-out loss fell with it: the model got
+    more capable), ``train_only`` (the held-out loss did not follow: suspect a label leak, memorisation or a
+    data bug, whatever coincided with it), or ``impossible`` (below ``floor``).
     The held-out loss is the module's own ``validation_step`` on a few validation batches cached when fitting
     starts, evaluated in eval mode without gradients at each flag and, as the reference before a drop, at
     sparse steps (doubling from the start of fitting, then every ``triage_every_n_steps``). Values are kept on
@@ -96,8 +99,8 @@ class LossDropSentinel(PhaseCallback):
         check_every_n_steps: Training steps between checks of per-step values; between checks values stay on
             the device with no host synchronisation. Validation values are checked when validation ends.
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
-        ignore_explained: Turn drops explained by a learning-rate or trainable-set change into ``info``
-            events with no action.
+        ignore_explained: Turn drops explained by a learning-rate or trainable-set change (triage
+            ``explained``: not ``train_only``) and spikes coinciding with one into ``info`` events with no action.
         triage_batches: Validation batches cached when fitting starts for the triage of training-loss drops
             (on each rank, on its device); ``0`` turns the held-out evaluation off, and a drop's triage is then
             ``explained`` or ``unknown``.
@@ -179,7 +182,8 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric: Any = None
         self._seen_in: str | None = None  # where the monitored metric was first seen
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
-        self._last_rates: tuple[float, ...] | None = None  # the rates at the last recorded change
+        # the rates at each of the last LR_SPAN + 1 training steps: (step, rates), oldest first
+        self._rate_history: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=LR_SPAN + 1)
         self._rates_now: tuple[float, ...] = ()
         self._last_trainable: int | None = None
         self._parameters: list[Tensor] = []  # the module's parameters, listed again at each training epoch
@@ -236,17 +240,25 @@ class LossDropSentinel(PhaseCallback):
             self._check(trainer, pl_module, "step", "train")
 
     def _note_rates(self, step: int) -> None:
-        """Record a learning-rate change of more than ``LR_CHANGE`` with its step (host-side floats: no sync).
-
-        The optimizers are listed at each training epoch's start (their param groups are read live, so a group
-        added mid-epoch counts)."""
+        """Record a sudden learning-rate change (by more than ``LR_CHANGE`` within ``LR_SPAN`` steps) with its
+        step; a change still under way within ``LR_SPAN`` steps of the last one extends it (host-side floats: no
+        sync). The optimizers are listed at each training epoch's start (their param groups are read live, so
+        a group added mid-epoch counts)."""
         rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
         self._rates_now = rates
-        if self._last_rates is None:
-            self._last_rates = rates
-        elif rates != self._last_rates and _rates_moved(self._last_rates, rates):
-            self._changes.append((step, "lr", self._last_rates, rates))
-            self._last_rates = rates
+        history = self._rate_history
+        if history and rates != history[-1][1]:
+            before = history[0][1]
+            if _rates_moved(before, rates):
+                last = self._changes[-1] if self._changes else None
+                if last is not None and last[1] == "lr" and last[0] >= step - LR_SPAN:
+                    self._changes[-1] = (last[0], "lr", last[2], rates)
+                else:
+                    self._changes.append((step, "lr", before, rates))
+        if not history or history[-1][0] != step:
+            history.append((step, rates))
+        else:  # another micro-batch of the same step (gradient accumulation)
+            history[-1] = (step, rates)
 
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record a change of the number of trainable tensors (checked once per check, not per step; the
@@ -502,7 +514,9 @@ class LossDropSentinel(PhaseCallback):
             data["triage"], data["triage_detail"], triage = self._triage(trainer, pl_module, verdict, explained)
             self.triaged[data["triage"]] = self.triaged.get(data["triage"], 0) + 1
         self.flags.append((trainer.global_step, kind, verdict.value))
-        quiet = explained and self.ignore_explained
+        # a drop the held-out loss did not follow is train_only whatever coincided with it (a rate change does
+        # not make the held-out loss rise): it is acted on
+        quiet = self.ignore_explained and (data["triage"] == "explained" if kind == "loss_drop" else explained)
         if not quiet and self.on_violation != "warn":
             data["checkpoint"] = self._save_checkpoint(trainer, kind)
         message = f"{self.monitor} {_describe_change(verdict)} (now {verdict.level:.4g}, score {verdict.score:.1f}, "
@@ -562,7 +576,7 @@ class LossDropSentinel(PhaseCallback):
         train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
         expected, basis = expected_held_out(prior, train_before, verdict.forecast, trainer.global_step, self.floor)
         comparison = judge_drop(verdict.forecast, verdict.level, expected, after, self.floor)
-        label = "explained" if explained else comparison.label
+        label = "explained" if explained and comparison.label != "train_only" else comparison.label
         detail = {
             "basis": "held-out batches evaluated with validation_step",
             "held_out_metric": self.probe.resolved,
@@ -582,7 +596,9 @@ class LossDropSentinel(PhaseCallback):
         }
         words = {
             "generalizes": "the held-out loss fell with it: a capability jump",
-            "train_only": "the held-out loss did not follow: suspect a label leak, memorisation or a data bug",
+            "train_only": "the held-out loss did not follow"
+            + (", which the coinciding change does not explain" if explained else "")
+            + ": suspect a label leak, memorisation or a data bug",
             "unknown": "the training loss did not fall since the reference",
             "explained": "see the coinciding change",
         }[label]
@@ -684,7 +700,7 @@ class LossDropSentinel(PhaseCallback):
             "pending": torch.stack(self._pending).tolist() if self._pending else [],
             "pending_steps": list(self._pending_steps),
             "changes": [list(change) for change in self._changes],
-            "last_rates": None if self._last_rates is None else list(self._last_rates),
+            "rate_history": [[step, list(rates)] for step, rates in self._rate_history],
             "last_trainable": self._last_trainable,
             "seen_in": self._seen_in,
             "triaged": dict(self.triaged),
@@ -718,8 +734,9 @@ class LossDropSentinel(PhaseCallback):
         self._pending = [torch.tensor(value, dtype=torch.float32) for value in state_dict.get("pending", [])]
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
-        rates = state_dict.get("last_rates")
-        self._last_rates = None if rates is None else tuple(rates)
+        self._rate_history = deque(
+            ((int(step), tuple(rates)) for step, rates in state_dict.get("rate_history", [])), maxlen=LR_SPAN + 1
+        )
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")
         self.triaged = dict(state_dict.get("triaged", {}))
