@@ -56,7 +56,9 @@ infinite one (a series that begins at its floor is judged in its own units).
 Block summaries are their middle values, kept in the series' own units: a median commutes
 with these monotone maps, so a change of scale re-judges the whole history exactly.
 
-After a spike the drop back is not a drop: a drop must also end below the level the spike rose from.
+After a spike the drop back is not a drop: a drop must also end below the level the spike rose from. A spike
+is over once recent blocks that all began after it lie back where it rose from; until then no other spike
+is flagged (a loss a spike left higher is one event, not one per time scale).
 Non-finite values are reported on their own and never enter the state.
 """
 
@@ -274,7 +276,8 @@ class DropDetector:
             kept = [block for block in level.blocks if block[1] < self.spike_onset]
             level.blocks.clear()
             level.blocks.extend(kept)
-        self.pre_spike, self.spike_armed, self.spike_step, self.spike_onset = None, True, -1, -1
+        # spike_step stays: a coarser level whose recent blocks began before it still holds the same spike
+        self.pre_spike, self.spike_armed, self.spike_onset = None, True, -1
 
     # The scale --------------------------------------------------------------------------------------
 
@@ -476,7 +479,12 @@ class DropDetector:
         # before the detector is armed a drop is not judged (nor its long-horizon and coarse forms computed)
         dropping = self.armed and now < min(base) - least_below
         spiking = now > max(base) + least_above
-        if self.pre_spike is not None and not self.spike_armed and now <= self._to(self.pre_spike) + least_above:
+        if (
+            self.pre_spike is not None
+            and not self.spike_armed
+            and recent[0][0] >= self.spike_onset
+            and now <= self._to(self.pre_spike) + least_above
+        ):
             return "back", now, now, 0.0, []  # the caller forgets the spike
         # a fall that gathers speed over longer than a window (a phase change, grokking's validation loss) keeps
         # every window's line close to it: the recent blocks, below every baseline block, are also judged

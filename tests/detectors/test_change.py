@@ -483,3 +483,27 @@ def test_bad_arguments(kwargs, error, needle):
     with pytest.raises(error) as info:
         DropDetector(**kwargs)
     assert needle in str(info.value)
+
+
+def _spike_that_leaves_the_loss_higher(seed):
+    """A loss of 0.5 (0.3 log-units of noise) thrown to 2.0 for 10 steps at step 800, that then stays at 1.1."""
+    rng = random.Random(seed)
+    levels = [0.5] * 800 + [2.0] * 10 + [1.1] * 390
+    return [level * math.exp(rng.gauss(0, 0.3)) for level in levels]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_spike_is_flagged_once_while_the_loss_has_not_come_back(seed):
+    """A coarser level whose recent blocks still began before the spike read them as "back where it rose from"
+    (their median was of blocks from before it): the spike was forgotten and the raised level flagged again,
+    24-160 steps later (4 of these 6 seeds). Back now needs recent blocks that all began after the spike did."""
+    flags = verdicts(_spike_that_leaves_the_loss_higher(seed), direction="both")
+    assert [verdict.kind for _, verdict in flags] == ["spike"] and 800 <= flags[0][0] <= 840
+
+
+def test_a_label_shuffle_spike_recorded_in_a_new_users_trial_is_flagged_once():
+    """A digits MLP whose labels were shuffled for 40 steps from step 700 gave spikes at 708 and 768 (blocks of
+    32 steps, onset 640: the same spike, seen again after a coarse level took it for over)."""
+    curve = json.loads((Path(__file__).parent / "data" / "mlp_label_shuffle_spike.json").read_text())
+    flags = verdicts(curve["values"], curve["steps"], direction="both")
+    assert [(step, verdict.kind) for step, verdict in flags] == [(708, "spike")]
