@@ -82,7 +82,7 @@ BAD: dict[type, dict[str, Bad]] = {
         "ignore_explained": Bad("no", (0, None)),
         "triage_batches": Bad("4", (-1, 1.5, True, None), numeric=True),
         "triage_every_n_steps": Bad("200", (0, -1, 2.5, True, None), numeric=True),
-        "triage_metric": Bad(5, ("", ["val_loss"])),
+        "triage_metric": Bad(5, ("", ["val_loss"], "val_acc", "val/f1")),  # a score, not a loss
         "checkpoint_dir": Bad(5, ("", b"dir", True, ["dir"])),
         "name": NAME,
     },

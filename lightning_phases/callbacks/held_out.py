@@ -10,6 +10,7 @@ augmentation applied only while training does not reach them.
 """
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +31,18 @@ from lightning_phases.detectors.features import unwatched
 from lightning_phases.exceptions import PhaseUsageError
 
 PREFERRED = ("val_loss", "val/loss", "validation_loss", "validation/loss", "valid_loss", "loss")
+# Words of a logged name that say it is a score (higher is better), and words that say it is a loss
+_SCORE_WORD = re.compile(
+    r"acc|accuracy|f1|fbeta|auc|auroc|auprc|ap|map|precision|recall|iou|jaccard|dice|score|bleu|rouge|r2|top1|top5"
+)
+_LOSS_WORD = re.compile(r"loss|nll|error|err|mse|mae|rmse|ce|xent|entropy|perplexity|ppl|kl|divergence")
+
+
+def looks_like_score(name: str) -> bool:
+    """Whether a logged name says a score (``val_acc``, ``val/f1``), not a loss: one of its words is a
+    score's and none is a loss' (``val_dice_loss`` is a loss)."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    return any(_SCORE_WORD.fullmatch(word) for word in words) and not any(_LOSS_WORD.fullmatch(word) for word in words)
 
 
 class HeldOutProbe:

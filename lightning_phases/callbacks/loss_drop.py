@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_phases.callbacks.base import PhaseCallback
-from lightning_phases.callbacks.held_out import HeldOutProbe
+from lightning_phases.callbacks.held_out import HeldOutProbe, looks_like_score
 from lightning_phases.detectors.change import DropDetector, Verdict
 from lightning_phases.detectors.triage import expected_held_out, judge_drop
 from lightning_phases.exceptions import LossDropDetected, PhaseUsageError
@@ -112,7 +112,7 @@ class LossDropSentinel(PhaseCallback):
             ``"val/nll"``; a scalar, or a torchmetrics ``Metric`` whose value over the cached batches is taken);
             ``None``: the logged name that says ``loss`` (``val_loss`` first, else the only one), else what it
             returns (a dict's ``"loss"``, or a scalar). It must be the same kind of loss as the monitored
-            value, so their changes compare.
+            value, so their changes compare; a name that says a score (``val_acc``, ``val/f1``) is refused.
         checkpoint_dir: Where ``checkpoint``/``suspend``/``raise`` save; default
             ``<default_root_dir>/phase_checkpoints``.
         name: This instance's name in events, metric keys, alerts, plots and report rows; by default the class
@@ -167,6 +167,12 @@ class LossDropSentinel(PhaseCallback):
             if triage_metric is None
             else check_text("triage_metric", triage_metric, "None or the name validation_step logs the loss under")
         )
+        if self.triage_metric is not None and looks_like_score(self.triage_metric):
+            raise ValueError(
+                f"triage_metric={self.triage_metric!r} names a score (higher is better), but triage compares how far "
+                "a held-out loss fell with how far the training loss did: a rising accuracy would read as a held-out "
+                "loss that rose. Name the loss validation_step logs (e.g. 'val_loss'), or None to pick it."
+            )
         self.probe = HeldOutProbe(self.triage_batches, self.triage_metric, "LossDropSentinel")
         self._references: deque[tuple[int, float]] = deque(maxlen=64)  # (step, held-out loss) before drops
         self._restored_triage: dict[str, Any] | None = None
@@ -761,6 +767,7 @@ class LossDropSentinel(PhaseCallback):
             detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
         if self.probe.evaluations:
             detail += f"; {self.probe.evaluations} held-out evaluations of {len(self.probe.cached)} batches"
+            detail += f" ({self.probe.resolved})" if self.probe.resolved else ""
         watched = {"drop": "drops", "spike": "spikes", "both": "drops and spikes"}[self.direction]
         return [Observation(stage, f"{self.monitor} watched for sudden {watched}", verdict, detail)]
 

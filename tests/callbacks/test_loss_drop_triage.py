@@ -246,6 +246,23 @@ def test_triage_metric_names_the_held_out_loss_and_none_finds_none_that_says_los
     assert returned.probe.resolved == "val_loss"
 
 
+def test_a_triage_metric_that_names_a_score_is_refused_and_one_that_names_a_loss_is_not():
+    """Found by a new user's trial: triage_metric="val_acc" was taken, and a real capability jump (accuracy
+    0.55 -> 0.85) read as a held-out loss that rose: train_only."""
+    for score in ("val_acc", "val/accuracy", "valid_f1", "val_auroc"):
+        with pytest.raises(ValueError, match=rf"triage_metric='{score}' names a score \(higher is better\)"):
+            LossDropSentinel(triage_metric=score)
+    for loss in ("val_dice_loss", "val/top1_error", "val_mape", "val/nll"):
+        assert LossDropSentinel(triage_metric=loss).triage_metric == loss
+
+
+def test_the_report_row_names_the_held_out_loss_triage_used(tmp_path):
+    sentinel = LossDropSentinel(triage_metric="val/nll")
+    short_fit(sentinel, LogsNll(), tmp_path)
+    [row] = sentinel.phase_observations()
+    assert row.detail.endswith("2 held-out evaluations of 4 batches (val/nll)")
+
+
 def test_a_triage_metric_that_validation_step_does_not_log_fails_before_the_first_training_step(tmp_path):
     sentinel = LossDropSentinel(triage_metric="val/loss")
     with pytest.raises(PhaseUsageError, match=r"triage_metric='val/loss' is not a value that validation_step logs"):
