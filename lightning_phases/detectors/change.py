@@ -32,7 +32,9 @@ median must then lie below every baseline block, ``min_change`` below every bloc
 ``min_change`` deep, at the finest scale whose two windows span the plateau and the fall. Blocks
 are aligned to steps, so a metric seen every step, every 5th or every 20th step is judged on the same
 blocks at the levels that scales share (levels finer than the sampling interval are skipped), and its
-decisions agree up to the sampling.
+decisions agree up to the sampling. A block is judged as soon as no later value can reach it (the next one
+comes at least the shortest recent gap later), not when that value comes: a validation loss seen every
+100 steps is judged when the value that completes the evidence is seen.
 
 There is no warm-up count. Drops are judged only once the descent that began the series (or followed the
 last flagged drop) has slowed down: over the history since then, the recent half declined by at most half
@@ -363,7 +365,9 @@ class DropDetector:
         if self.since_step is None:
             self.since_step = step
         verdict = None
-        if (not self.armed and self.seen % _ARMING_EVERY == 0) or (self.flat_start and self.seen % 16 == 0):
+        if (not self.armed and (self.seen % _ARMING_EVERY == 0 or self._interval > 1)) or (
+            self.flat_start and self.seen % 16 == 0
+        ):
             self._arm()  # judged on the history before any evidence of a drop, as it grows
         values, first, lowest_judged = self._values, self._first, self._lowest_judged
         index = first + len(values)  # the new value's index among all values given
@@ -377,6 +381,16 @@ class DropDetector:
                     verdict = self._judge(level, value)
             level.current_block, level.start = block, index
         values.append(value)
+        # a block that no further value can reach (the next comes at least the shortest recent gap later) is
+        # complete now, not when that value comes: a metric seen every 20 steps is judged as soon as it is seen
+        reach = step + min(self._gaps, default=1)
+        for level in self._levels:
+            if level.current_block is None or reach < (level.current_block + 1) << level.shift:
+                break  # this block (and every coarser one, nested) may still get values
+            level.complete(values[level.start - first :], self._scaled)
+            level.current_block = None
+            if verdict is None and level.shift >= lowest_judged:
+                verdict = self._judge(level, value)
         coarsest = self._levels[-1].start - first
         if coarsest > _NOISE_VALUES:  # values before the coarsest block being filled are no longer needed
             del values[:coarsest]

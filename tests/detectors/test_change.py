@@ -502,8 +502,38 @@ def test_a_spike_is_flagged_once_while_the_loss_has_not_come_back(seed):
 
 
 def test_a_label_shuffle_spike_recorded_in_a_new_users_trial_is_flagged_once():
-    """A digits MLP whose labels were shuffled for 40 steps from step 700 gave spikes at 708 and 768 (blocks of
+    """A digits MLP whose labels were shuffled for 40 steps from step 700 gave spikes at 707 and 767 (blocks of
     32 steps, onset 640: the same spike, seen again after a coarse level took it for over)."""
     curve = json.loads((Path(__file__).parent / "data" / "mlp_label_shuffle_spike.json").read_text())
     flags = verdicts(curve["values"], curve["steps"], direction="both")
-    assert [(step, verdict.kind) for step, verdict in flags] == [(708, "spike")]
+    assert [(step, verdict.kind) for step, verdict in flags] == [(707, "spike")]
+
+
+def test_a_sparse_metric_is_judged_as_soon_as_the_value_that_completes_the_evidence_is_seen():
+    """A validation loss seen every 44 steps, flat at 2.275 for 20 validations, then 1.922, 0.984, 0.537 after
+    an input bug was fixed (a new user's trial). A block was complete only once the next value came, one
+    validation later: flagged at 1056. A block no further value can reach (the next comes at least the shortest
+    recent gap later) is now complete when its value is seen: flagged at 1012, with the third value."""
+    curve = json.loads((Path(__file__).parent / "data" / "val_loss_every_44_steps_fix.json").read_text())
+    [(step, verdict)] = verdicts(curve["values"], curve["steps"])
+    assert verdict.kind == "drop" and step == 1012
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_leak_seen_every_20_steps_is_flagged_within_two_samples_of_every_step(seed):
+    """The corpus' mid-run leaks seen every step and every 20th: a block was complete only once the next value
+    came, 20 steps later (flagged 44-48 steps after the every-step flag); now with the value that completes it."""
+    curve = CURVES[f"leak-mid-s{seed}"]
+    [(at_one, _)] = drops(on_curve(curve["name"]))
+    [(step, _)] = drops(on_curve(curve["name"], every=20))
+    assert at_one < step <= at_one + 2 * 20
+
+
+def test_a_sparse_metric_is_armed_as_soon_as_its_first_descent_has_slowed():
+    """A validation loss seen every 25 steps (a new user's trial) whose first descent slowed just before a leak
+    reached the validation data at step 500. Looked at every 4th value (100 steps apart), the first descent had
+    not slowed at step 500 and the leak was part of it from step 600 on: missed. A sparse series is looked at
+    with every value."""
+    curve = json.loads((Path(__file__).parent / "data" / "val_loss_every_25_steps_leak.json").read_text())
+    [(step, verdict)] = verdicts(curve["values"], curve["steps"])
+    assert verdict.kind == "drop" and step == 575
