@@ -43,9 +43,9 @@ median of three blocks in a row above the first block: the validation loss of a 
 A start with no descent yet, or whose recent half fell less than ``min_change`` (however much faster than
 its first half), arms the detector only provisionally: until the first descent has come and slowed down
 (or is under way at a steady pace: the first half of the history fell by half of ``min_change`` and the
-recent half at most twice as far), a drop must leave a plateau that lasted at least as long as its evidence
-(its baseline and recent blocks). However long an early descent that gathers speed lasts (a slow start, a
-learning-rate warm-up), it is never a "sudden drop".
+recent half no further, within two standard errors of that comparison), a drop must leave a plateau that
+lasted at least as long as its evidence (its baseline and recent blocks). However long an early descent that
+gathers speed lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
 
 The scale is chosen by the values: ``log(value - floor)`` while every value lies above a declared lower
 bound ``floor`` (a value below it is ``impossible``), ``log(value)`` while every value has been positive
@@ -82,6 +82,9 @@ _MEDIAN_SE = 1.2533  # standard error of a median of n normal values, in units o
 _NOISE_VALUES = 256  # last values the per-value noise is estimated from
 _ARMING_BLOCKS = 16
 _ARMING_EVERY = 4  # values between looks at whether the early descent stopped speeding up
+# Standard errors of start - 2 * half + end (three medians of a quarter of the history's blocks each) within
+# which a recent half that fell further than the first half still counts as a steady pace
+_STEADY_ERRORS = 2 * math.sqrt(6)
 # standard error of a Theil-Sen slope in units of the least-squares one (its efficiency for normal noise: 91%)
 _THEIL_SEN_SE = 1.048
 MIN_EVIDENCE = 8  # steps the recent blocks must span together: the finest levels judge over more blocks
@@ -734,11 +737,13 @@ class DropDetector:
             if self.armed:  # armed by a flat start: has the first descent come and slowed down since?
                 # a descent that came and slowed: the recent half fell at most half as far as the first half;
                 # or one under way at a steady pace: the first half already fell by half of min_change, and the
-                # recent half at most twice as far (a slow start's descent still gathers speed)
+                # recent half no further, within two standard errors of the comparison (a descent still
+                # gathering speed, a transformer's first descent falling faster and faster, is not steady)
+                quarter_error = _MEDIAN_SE * _difference_sigma(series) / math.sqrt(quarter)
                 steady = (
                     self.last_step - (self.since_step or 0) >= 4 * _ARMING_BLOCKS  # not judged on a short history
                     and start - half >= self._least(start)[0] / 2
-                    and half - end <= 2 * (start - half)
+                    and (half - end) - (start - half) <= _STEADY_ERRORS * quarter_error
                 )
                 self.flat_start = not (rose or (not flat and (half - end <= (start - half) / 2 or steady)))
                 return
