@@ -188,8 +188,9 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric: Any = None
         self._seen_in: str | None = None  # where the monitored metric was first seen
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
-        # the rates at each of the last LR_SPAN + 1 training steps: (step, rates), oldest first
-        self._rate_history: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=LR_SPAN + 1)
+        # (step, rates) at each of the last changes of the rates, oldest first: enough to hold the rates in force
+        # LR_SPAN steps ago when they change at every step
+        self._rate_history: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=LR_SPAN + 2)
         self._rates_now: tuple[float, ...] = ()
         self._last_trainable: int | None = None
         self._parameters: list[Tensor] = []  # the module's parameters, listed again at each training epoch
@@ -252,19 +253,24 @@ class LossDropSentinel(PhaseCallback):
         a group added mid-epoch counts)."""
         rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
         self._rates_now = rates
-        history = self._rate_history
-        if history and rates != history[-1][1]:
-            before = history[0][1]
+        history = self._rate_history  # (step, rates) at each of the last changes of the rates
+        if history and rates == history[-1][1]:
+            return
+        if history:
+            before = history[0][1]  # the rates in force LR_SPAN steps ago (or the oldest kept)
+            for changed_at, earlier in reversed(history):
+                if changed_at <= step - LR_SPAN:
+                    before = earlier
+                    break
             if _rates_moved(before, rates):
                 last = self._changes[-1] if self._changes else None
                 if last is not None and last[1] == "lr" and last[0] >= step - LR_SPAN:
                     self._changes[-1] = (last[0], "lr", last[2], rates)
                 else:
                     self._changes.append((step, "lr", before, rates))
-        if not history or history[-1][0] != step:
-            history.append((step, rates))
-        else:  # another micro-batch of the same step (gradient accumulation)
-            history[-1] = (step, rates)
+            if history[-1][0] == step:  # another micro-batch of the same step (gradient accumulation)
+                history.pop()
+        history.append((step, rates))
 
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record a change of the number of trainable tensors (checked once per check, not per step; the
@@ -437,18 +443,20 @@ class LossDropSentinel(PhaseCallback):
         if source == "validation":
             self._note_rates(trainer.global_step)
         self._note_trainable(trainer, pl_module)
-        assert self.detector is not None
+        detector = self.detector
+        assert detector is not None
         verdicts = []
+        update, keep = detector.update, self.curve.append
         for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
-            positive = self.detector.all_positive
-            verdict = self.detector.update(value, step)
-            self.checked += 1
+            positive = detector.all_positive
+            verdict = update(value, step)
             if math.isfinite(value):
-                self.curve.append((step, value))
-            if value == 0 and positive and not self.detector.all_positive and self.floor is None:
+                keep((step, value))
+            if value == 0 and positive and not detector.all_positive and self.floor is None:
                 self._zero_without_floor(step)  # an exact 0 turned a positive loss into a signed one
             if verdict is not None:
-                verdicts.append((verdict, self.detector.seen))
+                verdicts.append((verdict, detector.seen))
+        self.checked += len(steps)
         # act only once every value of this check is in the state, so a checkpoint taken now resumes exactly
         for verdict, index in verdicts:
             self._flag(trainer, pl_module, verdict, stage, index)
@@ -741,7 +749,7 @@ class LossDropSentinel(PhaseCallback):
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
         self._rate_history = deque(
-            ((int(step), tuple(rates)) for step, rates in state_dict.get("rate_history", [])), maxlen=LR_SPAN + 1
+            ((int(step), tuple(rates)) for step, rates in state_dict.get("rate_history", [])), maxlen=LR_SPAN + 2
         )
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")

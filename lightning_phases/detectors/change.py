@@ -260,6 +260,7 @@ class DropDetector:
         self._first = 0  # the index among all values given of ``_values[0]``
         self._gaps: deque[int] = deque(maxlen=15)
         self._interval = 1
+        self._shortest = 1  # the shortest recent gap between steps (recomputed with the interval)
         self._restart()
 
     def _restart(self) -> None:
@@ -351,9 +352,12 @@ class DropDetector:
         if step <= self.last_step:  # a repeated or earlier step (a re-run validation): judged as the next one
             step = self.last_step + 1
         if self.last_step >= 0:
-            self._gaps.append(step - self.last_step)
+            gap = step - self.last_step
+            self._gaps.append(gap)
             if self.seen % 16 == 0:
-                self._interval = _lower_median(list(self._gaps))
+                self._interval, self._shortest = _lower_median(list(self._gaps)), min(self._gaps)
+            elif gap < self._shortest or len(self._gaps) == 1:
+                self._shortest = gap
         self.last_step = step
         self.seen += 1
         if self.all_positive and value + self._shift <= 0:
@@ -386,7 +390,7 @@ class DropDetector:
         values.append(value)
         # a block that no further value can reach (the next comes at least the shortest recent gap later) is
         # complete now, not when that value comes: a metric seen every 20 steps is judged as soon as it is seen
-        reach = step + min(self._gaps, default=1)
+        reach = step + self._shortest
         for level in self._levels:
             if level.current_block is None or reach < (level.current_block + 1) << level.shift:
                 break  # this block (and every coarser one, nested) may still get values
@@ -830,6 +834,7 @@ class DropDetector:
         self._recent_scaled.extend(self._to(v) for v in self._recent_values)
         self._gaps.extend(int(g) for g in state["gaps"])
         self._interval = int(state["interval"])
+        self._shortest = min(self._gaps, default=1)
         self.armed = bool(state["armed"])
         self.risen = bool(state.get("risen", False))
         self.flat_start = bool(state.get("flat_start", False))
