@@ -471,6 +471,23 @@ class DictMLP(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+def fit_steps(sentinel, model, loaders, tmp_path, steps, **options):
+    """Fit ``model`` on ``(train, val)`` for ``steps`` steps; 3 validation batches, cached by the triage only."""
+    trainer = small_trainer(
+        [sentinel],
+        default_root_dir=tmp_path,
+        max_steps=steps,
+        max_epochs=-1,
+        limit_train_batches=1.0,
+        limit_val_batches=3,
+        check_val_every_n_epoch=1000,
+        **options,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(model, *loaders)
+
+
 def dict_loaders():
     from sklearn.datasets import load_digits
 
@@ -491,21 +508,8 @@ def test_a_leak_during_the_first_descent_is_triaged_net_of_the_trend(tmp_path, l
     data too is still a capability jump by this measure."""
     pl.seed_everything(0)
     sentinel = LossDropSentinel()
-    trainer = small_trainer(
-        [sentinel],
-        default_root_dir=tmp_path,
-        max_steps=400,
-        max_epochs=-1,
-        limit_train_batches=1.0,
-        limit_val_batches=3,
-        check_val_every_n_epoch=100,
-        accumulate_grad_batches=4,
-    )
-    train, val = dict_loaders()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PhaseWarning)
-        trainer.fit(DictMLP(300, leak_in_validation), train, val)
-    [drop] = [event for event in sentinel.events if event.kind == "loss_drop"]
+    fit_steps(sentinel, DictMLP(300, leak_in_validation), dict_loaders(), tmp_path, 400, accumulate_grad_batches=4)
+    [drop] = drops(sentinel)
     detail = drop.data["triage_detail"]
     assert drop.global_step >= 300 and detail["reference_step"] < 300 and drop.data["triage"] == label
     # the training trend since the reference would have lowered the held-out loss too
@@ -550,18 +554,7 @@ def test_a_jump_while_the_model_overfits_is_measured_against_where_the_held_out_
     its fall counts; the training trend would have counted about half of it."""
     pl.seed_everything(1)
     sentinel = LossDropSentinel(triage_every_n_steps=1000)  # references at 0, 10, ..., 320, 640: one 400 back
-    trainer = small_trainer(
-        [sentinel],
-        default_root_dir=tmp_path,
-        max_steps=1100,
-        max_epochs=-1,
-        limit_train_batches=1.0,
-        limit_val_batches=3,
-        check_val_every_n_epoch=1000,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PhaseWarning)
-        trainer.fit(OverfittingDictMLP(1000, leak_in_validation), *overfitting_loaders())
+    fit_steps(sentinel, OverfittingDictMLP(1000, leak_in_validation), overfitting_loaders(), tmp_path, 1100)
     [drop] = drops(sentinel)
     detail = drop.data["triage_detail"]
     assert 1000 <= drop.global_step <= 1060 and drop.data["triage"] == label

@@ -69,23 +69,22 @@ class LeakIntoMost(Scripted):
         return x, y
 
 
-def test_a_late_leak_of_every_label_into_a_small_noisy_loss_is_flagged_within_100_steps(tmp_path):
-    sentinel = LossDropSentinel()
-    data = DigitsDataModule(label_noise=0.02)
-    curve = run(sentinel, Scripted(leak_label_from_step=1000), tmp_path, data, max_steps=1300)
-    before = sorted(curve[s] for s in range(900, 1000))
-    assert before[50] < 0.03 and before[90] > 5 * before[10]  # already small, and noisy from batch to batch
-    [event] = sentinel.events
-    assert event.kind == "loss_drop" and 1000 <= event.global_step <= 1100
+LEAK_INTO_MOST = pytest.mark.xfail(
+    strict=True, reason="a known miss, in the README's known limits: this late 97% leak is not flagged"
+)
 
 
-@pytest.mark.xfail(strict=True, reason="a known miss, in the README's known limits: this late 97% leak is not flagged")
-def test_a_late_leak_into_a_small_noisy_loss_is_flagged_within_100_steps(tmp_path):
+@pytest.mark.parametrize(
+    ("model", "spread"),
+    [(Scripted, 5), pytest.param(LeakIntoMost, 3, marks=LEAK_INTO_MOST)],
+    ids=["every label", "97% of them"],
+)
+def test_a_late_leak_into_a_small_noisy_loss_is_flagged_within_100_steps(tmp_path, model, spread):
     sentinel = LossDropSentinel()
     data = DigitsDataModule(label_noise=0.02)
-    curve = run(sentinel, LeakIntoMost(leak_label_from_step=1000), tmp_path, data, max_steps=1300)
+    curve = run(sentinel, model(leak_label_from_step=1000), tmp_path, data, max_steps=1300)
     before = sorted(curve[s] for s in range(900, 1000))
-    assert before[50] < 0.1 and before[90] > 3 * before[10]  # already small, and noisy from batch to batch
+    assert before[50] < 0.1 and before[90] > spread * before[10]  # already small, and noisy from batch to batch
     [event] = sentinel.events
     assert event.kind == "loss_drop" and 1000 <= event.global_step <= 1100
 
