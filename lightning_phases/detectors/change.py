@@ -60,7 +60,8 @@ with these monotone maps, so a change of scale re-judges the whole history exact
 
 After a spike the drop back is not a drop: a drop must also end below the level the spike rose from. A spike
 is over once recent blocks that all began after it lie back where it rose from; until then no other spike
-is flagged (a loss a spike left higher is one event, not one per time scale).
+is flagged (a loss a spike left higher is one event, not one per time scale), and after it a spike is new
+only against a baseline from after it was over (not the blocks from before it, set against its lasting effect).
 Non-finite values are reported on their own and never enter the state.
 """
 
@@ -275,6 +276,7 @@ class DropDetector:
         self.spike_armed = True
         self.spike_step = -1  # the step a spike was last flagged at: a coarser level's view of it is not new
         self.spike_onset = -1  # the first step of its evidence
+        self.forgot_at = -1  # the step the last spike was over at (its blocks taken out)
 
     def _forget_spike(self) -> None:
         """Take a recovered spike's blocks out of every level, and watch for the next one."""
@@ -284,6 +286,7 @@ class DropDetector:
             level.blocks.extend(kept)
         # spike_step stays: a coarser level whose recent blocks began before it still holds the same spike
         self.pre_spike, self.spike_armed, self.spike_onset = None, True, -1
+        self.forgot_at = self.last_step
 
     # The scale --------------------------------------------------------------------------------------
 
@@ -449,7 +452,9 @@ class DropDetector:
             verdict = self._change("drop", value, forecast, now, score, recent[0][0], block_steps)
             self._restart()
             return verdict if self.direction != "spike" else None
-        if self.spike_armed and recent[0][0] > self.spike_step:
+        if self.spike_armed and recent[0][0] > self.spike_step and fitted[0][0] >= self.forgot_at:
+            # (a baseline from before a spike that is over, without its blocks, set against what followed it:
+            # the lasting effect of that spike, not a new one)
             self.spike_armed, self.spike_step, self.spike_onset = False, self.last_step, recent[0][0]
             if self.pre_spike is None or self._to(self.pre_spike) > forecast:
                 self.pre_spike = self._back(forecast)
@@ -806,6 +811,7 @@ class DropDetector:
             "spike_armed": self.spike_armed,
             "spike_step": self.spike_step,
             "spike_onset": self.spike_onset,
+            "forgot_at": self.forgot_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -843,3 +849,4 @@ class DropDetector:
         self.spike_armed = bool(state["spike_armed"])
         self.spike_step = int(state["spike_step"])
         self.spike_onset = int(state["spike_onset"])
+        self.forgot_at = int(state.get("forgot_at", -1))

@@ -546,3 +546,19 @@ def test_a_transformer_first_descent_that_falls_faster_and_faster_is_not_a_drop(
     no further than the first half, within two standard errors of that comparison."""
     curve = json.loads((Path(__file__).parent / "data" / "transformer_first_descent.json").read_text())
     assert verdicts(curve["values"], curve["steps"], direction="both") == []
+
+
+def _spike_with_a_dip_back(seed):
+    """``_spike_that_leaves_the_loss_higher``, whose loss dips back to 0.5 for 12 steps at step 960."""
+    rng = random.Random(seed)
+    levels = [0.5] * 800 + [2.0] * 10 + [1.1] * 150 + [0.5] * 12 + [1.1] * 428
+    return [level * math.exp(rng.gauss(0, 0.3)) for level in levels]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_loss_a_spike_left_higher_is_not_a_new_spike_after_a_dip_back(seed):
+    """A held-out LR spike left the loss 1.7x higher and dipped back for a few steps: the spike was over (its
+    blocks taken out of every level), and the raised level, set against the blocks from before the spike, was
+    flagged again 250 steps later. A spike is new only against a baseline from after the last one was over."""
+    flags = verdicts(_spike_with_a_dip_back(seed), direction="both")
+    assert [verdict.kind for _, verdict in flags] == ["spike"] and 800 <= flags[0][0] <= 840
