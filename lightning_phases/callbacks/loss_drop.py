@@ -44,6 +44,8 @@ CURVE_POINTS = 5000  # the last values kept for the report's plot (and in checkp
 # however far they add up over a drop's baseline.
 LR_CHANGE = 0.1
 LR_SPAN = 8
+# rate changes kept: enough to hold the rates in force LR_SPAN steps ago when they change at every step
+_RATE_CHANGES_KEPT = LR_SPAN + 2
 
 
 class LossDropSentinel(PhaseCallback):
@@ -188,10 +190,8 @@ class LossDropSentinel(PhaseCallback):
         self._last_metric: Any = None
         self._seen_in: str | None = None  # where the monitored metric was first seen
         self._changes: deque[tuple[int, str, Any, Any]] = deque(maxlen=64)  # (step, what, before, after)
-        # (step, rates) at each of the last changes of the rates, oldest first: enough to hold the rates in force
-        # LR_SPAN steps ago when they change at every step
-        self._rate_history: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=LR_SPAN + 2)
-        self._rates_now: tuple[float, ...] = ()
+        # (step, rates) at each of the last changes of the rates, oldest first; the newest are the rates now
+        self._rate_history: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=_RATE_CHANGES_KEPT)
         self._last_trainable: int | None = None
         self._parameters: list[Tensor] = []  # the module's parameters, listed again at each training epoch
         self._optimizers: list[torch.optim.Optimizer] = []  # the Trainer's, listed again at each training epoch
@@ -252,7 +252,6 @@ class LossDropSentinel(PhaseCallback):
         sync). The optimizers are listed at each training epoch's start (their param groups are read live, so
         a group added mid-epoch counts)."""
         rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
-        self._rates_now = rates
         history = self._rate_history  # (step, rates) at each of the last changes of the rates
         if history and rates == history[-1][1]:
             return
@@ -585,7 +584,7 @@ class LossDropSentinel(PhaseCallback):
             self._give_up_triage(reason or "no reference evaluation before the drop")
             return self._triage(trainer, pl_module, verdict, explained)
         onset = self._triage_onset(verdict)
-        prior = [reference for reference in self._references if reference[0] <= onset] or self._references[:1]
+        prior = [reference for reference in self._references if reference[0] <= onset] or [self._references[0]]
         before_step, before = prior[-1]
         train_before, train_after = self._train_level(before_step), self._train_level(trainer.global_step)
         expected, basis = expected_held_out(prior, train_before, verdict.forecast, trainer.global_step, self.floor)
@@ -656,7 +655,8 @@ class LossDropSentinel(PhaseCallback):
                 f"a change of the trainable parameters ({trainable[0][2]} -> {trainable[-1][3]} tensors) "
                 f"at step {trainable[0][0]}"
             )
-        current_rates, current_trainable = list(self._rates_now), self._last_trainable
+        current_rates = list(self._rate_history[-1][1]) if self._rate_history else []
+        current_trainable = self._last_trainable
         return {
             "lr_changed": bool(rates),
             "lr_old": list(rates[0][2]) if rates else current_rates,
@@ -749,7 +749,7 @@ class LossDropSentinel(PhaseCallback):
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
         self._rate_history = deque(
-            ((int(step), tuple(rates)) for step, rates in state_dict.get("rate_history", [])), maxlen=LR_SPAN + 2
+            ((int(step), tuple(rates)) for step, rates in state_dict.get("rate_history", [])), maxlen=_RATE_CHANGES_KEPT
         )
         self._last_trainable = state_dict.get("last_trainable")
         self._seen_in = state_dict.get("seen_in")
