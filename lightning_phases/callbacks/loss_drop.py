@@ -230,8 +230,15 @@ class LossDropSentinel(PhaseCallback):
             return
         # this runs at every training step: each attribute read of the Trainer is made once
         step = trainer.global_step
-        self._note_rates(step)
-        value = self._step_value(trainer, outputs)
+        # the learning rates (``_current_rates``, inlined: this runs at every step; host-side floats, no sync)
+        rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
+        if not self._rate_history or rates != self._rate_history[-1][1]:
+            self._note_rates(step, rates)
+        if self.monitor == "loss":
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            value = loss if isinstance(loss, Tensor) else None
+        else:
+            value = self._metric_value(trainer)
         if value is not None:
             if value.requires_grad:  # its dtype, device and shape are settled at the check, for all at once
                 value = value.detach()
@@ -246,12 +253,11 @@ class LossDropSentinel(PhaseCallback):
         if self._pending and (step % self.check_every_n_steps == 0 or trainer.is_last_batch):
             self._check(trainer, pl_module, "step", "train")
 
-    def _note_rates(self, step: int) -> None:
-        """Record a sudden learning-rate change (by more than ``LR_CHANGE`` within ``LR_SPAN`` steps) with its
-        step; a change still under way within ``LR_SPAN`` steps of the last one extends it (host-side floats: no
-        sync). The optimizers are listed at each training epoch's start (their param groups are read live, so
-        a group added mid-epoch counts)."""
-        rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
+    def _note_rates(self, step: int, rates: tuple[float, ...]) -> None:
+        """Take the learning rates of every param group now, ``rates``: a sudden change (by more than
+        ``LR_CHANGE`` within ``LR_SPAN`` steps) is recorded with its step; a change still under way within
+        ``LR_SPAN`` steps of the last one extends it. The optimizers are listed at each training epoch's start
+        (their param groups are read live, so a group added mid-epoch counts)."""
         history = self._rate_history  # (step, rates) at each of the last changes of the rates
         if history and rates == history[-1][1]:
             return
@@ -271,6 +277,10 @@ class LossDropSentinel(PhaseCallback):
                 history.pop()
         history.append((step, rates))
 
+    def _current_rates(self) -> tuple[float, ...]:
+        """The learning rate of every param group of every optimizer, in order."""
+        return tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
+
     def _note_trainable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record a change of the number of trainable tensors (checked once per check, not per step; the
         parameters are listed again at each training epoch's start, where fine-tuning callbacks add some)."""
@@ -281,10 +291,8 @@ class LossDropSentinel(PhaseCallback):
             self._changes.append((trainer.global_step, "trainable", self._last_trainable, trainable))
         self._last_trainable = trainable
 
-    def _step_value(self, trainer: pl.Trainer, outputs: Any) -> Tensor | None:
-        if self.monitor == "loss":
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            return loss if isinstance(loss, Tensor) else None
+    def _metric_value(self, trainer: pl.Trainer) -> Tensor | None:
+        """The monitored metric after a training batch, if it was logged there since the last value taken."""
         if self._source_of_metric() == "validation":  # a validation metric is taken at validation end only
             return None
         value = self._new_metric(trainer)
@@ -429,24 +437,27 @@ class LossDropSentinel(PhaseCallback):
         if self.source is None:
             self.source = source
             self.detector = DropDetector(direction=self.direction, **self.detector_options)
-        device = trainer.strategy.root_device
-        try:  # one stack, one conversion: the common case of same-shaped scalars on the device
-            values = torch.stack(self._pending).to(device=device, dtype=torch.float32).reshape(-1)
-        except RuntimeError:  # values restored from a checkpoint wait on the CPU; shapes [] and [1] mix
-            values = None
-        if values is None or values.numel() != len(self._pending):
-            values = torch.stack([_as_scalar(v, device) for v in self._pending])
-        steps = self._pending_steps
+        device, pending, steps = trainer.strategy.root_device, self._pending, self._pending_steps
         self._pending, self._pending_steps = [], []
-        values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
+        if device.type == "cpu" and trainer.world_size == 1:  # nothing to synchronise with: each value is read
+            floats = [value.item() if value.dtype is torch.float32 else float(value.float()) for value in pending]
+        else:
+            try:  # one stack, one conversion: the common case of same-shaped scalars on the device
+                values = torch.stack(pending).to(device=device, dtype=torch.float32).reshape(-1)
+            except RuntimeError:  # values restored from a checkpoint wait on the CPU; shapes [] and [1] mix
+                values = None
+            if values is None or values.numel() != len(pending):
+                values = torch.stack([_as_scalar(v, device) for v in pending])
+            values = trainer.strategy.reduce(values, reduce_op="mean") if trainer.world_size > 1 else values
+            floats = values.tolist()  # the one host synchronisation of this check
         if source == "validation":
-            self._note_rates(trainer.global_step)
+            self._note_rates(trainer.global_step, self._current_rates())
         self._note_trainable(trainer, pl_module)
         detector = self.detector
         assert detector is not None
         verdicts = []
         update, keep = detector.update, self.curve.append
-        for value, step in zip(values.tolist(), steps, strict=True):  # the one host synchronisation of this check
+        for value, step in zip(floats, steps, strict=True):
             positive = detector.all_positive
             verdict = update(value, step)
             if math.isfinite(value):

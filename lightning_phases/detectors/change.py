@@ -183,7 +183,7 @@ class _Level:
     detector was given, of its first one (the detector keeps the values no level has completed yet).
     """
 
-    __slots__ = ("blocks", "current_block", "shift", "start")
+    __slots__ = ("blocks", "current_block", "medians", "shift", "start")
 
     def __init__(self, shift: int, keep: int) -> None:
         self.shift = shift
@@ -192,6 +192,7 @@ class _Level:
         # completed blocks: (first step, last step, lower middle value, upper middle value, number of values,
         # the median on the judged scale)
         self.blocks: deque[tuple[int, int, float, float, int, float]] = deque(maxlen=keep)
+        self.medians: deque[float] = deque(maxlen=keep)  # the blocks' medians on the judged scale, alone
 
     def complete(self, values: list[float], scaled: Callable[[float, float], float]) -> None:
         """Close the current block, whose values are ``values``; ``scaled`` gives the median of a middle pair
@@ -201,7 +202,30 @@ class _Level:
             low = high = values[0]
         else:
             low, high = _middle_pair(values)
-        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), scaled(low, high)))
+        median = scaled(low, high)
+        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), median))
+        self.medians.append(median)
+
+    def complete_one(self, value: float, scaled: float) -> None:
+        """Close the current block, which holds only ``value`` (``scaled`` on the judged scale)."""
+        first = self.current_block << self.shift  # type: ignore[operator]
+        self.blocks.append((first, first + (1 << self.shift) - 1, value, value, 1, scaled))
+        self.medians.append(scaled)
+
+    def complete_two(self, earlier: float, value: float, to: Callable[[float], float]) -> None:
+        """Close the current block, which holds ``earlier`` and ``value``; ``to`` maps a value to the judged scale."""
+        low, high = (earlier, value) if earlier <= value else (value, earlier)
+        median = to(low) if low == high else (to(low) + to(high)) / 2  # as ``_scaled`` has it
+        first = self.current_block << self.shift  # type: ignore[operator]
+        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, 2, median))
+        self.medians.append(median)
+
+    def replace(self, blocks: Iterable[tuple[int, int, float, float, int, float]]) -> None:
+        """Hold ``blocks`` instead of the completed blocks held now."""
+        self.blocks.clear()
+        self.blocks.extend(blocks)
+        self.medians.clear()
+        self.medians.extend(block[5] for block in self.blocks)
 
 
 class DropDetector:
@@ -242,6 +266,9 @@ class DropDetector:
         self.persistence = check_positive("persistence", persistence, integer=True)
         self.floor = None if floor is None else check_number("floor", floor)
         self._log_below, self._log_above = -math.log1p(-self.min_change), math.log1p(self.min_change)
+        # recent blocks judged at each level: they span MIN_EVIDENCE steps at least (at the finest scales a
+        # handful of batches whose losses happen to be low, heavy tails or an epoch's data order, is not evidence)
+        self._persistences = [max(self.persistence, -(-MIN_EVIDENCE // (1 << k))) for k in range(LEVELS)]
         self.reset()
 
     def reset(self) -> None:
@@ -260,14 +287,14 @@ class DropDetector:
         self._values: list[float] = []  # the values of the blocks being filled (the coarsest holds all of them)
         self._first = 0  # the index among all values given of ``_values[0]``
         self._gaps: deque[int] = deque(maxlen=15)
-        self._interval = 1
+        self._set_interval(1)
         self._shortest = 1  # the shortest recent gap between steps (recomputed with the interval)
         self._restart()
 
     def _restart(self) -> None:
         """A new history after a flagged drop: blocks, arming and the spike memory start again."""
         for level in self._levels:
-            level.blocks.clear()
+            level.replace(())
         self.armed = False
         self.risen = False  # the series rose well above where it began (a validation loss while a model memorises)
         self.flat_start = False  # armed by a start with no descent yet: drops must leave a plateau
@@ -281,9 +308,7 @@ class DropDetector:
     def _forget_spike(self) -> None:
         """Take a recovered spike's blocks out of every level, and watch for the next one."""
         for level in self._levels:
-            kept = [block for block in level.blocks if block[1] < self.spike_onset]
-            level.blocks.clear()
-            level.blocks.extend(kept)
+            level.replace([block for block in level.blocks if block[1] < self.spike_onset])
         # spike_step stays: a coarser level whose recent blocks began before it still holds the same spike
         self.pre_spike, self.spike_armed, self.spike_onset = None, True, -1
         self.forgot_at = self.last_step
@@ -347,41 +372,46 @@ class DropDetector:
             value: The next value of the series.
             step: Its training step (increasing); by default one step after the last value.
         """
-        step = self.last_step + 1 if step is None else int(step)
+        last_step = self.last_step
+        step = last_step + 1 if step is None else int(step)
         if not math.isfinite(value):
             return self._verdict("non_finite", value, math.nan, math.nan, math.nan, step, 1)
         if self.floor is not None and value < self.floor:
             return self._verdict("impossible", value, self.floor, value, math.nan, step, 1)
-        if step <= self.last_step:  # a repeated or earlier step (a re-run validation): judged as the next one
-            step = self.last_step + 1
-        if self.last_step >= 0:
-            gap = step - self.last_step
-            self._gaps.append(gap)
-            if self.seen % 16 == 0:
-                self._interval, self._shortest = _lower_median(list(self._gaps)), min(self._gaps)
-            elif gap < self._shortest or len(self._gaps) == 1:
+        if step <= last_step:  # a repeated or earlier step (a re-run validation): judged as the next one
+            step = last_step + 1
+        seen = self.seen
+        if last_step >= 0:
+            gap = step - last_step
+            gaps = self._gaps
+            gaps.append(gap)
+            if seen % 16 == 0:
+                self._set_interval(_lower_median(list(gaps)))
+                self._shortest = min(gaps)
+            elif gap < self._shortest or len(gaps) == 1:
                 self._shortest = gap
         self.last_step = step
-        self.seen += 1
+        self.seen = seen = seen + 1
         if self.all_positive and value + self._shift <= 0:
             if self.floor is not None and self._offset == 0:
                 self._reach_floor()
             else:
                 self.all_positive = False
                 self._rescale()
+        scaled = math.log(value + self._shift) if self.all_positive else value  # ``_to(value)``
         self._recent_values.append(value)
-        self._recent_scaled.append(self._to(value))
+        self._recent_scaled.append(scaled)
         self._magnitude += abs(value)
         if self.since_step is None:
             self.since_step = step
         verdict = None
-        if (not self.armed and (self.seen % _ARMING_EVERY == 0 or self._interval > 1)) or (
-            self.flat_start and self.seen % 16 == 0
+        if (not self.armed and (seen % _ARMING_EVERY == 0 or self._interval > 1)) or (
+            self.flat_start and seen % 16 == 0
         ):
             self._arm()  # judged on the history before any evidence of a drop, as it grows
-        values, first, lowest_judged = self._values, self._first, self._lowest_judged
+        values, first, lowest_judged, levels = self._values, self._first, self._lowest_judged, self._levels
         index = first + len(values)  # the new value's index among all values given
-        for level in self._levels:
+        for level in levels:
             block = step >> level.shift
             if block == level.current_block:
                 break  # blocks are nested: no coarser block completes either
@@ -394,24 +424,30 @@ class DropDetector:
         # a block that no further value can reach (the next comes at least the shortest recent gap later) is
         # complete now, not when that value comes: a metric seen every 20 steps is judged as soon as it is seen
         reach = step + self._shortest
-        for level in self._levels:
+        for level in levels:
             if level.current_block is None or reach < (level.current_block + 1) << level.shift:
                 break  # this block (and every coarser one, nested) may still get values
-            level.complete(values[level.start - first :], self._scaled)
+            if level.start == index:  # the new value alone (every block of the finest level)
+                level.complete_one(value, scaled)
+            elif level.start == index - 1:  # this value and the one before (most blocks of the next level)
+                level.complete_two(values[-2], value, self._to)
+            else:
+                level.complete(values[level.start - first :], self._scaled)
             level.current_block = None
             if verdict is None and level.shift >= lowest_judged:
                 verdict = self._judge(level, value)
-        coarsest = self._levels[-1].start - first
+        coarsest = levels[-1].start - first
         if coarsest > _NOISE_VALUES:  # values before the coarsest block being filled are no longer needed
             del values[:coarsest]
             self._first += coarsest
         return verdict
 
-    @property
-    def _lowest_judged(self) -> int:
-        """Levels whose blocks are shorter than the sampling interval hold one value per block, like the
-        first level that is not: only that level and coarser ones judge."""
-        return max(_FINEST_JUDGED, (self._interval - 1).bit_length() - 1)
+    def _set_interval(self, interval: int) -> None:
+        """The typical gap between steps, and the finest level judged at it: levels whose blocks are shorter
+        than the interval hold one value per block, like the first level that is not; only that level and
+        coarser ones judge."""
+        self._interval = interval
+        self._lowest_judged = max(_FINEST_JUDGED, (interval - 1).bit_length() - 1)
 
     def _rescale(self) -> None:
         """Re-express every block's median on the scale judged now (a median commutes with monotone maps)."""
@@ -419,17 +455,21 @@ class DropDetector:
         self._recent_scaled.clear()
         self._recent_scaled.extend(self._to(v) for v in self._recent_values)
         for level in self._levels:
-            blocks = [(*b[:5], self._scaled(b[2], b[3])) for b in level.blocks]
-            level.blocks.clear()
-            level.blocks.extend(blocks)
+            level.replace([(*b[:5], self._scaled(b[2], b[3])) for b in level.blocks])
 
     def _judge(self, level: _Level, value: float) -> Verdict | None:
         block_steps = 1 << level.shift
-        # the recent blocks span MIN_EVIDENCE steps at least: at the finest scales a handful of batches whose
-        # losses happen to be low (heavy tails, an epoch's data order) is not evidence
-        persistence = max(self.persistence, -(-MIN_EVIDENCE // block_steps))
-        if len(level.blocks) < self.window + persistence:
+        persistence, window, medians = self._persistences[level.shift], self.window, level.medians
+        count = len(medians)
+        if count < window + persistence:
             return None
+        if self.all_positive and (self.pre_spike is None or self.spike_armed):
+            # the common case, decided on the block medians alone: the recent median lies neither above every
+            # baseline block by min_change (a spike) nor, once armed, below any of them (a drop or a long fall)
+            now = _median(list(itertools.islice(medians, count - persistence, count)))
+            base = list(itertools.islice(medians, count - window - persistence, count - persistence))
+            if now <= max(base) + self._log_above and not (self.armed and now < min(base)):
+                return None
         blocks = list(level.blocks)
         recent = blocks[-persistence:]
         found = self._assess(level, blocks, persistence)
@@ -832,14 +872,14 @@ class DropDetector:
         for level, saved in zip(self._levels, state["levels"], strict=True):
             level.current_block = saved["block"]
             level.start = len(self._values) - len(saved["current"])
-            level.blocks.extend(
+            level.replace(
                 (int(b[0]), int(b[1]), float(b[2]), float(b[3]), int(b[4]), self._scaled(b[2], b[3]))
                 for b in saved["blocks"]
             )
         self._recent_values.extend(float(v) for v in state["recent_values"])
         self._recent_scaled.extend(self._to(v) for v in self._recent_values)
         self._gaps.extend(int(g) for g in state["gaps"])
-        self._interval = int(state["interval"])
+        self._set_interval(int(state["interval"]))
         self._shortest = min(self._gaps, default=1)
         self.armed = bool(state["armed"])
         self.risen = bool(state.get("risen", False))
