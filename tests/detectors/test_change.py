@@ -562,3 +562,26 @@ def test_a_loss_a_spike_left_higher_is_not_a_new_spike_after_a_dip_back(seed):
     flagged again 250 steps later. A spike is new only against a baseline from after the last one was over."""
     flags = verdicts(_spike_with_a_dip_back(seed), direction="both")
     assert [verdict.kind for _, verdict in flags] == ["spike"] and 800 <= flags[0][0] <= 840
+
+
+@pytest.mark.parametrize("name", ["lr-spike-s0", "leak-mid-s0", "nll-negative-drop-s1", "hinge-leak-s0"])
+def test_each_level_keeps_its_block_medians_beside_its_blocks_through_spikes_restarts_rescales_and_resumes(name):
+    """The block medians a block is first judged on are kept apart from the blocks (for speed): after every
+    value, through a spike that is forgotten, a flagged drop's restart, a change of scale, a value at the floor
+    and a resume, they are exactly the blocks' own medians, and the verdicts are those of one uninterrupted run."""
+    curve = CURVES[name]
+    pairs = list(zip(curve["steps"], curve["values"], strict=True))
+    detector, found, kinds = DropDetector(direction="both", floor=curve["floor"]), [], set()
+    for index, (step, value) in enumerate(pairs):
+        if index == len(pairs) // 2:  # resumed halfway
+            resumed = DropDetector(direction="both", floor=curve["floor"])
+            resumed.load_state_dict(detector.state_dict())
+            detector = resumed
+        verdict = detector.update(value, step)
+        if verdict is not None:
+            found.append((step, verdict))
+            kinds.add(verdict.kind)
+        for level in detector._levels:
+            assert list(level.medians) == [block[5] for block in level.blocks]
+    assert found == verdicts(curve["values"], curve["steps"], direction="both", floor=curve["floor"])
+    assert kinds  # each of these curves gives a verdict: a spike, or a drop and its restart
