@@ -577,7 +577,8 @@ class DropDetector:
         # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau
         # that lasted at least as long as its evidence (baseline and recent blocks)
         plateau = not self.flat_start or (
-            self._plateau(slope, xs[-1] - xs[0], forecast) and self._flat_for(baseline[0][0], recent[-1][1])
+            self._plateau(slope, recent[-1][1] - baseline[0][0], forecast)
+            and self._flat_for(baseline[0][0], recent[-1][1])
         )
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
@@ -631,7 +632,7 @@ class DropDetector:
             return None
         xs, slope, forecast, residual, coarse_sigma = self._fit(base, recent, self._levels[index].blocks)
         if self.flat_start and not (
-            self._plateau(slope, xs[-1] - xs[0], forecast) and self._flat_for(base[0][0], recent[-1][1])
+            self._plateau(slope, recent[-1][1] - base[0][0], forecast) and self._flat_for(base[0][0], recent[-1][1])
         ):
             return None  # after a flat start, a drop must leave a plateau that lasted as long as its evidence
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, coarse_sigma))
@@ -741,7 +742,9 @@ class DropDetector:
         if span <= 0:
             return None
         slope, intercept = _theil_sen(xs, ys)
-        if not self.risen and not self._plateau(slope, span, intercept + slope * xs[-1]):
+        # after a flat start, flat over the whole evidence (to the recent blocks' end), not only over its own span
+        reach = recent[-1][1] - older[0][0] if self.flat_start else span
+        if not self.risen and not self._plateau(slope, reach, intercept + slope * xs[-1]):
             # not a plateau that a fall left, nor the way down from a rise (memorisation before grokking): a
             # descent, judged by the baseline's line alone
             return None

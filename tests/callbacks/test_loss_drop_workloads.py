@@ -137,10 +137,11 @@ def test_a_drop_of_an_always_negative_loss_is_flagged_on_the_signed_scale(tmp_pa
 
 
 class SmallCNN(pl.LightningModule):
-    """A new user's CNN (two 3x3 convolutions, max-pooling), SGD with momentum at lr 0.05."""
+    """A new user's CNN (two 3x3 convolutions, max-pooling), SGD with momentum at ``lr`` (0.05 by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
+        self.lr = lr
         self.net = nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
             nn.Conv2d(1, 8, 3, padding=1),
@@ -159,7 +160,7 @@ class SmallCNN(pl.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -176,4 +177,51 @@ def test_a_cnn_whose_loss_sits_at_ln10_then_falls_fast_is_not_flagged(tmp_path, 
     sentinel = LossDropSentinel(direction="both")
     curve = run(sentinel, SmallCNN(), tmp_path, train, max_steps=200)
     assert curve[1] > 2.2 and statistics.median(curve[s] for s in range(150, 200)) < 0.5  # it did fall
+    assert sentinel.events == []
+
+
+class WiderCNN(SmallCNN):
+    """The fourth new user's CNN: 16 and 32 channels of 3x3 convolutions, max-pooling, one linear layer."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr)
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 10),
+        )
+
+
+SLOW_START_OF_THE_SMALL_CNN = pytest.mark.xfail(
+    strict=True,
+    reason="a known false alarm, in the README's known limits: the loss sits within 5% of ln 10 for 150-200 "
+    "steps, then collapses; a plateau that long is not told from a stuck run that starts learning",
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "batch_size", "seed"),
+    [
+        *[("wider", batch_size, seed) for batch_size in (16, 64) for seed in range(3)],
+        pytest.param("small", 64, 0, marks=SLOW_START_OF_THE_SMALL_CNN),
+    ],
+)
+def test_a_cnn_whose_first_descent_under_sgd_starts_slowly_and_gathers_speed_is_not_flagged(
+    tmp_path, model, batch_size, seed
+):
+    """Found by the fourth new user's trial (CNNs under SGD with momentum at low learning rates, 13 of 30 runs
+    flagged at steps 80-210): the loss falls a few percent over the first 60-150 steps, ever faster, then
+    collapses. Seen over its own window, the slow start looked like a plateau; a plateau a drop leaves after a
+    flat start must now be flat over the whole span of the evidence."""
+    pl.seed_everything(seed, verbose=False)
+    sentinel = LossDropSentinel(direction="both")
+    network = WiderCNN(lr=0.003) if model == "wider" else SmallCNN(lr=0.003)
+    curve = run(sentinel, network, tmp_path, digits_loader(batch_size, 0.0, seed), max_steps=400)
+    start, late = (statistics.median(curve[s] for s in range(a, a + 20)) for a in (1, 380))
+    assert start > 2.2 and late < 0.5 * start  # it did fall, after a slow start
     assert sentinel.events == []
