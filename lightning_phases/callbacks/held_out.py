@@ -235,6 +235,8 @@ class _UserState:
 def _first_validation_loader(trainer: pl.Trainer) -> Any:
     """The first validation DataLoader of the fit, set up as the validation loop would; ``None`` if none."""
     if trainer.val_dataloaders is None:
+        if not trainer.enable_validation:  # no DataLoader given (a module's validation_step alone), or none asked
+            return None
         # The validation loop sets its DataLoaders up when it first runs (the sanity check, or the first
         # validation); doing it now is what it would do then, and it keeps them.
         trainer.fit_loop.epoch_loop.val_loop.setup_data()

@@ -321,6 +321,25 @@ def test_without_validation_data_triage_is_unknown_and_says_why(tmp_path):
     assert leak and leak[0].data["triage"] == "unknown" and "triage: unknown" in leak[0].message
 
 
+def test_a_module_with_a_validation_step_fitted_without_validation_data_is_still_watched(tmp_path):
+    """Found by a new user's trial: ``trainer.fit(model, train_loader)`` with a module that defines
+    ``validation_step`` (Lightning trains it without validating). Setting up the validation DataLoaders raised
+    there, and the sentinel checked nothing for the rest of the run (one ``internal_error``)."""
+    sentinel = LossDropSentinel()
+    datamodule = DigitsDataModule(label_noise=0.2)
+    datamodule.setup("fit")
+    with pytest.warns(PhaseWarning, match="no held-out loss to compare: no validation data"):
+        pl.seed_everything(0)
+        trainer = small_trainer(
+            [sentinel], max_steps=480, max_epochs=-1, limit_train_batches=1.0, default_root_dir=tmp_path
+        )
+        trainer.fit(Scripted(leak_label_from_step=400), datamodule.train_dataloader())
+    assert [event.kind for event in sentinel.events if event.kind != "loss_drop"] == []
+    assert sentinel.checked == 480
+    leak = [event for event in drops(sentinel) if event.global_step >= 400]
+    assert leak and leak[0].data["triage"] == "unknown"
+
+
 # What a new user's module does in validation, undisturbed ---------------------------------------------------
 
 
