@@ -265,7 +265,7 @@ class SandboxCheck(PhaseCallback):
 
     @override
     def on_call_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException | None) -> None:
-        self._finish(trainer)
+        self._finish(trainer, exception)
 
     @override
     def phase_observations(self) -> list[Observation]:
@@ -425,11 +425,16 @@ class SandboxCheck(PhaseCallback):
             )
             self._unraised.append(event)
 
-    def _finish(self, trainer: pl.Trainer) -> None:
+    def _finish(self, trainer: pl.Trainer, exception: BaseException | None) -> None:
         self._deactivate()
         if self._stage_running is not None:
             self._stage_running.value = 0  # the call is over: persistent workers kept from it work freely
         self._stack.clear()
+        if trainer.world_size > 1 and exception is None:
+            # Nothing synchronises the ranks between a stage's last batch and the call's end: rank 0 may get here
+            # while another rank is still writing an escape to the spool. Every rank ends the call here alike
+            # (an interrupted one does not wait: its peers' collectives fail when it exits).
+            trainer.strategy.barrier("SandboxCheck: every rank's escapes are in the spool")
         self._drain(trainer)
         if self._patched is not None:
             patched = self._patched.__dict__.get("process_dataloader")
