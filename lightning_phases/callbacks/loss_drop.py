@@ -103,6 +103,8 @@ class LossDropSentinel(PhaseCallback):
         cooldown: Values after a flagged event during which no other event of the same kind is raised.
         ignore_explained: Turn drops explained by a learning-rate or trainable-set change (triage
             ``explained``: not ``train_only``) and spikes coinciding with one into ``info`` events with no action.
+            (An explained drop decided after a flat start, while the first descent may still be to come, is such
+            an event whatever this says: the first descent a warm-up let begin.)
         triage_batches: Validation batches cached when fitting starts for the triage of training-loss drops
             (on each rank, on its device); ``0`` turns the held-out evaluation off, and a drop's triage is then
             ``explained`` or ``unknown``.
@@ -541,6 +543,11 @@ class LossDropSentinel(PhaseCallback):
         # a drop the held-out loss did not follow is train_only whatever coincided with it (a rate change does
         # not make the held-out loss rise): it is acted on
         quiet = self.ignore_explained and (data["triage"] == "explained" if kind == "loss_drop" else explained)
+        # after a flat start, a drop that a learning-rate or trainable-set change explains (a warm-up that lets
+        # the first descent begin) is taken as that first descent: recorded, not acted on
+        first_descent = kind == "loss_drop" and verdict.provisional and data["triage"] == "explained"
+        data["provisional"] = verdict.provisional
+        quiet = quiet or first_descent
         if not quiet and self.on_violation != "warn":
             data["checkpoint"] = self._save_checkpoint(trainer, kind)
         message = f"{self.monitor} {_describe_change(verdict)} (now {verdict.level:.4g}, score {verdict.score:.1f}, "
@@ -548,6 +555,8 @@ class LossDropSentinel(PhaseCallback):
         if explained:
             message += "; it coincides with " + " and ".join(data["explained_by"])
         message += triage
+        if first_descent:
+            message += "; after a flat start, taken as the first descent (recorded, not acted on)"
         if quiet:
             self.emit(trainer, kind, message, data, severity="info", stage=stage)
         else:

@@ -161,6 +161,8 @@ class Verdict:
         onset_step: The first step of the recent blocks: where the evidence begins.
         block_steps: Steps per block at the level that decided (the time scale of the change).
         scale: ``"log"``, ``"log_above_floor"`` or ``"signed"``: the scale it was judged on.
+        provisional: A drop decided while the detector was armed only provisionally (after a flat start, before
+            a first descent had come and slowed down): it may be that first descent.
     """
 
     kind: str
@@ -174,6 +176,7 @@ class Verdict:
     onset_step: int
     block_steps: int
     scale: str
+    provisional: bool = False
 
 
 class _Level:
@@ -822,7 +825,18 @@ class DropDetector:
         else:
             change = difference / abs(forecast) if forecast else math.nan
         return Verdict(
-            kind, value, forecast, level, score, self.threshold, change, difference, onset_step, block_steps, self.scale
+            kind,
+            value,
+            forecast,
+            level,
+            score,
+            self.threshold,
+            change,
+            difference,
+            onset_step,
+            block_steps,
+            self.scale,
+            provisional=kind == "drop" and self.flat_start,
         )
 
     # Checkpointing -----------------------------------------------------------------------------------
