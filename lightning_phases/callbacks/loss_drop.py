@@ -202,6 +202,7 @@ class LossDropSentinel(PhaseCallback):
         self.checked = 0
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
         self.flags: list[tuple[int, str, float]] = []
+        self.unacted = 0  # flags recorded as info events, not acted on (explained; first descents)
         self._validated_this_epoch = False
 
     @override
@@ -558,6 +559,7 @@ class LossDropSentinel(PhaseCallback):
         if first_descent:
             message += "; after a flat start, taken as the first descent (recorded, not acted on)"
         if quiet:
+            self.unacted += 1
             self.emit(trainer, kind, message, data, severity="info", stage=stage)
         else:
             self.violation(trainer, kind, message, data, stage=stage)
@@ -731,6 +733,7 @@ class LossDropSentinel(PhaseCallback):
             "checked": self.checked,
             "curve": list(self.curve),
             "flags": list(self.flags),
+            "unacted": self.unacted,
             "pending": torch.stack(self._pending).tolist() if self._pending else [],
             "pending_steps": list(self._pending_steps),
             "changes": [list(change) for change in self._changes],
@@ -765,6 +768,7 @@ class LossDropSentinel(PhaseCallback):
         self.checked = int(state_dict["checked"])
         self.curve = deque((tuple(point) for point in state_dict["curve"]), maxlen=CURVE_POINTS)
         self.flags = [tuple(flag) for flag in state_dict["flags"]]
+        self.unacted = int(state_dict.get("unacted", 0))
         self._pending = [torch.tensor(value, dtype=torch.float32) for value in state_dict.get("pending", [])]
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
@@ -789,8 +793,11 @@ class LossDropSentinel(PhaseCallback):
         stage: Stage = "train" if self.source == "step" else "validate"
         drops = sum(kind == "loss_drop" for _, kind, _ in self.flags)
         spikes = sum(kind == "loss_spike" for _, kind, _ in self.flags)
-        verdict = "flagged" if drops or spikes else "no sudden change"
+        verdict = "flagged" if drops + spikes > self.unacted else "recorded, not acted on"
+        verdict = verdict if drops + spikes else "no sudden change"
         detail = f"{self.checked} values of {self.monitor} checked, {drops} drops, {spikes} spikes"
+        if self.unacted:
+            detail += f" ({self.unacted} of them info events, not acted on)"
         if self.triaged:
             detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
         if self.probe.evaluations:

@@ -255,3 +255,5 @@ def test_a_first_descent_that_a_warm_up_lets_begin_after_a_flat_start_is_recorde
         for event in drops
     )
     assert all("taken as the first descent" in event.message for event in drops)
+    [row] = sentinel.phase_observations()  # the report says nothing was acted on
+    assert row.verdict == "recorded, not acted on" and f"({len(drops)} of them info events" in row.detail
