@@ -233,8 +233,7 @@ class LossDropSentinel(PhaseCallback):
             return
         # this runs at every training step: each attribute read of the Trainer is made once
         step = trainer.global_step
-        # the learning rates (``_current_rates``, inlined: this runs at every step; host-side floats, no sync)
-        rates = tuple([float(group["lr"]) for optimizer in self._optimizers for group in optimizer.param_groups])
+        rates = self._current_rates()  # host-side floats, no sync; recorded only where they changed
         if not self._rate_history or rates != self._rate_history[-1][1]:
             self._note_rates(step, rates)
         if self.monitor == "loss":

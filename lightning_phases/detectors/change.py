@@ -44,8 +44,9 @@ A start with no descent yet, or whose recent half fell less than ``min_change`` 
 its first half), arms the detector only provisionally: until the first descent has come and slowed down
 (or is under way at a steady pace: the first half of the history fell by half of ``min_change`` and the
 recent half no further, within two standard errors of that comparison), a drop must leave a plateau that
-lasted at least as long as its evidence (its baseline and recent blocks). However long an early descent that
-gathers speed lasts (a slow start, a learning-rate warm-up), it is never a "sudden drop".
+lasted at least as long as its evidence (its baseline and recent blocks) and stayed flat over the whole of it;
+such a drop's verdict says it was ``provisional``. However long an early descent that gathers speed lasts (a
+slow start, a learning-rate warm-up), it is never a "sudden drop".
 
 The scale is chosen by the values: ``log(value - floor)`` while every value lies above a declared lower
 bound ``floor`` (a value below it is ``impossible``), ``log(value)`` while every value has been positive
@@ -200,27 +201,24 @@ class _Level:
     def complete(self, values: list[float], scaled: Callable[[float, float], float]) -> None:
         """Close the current block, whose values are ``values``; ``scaled`` gives the median of a middle pair
         on the judged scale."""
-        first = self.current_block << self.shift  # type: ignore[operator]
         if len(values) == 1:  # most blocks of the finest levels
             low = high = values[0]
         else:
             low, high = _middle_pair(values)
-        median = scaled(low, high)
-        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, len(values), median))
-        self.medians.append(median)
+        self._close(low, high, len(values), scaled(low, high))
 
     def complete_one(self, value: float, scaled: float) -> None:
         """Close the current block, which holds only ``value`` (``scaled`` on the judged scale)."""
-        first = self.current_block << self.shift  # type: ignore[operator]
-        self.blocks.append((first, first + (1 << self.shift) - 1, value, value, 1, scaled))
-        self.medians.append(scaled)
+        self._close(value, value, 1, scaled)
 
     def complete_two(self, earlier: float, value: float, to: Callable[[float], float]) -> None:
         """Close the current block, which holds ``earlier`` and ``value``; ``to`` maps a value to the judged scale."""
         low, high = (earlier, value) if earlier <= value else (value, earlier)
-        median = to(low) if low == high else (to(low) + to(high)) / 2  # as ``_scaled`` has it
+        self._close(low, high, 2, to(low) if low == high else (to(low) + to(high)) / 2)  # as ``_scaled`` has it
+
+    def _close(self, low: float, high: float, count: int, median: float) -> None:
         first = self.current_block << self.shift  # type: ignore[operator]
-        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, 2, median))
+        self.blocks.append((first, first + (1 << self.shift) - 1, low, high, count, median))
         self.medians.append(median)
 
     def replace(self, blocks: Iterable[tuple[int, int, float, float, int, float]]) -> None:
@@ -577,12 +575,7 @@ class DropDetector:
         # the forecast is itself uncertain: its line was fitted on ``window`` noisy blocks and is read ahead of them
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, sigma))
         least_below, least_above = self._least(forecast)
-        # after a flat start (which may be the slow start of the first descent) a drop must leave a plateau
-        # that lasted at least as long as its evidence (baseline and recent blocks)
-        plateau = not self.flat_start or (
-            self._plateau(slope, recent[-1][1] - baseline[0][0], forecast)
-            and self._flat_for(baseline[0][0], recent[-1][1])
-        )
+        plateau = not self.flat_start or self._left_a_plateau(slope, baseline[0][0], recent[-1][1], forecast)
         if dropping and plateau and residual < -max(self.threshold * error, least_below):
             return "drop", now, forecast, residual / error, baseline
         if dropping and residual < -least_below:  # far enough below, not surely enough (or not from a plateau)
@@ -634,10 +627,8 @@ class DropDetector:
         if now >= min(ys) - least_below:
             return None
         xs, slope, forecast, residual, coarse_sigma = self._fit(base, recent, self._levels[index].blocks)
-        if self.flat_start and not (
-            self._plateau(slope, recent[-1][1] - base[0][0], forecast) and self._flat_for(base[0][0], recent[-1][1])
-        ):
-            return None  # after a flat start, a drop must leave a plateau that lasted as long as its evidence
+        if self.flat_start and not self._left_a_plateau(slope, base[0][0], recent[-1][1], forecast):
+            return None
         error = math.hypot(sigma * _MEDIAN_SE / math.sqrt(persistence), self._forecast_error(xs, recent, coarse_sigma))
         if residual < -max(self.threshold * error, self._least(forecast)[0]):
             return "drop", now, forecast, residual / error, base
@@ -673,6 +664,13 @@ class DropDetector:
     def _plateau(self, slope: float, span: float, at: float) -> bool:
         """Whether a line of ``slope`` fell by less than half of ``min_change`` (relative to ``at``) over ``span``."""
         return -slope * span <= self._least(at)[0] / 2
+
+    def _left_a_plateau(self, slope: float, first: int, last: int, at: float) -> bool:
+        """After a flat start (which may be the slow start of the first descent): whether a drop whose evidence
+        runs from step ``first`` to step ``last``, judged against a line of ``slope`` read at ``at``, left a
+        plateau: one flat over the whole span of the evidence (a slow start that gathers speed is flat over one
+        window only) and that lasted at least as long."""
+        return self._plateau(slope, last - first, at) and self._flat_for(first, last)
 
     def _history(self) -> list[tuple[int, int, float, float, int, float]]:
         """The blocks of the finest level that still holds the whole of this history (none while too short)."""
