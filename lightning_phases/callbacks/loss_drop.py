@@ -203,6 +203,8 @@ class LossDropSentinel(PhaseCallback):
         self.curve: deque[tuple[int, float]] = deque(maxlen=CURVE_POINTS)
         self.flags: list[tuple[int, str, float]] = []
         self.unacted = 0  # flags recorded as info events, not acted on (explained; first descents)
+        self.recurring: dict[str, int] = {}  # per event kind, changes that recur with the data order every epoch
+        self._period: int | None = None  # training steps per epoch, where known
         self._validated_this_epoch = False
 
     @override
@@ -401,6 +403,13 @@ class LossDropSentinel(PhaseCallback):
         self._validated_this_epoch = False
         if stage == "train":
             self._parameters, self._optimizers = [], list(trainer.optimizers)
+            # a change that comes at the same steps every epoch comes with the data order (a DataLoader that is
+            # not shuffled): the detector compares each change with the same steps one epoch earlier
+            batches = trainer.num_training_batches
+            finite = isinstance(batches, int) or math.isfinite(batches)
+            self._period = math.ceil(batches / trainer.accumulate_grad_batches) if finite and batches > 0 else None
+            if self.detector is not None and self.source == "step":
+                self.detector.set_period(self._period)
 
     @override
     def on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
@@ -439,6 +448,8 @@ class LossDropSentinel(PhaseCallback):
         if self.source is None:
             self.source = source
             self.detector = DropDetector(direction=self.direction, **self.detector_options)
+            if source == "step":
+                self.detector.set_period(self._period)
         device, pending, steps = trainer.strategy.root_device, self._pending, self._pending_steps
         self._pending, self._pending_steps = [], []
         if device.type == "cpu" and trainer.world_size == 1:  # nothing to synchronise with: each value is read
@@ -493,22 +504,13 @@ class LossDropSentinel(PhaseCallback):
             "non_finite": "non_finite_loss",
             "impossible": "impossible_loss",
         }[verdict.kind]
+        if verdict.recurring:
+            self._recurred(trainer, verdict, kind, stage)
+            return
         if index < self._quiet_until.get(kind, -1):
             return
         self._quiet_until[kind] = index + self.cooldown
-        data: dict[str, Any] = {
-            "monitor": self.monitor,
-            "value": verdict.value,
-            "forecast": verdict.forecast,
-            "level": verdict.level,
-            "score": verdict.score,
-            "threshold": verdict.threshold,
-            "change": verdict.change,
-            "difference": verdict.difference,
-            "onset_step": verdict.onset_step,
-            "block_steps": verdict.block_steps,
-            "scale": verdict.scale,
-        }
+        data = self._data(verdict)
         if kind == "non_finite_loss":
             self.emit(
                 trainer,
@@ -562,6 +564,39 @@ class LossDropSentinel(PhaseCallback):
             self.emit(trainer, kind, message, data, severity="info", stage=stage)
         else:
             self.violation(trainer, kind, message, data, stage=stage)
+
+    def _data(self, verdict: Verdict) -> dict[str, Any]:
+        """The numbers of a verdict, as an event's ``data``."""
+        return {
+            "monitor": self.monitor,
+            "value": verdict.value,
+            "forecast": verdict.forecast,
+            "level": verdict.level,
+            "score": verdict.score,
+            "threshold": verdict.threshold,
+            "change": verdict.change,
+            "difference": verdict.difference,
+            "onset_step": verdict.onset_step,
+            "block_steps": verdict.block_steps,
+            "scale": verdict.scale,
+        }
+
+    def _recurred(self, trainer: pl.Trainer, verdict: Verdict, kind: str, stage: Stage) -> None:
+        """A change that came at the same steps one epoch earlier: the data order, not a sudden change. The first
+        of each kind is an info event (it says the data comes in the same order every epoch); all are counted."""
+        self.recurring[kind] = self.recurring.get(kind, 0) + 1
+        if self.recurring[kind] > 1:
+            return
+        assert self.detector is not None
+        data = self._data(verdict)
+        data.update(recurring=True, period=self.detector.period)
+        message = (
+            f"{self.monitor} {_describe_change(verdict)} at step {verdict.onset_step}{_checked_at(verdict, trainer)}, "
+            f"as it did at the same steps one epoch ({self.detector.period} steps) earlier: the training data comes "
+            "in the same order every epoch (a DataLoader that is not shuffled) and this change comes with it, not "
+            "a sudden one (recorded, not acted on; the later ones are counted in the report)"
+        )
+        self.emit(trainer, kind, message, data, severity="info", stage=stage)
 
     def _triage_onset(self, verdict: Verdict) -> int:
         """Where the drop's evidence began, or a spike flagged within its baseline (a leak that first raises the
@@ -733,6 +768,7 @@ class LossDropSentinel(PhaseCallback):
             "curve": list(self.curve),
             "flags": list(self.flags),
             "unacted": self.unacted,
+            "recurring": dict(self.recurring),
             "pending": torch.stack(self._pending).tolist() if self._pending else [],
             "pending_steps": list(self._pending_steps),
             "changes": [list(change) for change in self._changes],
@@ -768,6 +804,7 @@ class LossDropSentinel(PhaseCallback):
         self.curve = deque((tuple(point) for point in state_dict["curve"]), maxlen=CURVE_POINTS)
         self.flags = [tuple(flag) for flag in state_dict["flags"]]
         self.unacted = int(state_dict.get("unacted", 0))
+        self.recurring = {str(kind): int(count) for kind, count in state_dict.get("recurring", {}).items()}
         self._pending = [torch.tensor(value, dtype=torch.float32) for value in state_dict.get("pending", [])]
         self._pending_steps = [int(step) for step in state_dict.get("pending_steps", [])]
         self._changes = deque((tuple(change) for change in state_dict.get("changes", [])), maxlen=64)
@@ -797,6 +834,11 @@ class LossDropSentinel(PhaseCallback):
         detail = f"{self.checked} values of {self.monitor} checked, {drops} drops, {spikes} spikes"
         if self.unacted:
             detail += f" ({self.unacted} of them info events, not acted on)"
+        if self.recurring:
+            detail += (
+                f"; {sum(self.recurring.values())} changes that recur at the same steps of every epoch (the data "
+                "order) not flagged"
+            )
         if self.triaged:
             detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
         if self.probe.evaluations:

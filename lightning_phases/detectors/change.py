@@ -64,10 +64,20 @@ is over once recent blocks that all began after it lie back where it rose from; 
 is flagged (a loss a spike left higher is one event, not one per time scale), and after it a spike is new
 only against a baseline from after it was over (not the blocks from before it, set against its lasting effect).
 Non-finite values are reported on their own and never enter the state.
+
+A change that recurs with the data order is not sudden. Where the caller declares a period (the steps of a
+training epoch, :meth:`DropDetector.set_period`), a drop or spike is compared with the same steps one period
+earlier: if the same blocks shifted by the period changed the same way against the blocks before them (in
+the first epoch, against the rest of that period), at least half as far and beyond two standard errors (a
+DataLoader that is not shuffled, whose easy or hard batches come at the same place every epoch), the verdict
+says ``recurring`` (once per episode: a run of such candidates) and the history goes on as if nothing was
+flagged.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import math
 from collections import deque
@@ -102,6 +112,10 @@ _COARSER = 2
 # Of 0.01, 0.03, 0.1 and 0.2 on the corpus' and the held-out set's 10 hinge curves, the smallest that brought no
 # false alarm at any sampling (0.01 found leaks sooner, but flagged 3-value runs of near-zero batches)
 _FLOOR_OFFSET = 0.1
+# most values kept to compare a change with the same steps one period earlier (two epochs of 16,384 steps)
+_SEASON_VALUES = 1 << 15
+# standard errors beyond which the change one period earlier counts as the same change seen again
+_RECURRENCE_ERRORS = 2.0
 
 
 def _lower_median(values: list[float]) -> float:
@@ -164,6 +178,9 @@ class Verdict:
         scale: ``"log"``, ``"log_above_floor"`` or ``"signed"``: the scale it was judged on.
         provisional: A drop decided while the detector was armed only provisionally (after a flat start, before
             a first descent had come and slowed down): it may be that first descent.
+        recurring: The same change came at the same steps one period earlier (see
+            :meth:`DropDetector.set_period`): not a sudden change but the data order; the detector went on as if
+            nothing was found.
     """
 
     kind: str
@@ -178,6 +195,7 @@ class Verdict:
     block_steps: int
     scale: str
     provisional: bool = False
+    recurring: bool = False
 
 
 class _Level:
@@ -270,6 +288,7 @@ class DropDetector:
         # recent blocks judged at each level: they span MIN_EVIDENCE steps at least (at the finest scales a
         # handful of batches whose losses happen to be low, heavy tails or an epoch's data order, is not evidence)
         self._persistences = [max(self.persistence, -(-MIN_EVIDENCE // (1 << k))) for k in range(LEVELS)]
+        self.period: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -288,6 +307,8 @@ class DropDetector:
         self._values: list[float] = []  # the values of the blocks being filled (the coarsest holds all of them)
         self._first = 0  # the index among all values given of ``_values[0]``
         self._gaps: deque[int] = deque(maxlen=15)
+        self._season: deque[tuple[int, float]] = deque(maxlen=self._season_length())  # (step, value)
+        self._recurred_to: dict[str, int] = {}  # per kind, the last step of the last recurring candidate
         self._set_interval(1)
         self._shortest = 1  # the shortest recent gap between steps (recomputed with the interval)
         self._restart()
@@ -313,6 +334,28 @@ class DropDetector:
         # spike_step stays: a coarser level whose recent blocks began before it still holds the same spike
         self.pre_spike, self.spike_armed, self.spike_onset = None, True, -1
         self.forgot_at = self.last_step
+
+    def set_period(self, steps: int | None) -> None:
+        """Declare that the data order may repeat every ``steps`` steps (a training epoch), or ``None``.
+
+        A drop or spike whose values changed the same way at the same steps one period earlier is then a
+        ``recurring`` verdict, not a sudden change (see the module docstring). Where the data is shuffled the
+        steps one period earlier show no such change and nothing differs.
+
+        Args:
+            steps: Steps per period (at least 2), or ``None`` for no period.
+        """
+        if steps is not None:
+            steps = check_positive("steps", steps, integer=True)
+        if steps is not None and steps < 2:
+            steps = None  # a period of one step repeats every value: no order to repeat
+        if steps != self.period:
+            self.period = steps
+            self._season = deque(self._season, maxlen=self._season_length())
+
+    def _season_length(self) -> int:
+        """Values kept for the comparison with one period earlier: two periods and a margin, up to a cap."""
+        return 0 if self.period is None else min(_SEASON_VALUES, 2 * self.period + 64 * MIN_EVIDENCE)
 
     # The scale --------------------------------------------------------------------------------------
 
@@ -402,6 +445,8 @@ class DropDetector:
         scaled = math.log(value + self._shift) if self.all_positive else value  # ``_to(value)``
         self._recent_values.append(value)
         self._recent_scaled.append(scaled)
+        if self.period is not None:
+            self._season.append((step, value))
         self._magnitude += abs(value)
         if self.since_step is None:
             self.since_step = step
@@ -490,12 +535,17 @@ class DropDetector:
                 self.floor is None and self.scale == "log" and not self._holds_unlogged(fitted, recent)
             ):
                 return None
+            if self._recurs(fitted, recent, -1):
+                return self._recurring("drop", value, forecast, now, score, recent, block_steps)
             verdict = self._change("drop", value, forecast, now, score, recent[0][0], block_steps)
             self._restart()
             return verdict if self.direction != "spike" else None
         if self.spike_armed and recent[0][0] > self.spike_step and fitted[0][0] >= self.forgot_at:
             # (a baseline from before a spike that is over, without its blocks, set against what followed it:
             # the lasting effect of that spike, not a new one)
+            if self._recurs(fitted, recent, 1):
+                recurring = self._recurring("spike", value, forecast, now, score, recent, block_steps)
+                return recurring if self.direction != "drop" else None
             self.spike_armed, self.spike_step, self.spike_onset = False, self.last_step, recent[0][0]
             if self.pre_spike is None or self._to(self.pre_spike) > forecast:
                 self.pre_spike = self._back(forecast)
@@ -526,6 +576,80 @@ class DropDetector:
         # for zero is read close to zero, where a few hundredths are not a 50% collapse
         least = self.min_change * max(forecast, _median(ys))
         return _median([(b[2] + b[3]) / 2 for b in recent]) < forecast - least
+
+    def _recurs(
+        self,
+        fitted: list[tuple[int, int, float, float, int, float]],
+        recent: list[tuple[int, int, float, float, int, float]],
+        sign: int,
+    ) -> bool:
+        """Whether the change of the ``recent`` blocks against the ``fitted`` ones before them (a drop: ``sign``
+        -1; a spike: +1) came at the same steps one period earlier: the same way, at least half as far and beyond
+        ``_RECURRENCE_ERRORS`` standard errors, measured alike (the median of the same blocks' medians, shifted
+        by the period). Where the blocks before are not kept one period earlier (the first epoch), the rest of
+        that period stands in for them. A change whose evidence spans more than a period is not the data order's."""
+        period = self.period
+        onset, last = recent[0][0], recent[-1][1]
+        if period is None or not self._season or last - onset >= period:
+            return False
+        values = list(self._season)
+        steps = [step for step, _ in values]
+        before = [(b[0], b[1]) for b in fitted if b[1] < onset]
+        during = [(b[0], b[1]) for b in recent]
+        now = self._blocks_change(steps, values, before, during)
+        earlier = [(first - period, end - period) for first, end in during]
+        if before and before[0][0] - period >= steps[0]:
+            around = [(first - period, end - period) for first, end in before]
+        else:
+            around = [(last - period + 1, onset - 1)]
+        then = self._blocks_change(steps, values, around, earlier)
+        if now is None or then is None:
+            return False
+        return sign * then[0] >= max(sign * now[0] / 2, _RECURRENCE_ERRORS * then[1])
+
+    def _blocks_change(
+        self,
+        steps: list[int],
+        values: list[tuple[int, float]],
+        before: list[tuple[int, int]],
+        during: list[tuple[int, int]],
+    ) -> tuple[float, float] | None:
+        """``(change, standard error)`` on the judged scale: the median of the medians of the values in the
+        step ranges ``during`` (first and last step of each, inclusive) less that of those ``before``; ``None``
+        where either holds no value. ``values`` are ``(step, value)`` in step order; ``steps`` their steps."""
+        counts = [0, 0]
+        medians: list[list[float]] = [[], []]
+        for side, ranges in enumerate((before, during)):
+            for first, end in ranges:
+                inside = values[bisect.bisect_left(steps, first) : bisect.bisect_right(steps, end)]
+                block = [self._to(v) for _, v in inside]
+                if block:
+                    medians[side].append(_median(block))
+                    counts[side] += len(block)
+        if not medians[0] or not medians[1]:
+            return None
+        error = _MEDIAN_SE**2 * self._value_noise() * math.sqrt(1 / counts[0] + 1 / counts[1])
+        return _median(medians[1]) - _median(medians[0]), error
+
+    def _recurring(
+        self,
+        kind: str,
+        value: float,
+        forecast: float,
+        now: float,
+        score: float,
+        recent: list[tuple[int, int, float, float, int, float]],
+        block_steps: int,
+    ) -> Verdict | None:
+        """A ``recurring`` verdict for the first candidate of an episode (a run of candidates, each beginning no
+        later than the last one ended), else ``None``; the history goes on untouched."""
+        onset, end = recent[0][0], recent[-1][1]
+        previous = self._recurred_to.get(kind, -1)
+        self._recurred_to[kind] = max(previous, end)
+        if onset <= previous:
+            return None
+        verdict = self._change(kind, value, forecast, now, score, onset, block_steps)
+        return dataclasses.replace(verdict, recurring=True, provisional=False)
 
     def _assess(
         self,
@@ -867,6 +991,9 @@ class DropDetector:
             "spike_step": self.spike_step,
             "spike_onset": self.spike_onset,
             "forgot_at": self.forgot_at,
+            "period": self.period,
+            "season": [list(point) for point in self._season],
+            "recurred_to": dict(self._recurred_to),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -905,3 +1032,6 @@ class DropDetector:
         self.spike_step = int(state["spike_step"])
         self.spike_onset = int(state["spike_onset"])
         self.forgot_at = int(state.get("forgot_at", -1))
+        self.set_period(state.get("period"))
+        self._season.extend((int(step), float(value)) for step, value in state.get("season", []))
+        self._recurred_to = {str(kind): int(step) for kind, step in state.get("recurred_to", {}).items()}

@@ -21,7 +21,14 @@ from helpers import small_trainer
 from test_loss_drop import ModularAddition, Scripted, modular_loaders
 from torch import nn
 from typing_extensions import override
-from workloads import GaussianRegression, LinearDigits, digits_loader, gaussian_loader
+from workloads import (
+    GaussianRegression,
+    LinearDigits,
+    PlainDigits,
+    digits_loader,
+    gaussian_loader,
+    unshuffled_mix_loaders,
+)
 
 from lightning_phases import LossDropSentinel, PhaseWarning
 
@@ -257,3 +264,26 @@ def test_a_first_descent_that_a_warm_up_lets_begin_after_a_flat_start_is_recorde
     assert all("taken as the first descent" in event.message for event in drops)
     [row] = sentinel.phase_observations()  # the report says nothing was acted on
     assert row.verdict == "recorded, not acted on" and f"({len(drops)} of them info events" in row.detail
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_loss_that_changes_with_the_data_order_every_epoch_is_not_flagged_but_a_leak_still_is(tmp_path, seed):
+    """Training data read in order, not shuffled: the first half of each epoch's batches has its labels, the
+    second half random ones, so the loss falls and rises at the same batches every epoch. Without the epoch
+    (before this was built) that was a flag every other epoch (20 in 2,000 steps). Each change is compared with
+    the same steps one epoch earlier: the first of each kind is an info event saying the data order repeats,
+    the rest are counted. A leak at step 1,200 is still a drop, flagged within 60 steps, ``train_only``."""
+    train, val = unshuffled_mix_loaders(seed)
+    options = dict(max_steps=2000, limit_val_batches=1.0, check_val_every_n_epoch=1000, num_sanity_val_steps=0)
+    clean = LossDropSentinel(direction="both")
+    run(clean, PlainDigits(), tmp_path / "clean", train, val, **options)
+    assert clean.events and all(event.severity == "info" and event.data["recurring"] for event in clean.events)
+    assert len({event.kind for event in clean.events}) == len(clean.events)  # one info event per kind
+    assert sum(clean.recurring.values()) >= 20 and all(event.data["period"] == 47 for event in clean.events)
+    assert "recur at the same steps of every epoch" in clean.phase_observations()[0].detail
+    leaked = LossDropSentinel(direction="both")
+    run(leaked, PlainDigits(leak_from=1200), tmp_path / "leak", train, val, **options)
+    warnings_after = [event for event in leaked.events if event.severity == "warning" and event.global_step >= 1200]
+    drop = next(event for event in warnings_after if event.kind == "loss_drop")
+    assert drop.global_step <= 1260 and drop.data["triage"] == "train_only"
+    assert not [event for event in leaked.events if event.severity == "warning" and event.global_step < 1200]

@@ -82,3 +82,46 @@ def gaussian_loader(steps: int, batch_size: int, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 8, generator=generator)
     e1, e2 = 0.08 * torch.randn(n, generator=generator), 0.012 * torch.randn(n, generator=generator)
     return DataLoader(TensorDataset(x, e1, x @ w + e1 + e2), batch_size=batch_size)
+
+
+def unshuffled_mix_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Digits read in file order, not shuffled: 750 with their labels, then 750 whose labels are random (two
+    sources concatenated), batch 32, so every epoch of 47 batches holds the easy batches first and the hard
+    ones after; and a validation loader of the other 297 images with their labels."""
+    images, labels = load_digits(return_X_y=True)
+    x, y = torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)
+    x, y = x[order], y[order]
+    train_y = y[:1500].clone()
+    train_y[750:] = torch.randint(0, 10, (750,), generator=generator)
+    train = DataLoader(TensorDataset(x[:1500], train_y), batch_size=32, shuffle=False)
+    return train, DataLoader(TensorDataset(x[1500:], y[1500:]), batch_size=64)
+
+
+class PlainDigits(pl.LightningModule):
+    """A 64-128-10 MLP under Adam (lr 1e-3); from ``leak_from`` on, each label is written into the inputs.
+
+    Args:
+        leak_from: The first step of the leak (-1: none).
+    """
+
+    def __init__(self, leak_from: int = -1) -> None:
+        super().__init__()
+        self.leak_from = leak_from
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    @override
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if 0 <= self.leak_from <= self.global_step:
+            x = torch.cat([x[:, :54], nn.functional.one_hot(y, 10).to(x.dtype) * 4], 1)
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    @override
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)

@@ -585,3 +585,84 @@ def test_each_level_keeps_its_block_medians_beside_its_blocks_through_spikes_res
             assert list(level.medians) == [block[5] for block in level.blocks]
     assert found == verdicts(curve["values"], curve["steps"], direction="both", floor=curve["floor"])
     assert kinds  # each of these curves gives a verdict: a spike, or a drop and its restart
+
+
+def _data_order_curve(seed, epoch, length, factor, steps=3000, leak_at=None):
+    """A loss falling to a floor whose batches at steps ``0..length-1`` of every ``epoch`` are ``factor`` times
+    the rest (a DataLoader that is not shuffled: an easy or hard part at the same place every epoch), with
+    log-normal noise; from ``leak_at`` on every batch is 10x lower (a leak)."""
+    generator = random.Random(seed)
+    values = []
+    for step in range(steps):
+        value = (0.3 + 2.0 * math.exp(-step / 150)) * (factor if step % epoch < length else 1.0)
+        if leak_at is not None and step >= leak_at:
+            value *= 0.1
+        values.append(value * math.exp(generator.gauss(0, 0.3)))
+    return values
+
+
+def _judged(values, period, **kwargs):
+    detector = DropDetector(**kwargs)
+    detector.set_period(period)
+    return [(step, verdict) for step, value in enumerate(values) if (verdict := detector.update(value, step))]
+
+
+@pytest.mark.parametrize(("epoch", "length", "factor"), [(47, 8, 0.2), (47, 20, 0.2), (94, 8, 5.0), (188, 20, 0.2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_change_that_comes_at_the_same_steps_every_epoch_is_recurring_not_sudden(epoch, length, factor, seed):
+    """Batches 5x easier (or harder) at the same place of every epoch were a drop (or spike) flagged every epoch
+    or two. With the period declared, each is compared with the same steps one epoch earlier: the same change
+    came there, so it is a ``recurring`` verdict (one per episode) and the history goes on."""
+    values = _data_order_curve(seed, epoch, length, factor)
+    blind = _judged(values, None, direction="both")
+    aware = _judged(values, epoch, direction="both")
+    assert len(blind) >= 5 and not any(verdict.recurring for _, verdict in blind)
+    assert [step for step, verdict in aware if not verdict.recurring] == []
+    recurring = [step for step, verdict in aware if verdict.recurring]
+    assert len(recurring) >= 10
+    assert len({step // epoch for step in recurring}) >= len(recurring) / 2  # about one episode per kind and epoch
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_leak_into_data_whose_order_repeats_every_epoch_is_still_flagged(seed):
+    """The same easy part every epoch, then a leak that lowers every batch 10x: the steps one epoch earlier did
+    not change that way, so the leak is a drop, flagged as soon as without the period."""
+    values = _data_order_curve(seed, 94, 8, 0.2, leak_at=1500)
+    aware = [(step, v) for step, v in _judged(values, 94) if not v.recurring and step >= 1500]
+    assert aware and aware[0][1].kind == "drop" and aware[0][0] <= 1540
+
+
+def test_a_period_changes_nothing_on_a_shuffled_run_and_survives_a_resume():
+    """On curves without such an order the verdicts are the same with an epoch declared (the steps one epoch
+    earlier show no like change); a detector resumed from its state goes on with its period and kept values."""
+    for name in ("leak-mid-s0", "lr-spike-s0", "hinge-leak-s0"):
+        curve = CURVES[name]
+        kwargs = {"direction": "both", "floor": curve["floor"]}
+        plain = verdicts(curve["values"], curve["steps"], **kwargs)
+        detector, found = DropDetector(**kwargs), []
+        detector.set_period(47)
+        for step, value in zip(curve["steps"], curve["values"], strict=True):
+            if (verdict := detector.update(value, step)) is not None:
+                found.append((step, verdict))
+        assert found == plain and found
+    values = _data_order_curve(0, 47, 8, 0.2)
+    whole = _judged(values, 47, direction="both")
+    first = DropDetector(direction="both")
+    first.set_period(47)
+    for step, value in enumerate(values[:1000]):
+        first.update(value, step)
+    resumed = DropDetector(direction="both")
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.period == 47
+    later = [(s, v) for s, value in enumerate(values) if s >= 1000 and (v := resumed.update(value, s))]
+    assert later == [(s, v) for s, v in whole if s >= 1000] and later
+
+
+def test_a_period_must_be_a_positive_whole_number_of_steps():
+    detector = DropDetector()
+    with pytest.raises(ValueError, match="steps"):
+        detector.set_period(0)
+    detector.set_period(1)  # every step alike: no order to repeat
+    assert detector.period is None
+    detector.set_period(47)
+    assert detector.period == 47
