@@ -67,11 +67,13 @@ Non-finite values are reported on their own and never enter the state.
 
 A change that recurs with the data order is not sudden. Where the caller declares a period (the steps of a
 training epoch, :meth:`DropDetector.set_period`), a drop or spike is compared with the same steps one period
-earlier: if the same blocks shifted by the period changed the same way against the blocks before them (in
-the first epoch, against the rest of that period), at least half as far and beyond two standard errors (a
-DataLoader that is not shuffled, whose easy or hard batches come at the same place every epoch), the verdict
-says ``recurring`` (once per episode: a run of such candidates) and the history goes on as if nothing was
-flagged.
+earlier: if the same blocks shifted by the period changed the same way against the blocks before them within
+that period (in the first epoch, against the rest of it), at least half as far and beyond three standard errors,
+from and to about where the series stands now (closer than the change is deep: it came back in between), the data order
+brings this change every period (a DataLoader that is not shuffled, whose easy or hard batches come at the
+same place every epoch). The verdict then says ``recurring`` (once per episode: a run of such candidates) and
+the history goes on as if nothing was flagged. A gradual fall that lasts longer than a period changes the
+same way one period earlier too, but from higher up: it is not recurring.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ _FLOOR_OFFSET = 0.1
 # most values kept to compare a change with the same steps one period earlier (two epochs of 16,384 steps)
 _SEASON_VALUES = 1 << 15
 # standard errors beyond which the change one period earlier counts as the same change seen again
-_RECURRENCE_ERRORS = 2.0
+_RECURRENCE_ERRORS = 3.0
 
 
 def _lower_median(values: list[float]) -> float:
@@ -583,18 +585,21 @@ class DropDetector:
         recent: list[tuple[int, int, float, float, int, float]],
         sign: int,
     ) -> bool:
-        """Whether the change of the ``recent`` blocks against the ``fitted`` ones before them (a drop: ``sign``
-        -1; a spike: +1) came at the same steps one period earlier: the same way, at least half as far and beyond
-        ``_RECURRENCE_ERRORS`` standard errors, measured alike (the median of the same blocks' medians, shifted
-        by the period). Where the blocks before are not kept one period earlier (the first epoch), the rest of
-        that period stands in for them. A change whose evidence spans more than a period is not the data order's."""
+        """Whether the change of the ``recent`` blocks against the ``fitted`` ones before them within one period
+        (a drop: ``sign`` -1; a spike: +1) is one the data order brings every period: one period earlier the
+        same blocks changed the same way against the same blocks before them, at least half as far and beyond
+        ``_RECURRENCE_ERRORS`` standard errors, and both stood about where they stand now (closer than the change
+        is deep: the series came back in between; a fall that goes on for more than a period, a leak learned gradually,
+        changes the same way one period earlier too, but from higher up). Where the blocks before are not kept
+        one period earlier (the first epoch), the rest of that period stands in for them. A change whose
+        evidence spans a period or more is not the data order's."""
         period = self.period
         onset, last = recent[0][0], recent[-1][1]
         if period is None or not self._season or last - onset >= period:
             return False
         values = list(self._season)
         steps = [step for step, _ in values]
-        before = [(b[0], b[1]) for b in fitted if b[1] < onset]
+        before = [(b[0], b[1]) for b in fitted if b[1] < onset and b[0] > last - period]
         during = [(b[0], b[1]) for b in recent]
         now = self._blocks_change(steps, values, before, during)
         earlier = [(first - period, end - period) for first, end in during]
@@ -605,7 +610,13 @@ class DropDetector:
         then = self._blocks_change(steps, values, around, earlier)
         if now is None or then is None:
             return False
-        return sign * then[0] >= max(sign * now[0] / 2, _RECURRENCE_ERRORS * then[1])
+        (level_now, change_now, _), (level_then, change_then, error) = now, then
+        change = sign * change_now
+        return (
+            sign * change_then >= max(change / 2, _RECURRENCE_ERRORS * error)
+            and abs(level_now - level_then) < change
+            and abs((level_now - change_now) - (level_then - change_then)) < change
+        )
 
     def _blocks_change(
         self,
@@ -613,10 +624,11 @@ class DropDetector:
         values: list[tuple[int, float]],
         before: list[tuple[int, int]],
         during: list[tuple[int, int]],
-    ) -> tuple[float, float] | None:
-        """``(change, standard error)`` on the judged scale: the median of the medians of the values in the
-        step ranges ``during`` (first and last step of each, inclusive) less that of those ``before``; ``None``
-        where either holds no value. ``values`` are ``(step, value)`` in step order; ``steps`` their steps."""
+    ) -> tuple[float, float, float] | None:
+        """``(level, change, standard error)`` on the judged scale: the median of the medians of the values in
+        the step ranges ``during`` (first and last step of each, inclusive), and its difference from that of those
+        ``before``; ``None`` where either holds no value. ``values`` are ``(step, value)`` in step order; ``steps``
+        their steps."""
         counts = [0, 0]
         medians: list[list[float]] = [[], []]
         for side, ranges in enumerate((before, during)):
@@ -629,7 +641,8 @@ class DropDetector:
         if not medians[0] or not medians[1]:
             return None
         error = _MEDIAN_SE**2 * self._value_noise() * math.sqrt(1 / counts[0] + 1 / counts[1])
-        return _median(medians[1]) - _median(medians[0]), error
+        level = _median(medians[1])
+        return level, level - _median(medians[0]), error
 
     def _recurring(
         self,
