@@ -89,7 +89,7 @@ class LossDropSentinel(PhaseCallback):
             forecast line read ahead of its baseline (both from the robust spread of blocks at the same time
             scale).
         min_change: Smallest relative change that counts, e.g. ``0.2``: 20% below (or above) the forecast.
-        window: Blocks each time scale's forecast and noise are fitted on.
+        window: Blocks each time scale's forecast and noise are fitted on (at least 4).
         persistence: Newest blocks whose median must deviate (more where they hold fewer than 8 values); the
             detection delay is about this many blocks of the time scale that decides.
         floor: A lower bound the monitored value cannot cross when the code is right (``0.0`` for a
@@ -483,7 +483,7 @@ class LossDropSentinel(PhaseCallback):
         # act only once every value of this check is in the state, so a checkpoint taken now resumes exactly
         for verdict, index in verdicts:
             self._flag(trainer, pl_module, verdict, stage, index)
-        if source == "step" and self.probe.available and trainer.global_step >= self._next_reference:
+        if self.probe.available and trainer.global_step >= self._next_reference:
             self._take_reference(trainer, pl_module)
 
     def _zero_without_floor(self, step: int) -> None:
@@ -615,7 +615,10 @@ class LossDropSentinel(PhaseCallback):
     ) -> tuple[str, dict[str, Any], str]:
         """The drop's triage label, its numbers, and the sentence for the message.
 
-        A drop of a validation metric is itself measured on held-out data. A drop of a per-step value is
+        A drop of a validation metric is itself measured on held-out data: where the held-out batches cached at
+        fitting start give that same metric, it is compared with them as a training value is (so a validation
+        set that came to overlap the training data, whose loss falls while the batches cached from it at the
+        start do not, is ``train_only``); otherwise it ``generalizes``. A drop of a per-step value is
         compared with the held-out loss evaluated now and at the last reference before the drop (before its
         onset, or a spike it came back from: a leak that first raises the loss). Both are taken net of the
         trend: the training loss' fall is the drop itself (its level against its forecast), and the held-out
@@ -624,7 +627,15 @@ class LossDropSentinel(PhaseCallback):
         drop), or, where its own trend over its last two references was flatter (a model overfitting), on that
         trend, never above the reference.
         """
-        if self.source == "validation":
+        if looks_like_score(self.monitor):  # higher is better: a sudden fall is a loss of performance
+            label = "explained" if explained else "unknown"
+            reason = (
+                f"{self.monitor} is a score (higher is better): its drop is a loss of performance, not a capability "
+                "jump; look at what changed in the model, the data or the code"
+            )
+            return label, {"basis": reason}, f"; triage: {label} ({reason})"
+        validation = self.source == "validation"
+        if validation and not (self.probe.available and self.probe.resolved == self.monitor and self._references):
             label = "explained" if explained else "generalizes"
             detail = {"basis": "the monitored value is measured on held-out data"}
             return label, detail, f"; triage: {label} (the monitored value is measured on held-out data)"
@@ -647,7 +658,8 @@ class LossDropSentinel(PhaseCallback):
         comparison = judge_drop(verdict.forecast, verdict.level, expected, after, self.floor)
         label = "explained" if explained and comparison.label != "train_only" else comparison.label
         detail = {
-            "basis": "held-out batches evaluated with validation_step",
+            "basis": "held-out batches evaluated with validation_step"
+            + (", cached from the validation data when fitting started" if validation else ""),
             "held_out_metric": self.probe.resolved,
             "held_out_batches": len(self.probe.cached),
             "reference_step": before_step,
@@ -663,17 +675,27 @@ class LossDropSentinel(PhaseCallback):
             "scale": comparison.scale,
             "comparison": comparison.label,
         }
-        words = {
-            "generalizes": "the held-out loss fell with it: a capability jump",
-            "train_only": "the held-out loss did not follow"
-            + (", which the coinciding change does not explain" if explained else "")
-            + ": suspect a label leak, memorisation or a data bug",
-            "unknown": "the training loss did not fall since the reference",
-            "explained": "see the coinciding change",
-        }[label]
+        if validation:  # the monitored value is itself a held-out loss: the cached batches tell if the data changed
+            words = {
+                "generalizes": "the validation batches cached when fitting started fell with it: a capability jump",
+                "train_only": "the validation batches cached when fitting started did not follow: the validation "
+                "data changed (a validation set that came to overlap the training data, a leak into it)",
+                "unknown": f"{self.monitor} did not fall since the reference",
+                "explained": "see the coinciding change",
+            }[label]
+        else:
+            words = {
+                "generalizes": "the held-out loss fell with it: a capability jump",
+                "train_only": "the held-out loss did not follow"
+                + (", which the coinciding change does not explain" if explained else "")
+                + ": suspect a label leak, memorisation or a data bug",
+                "unknown": "the training loss did not fall since the reference",
+                "explained": "see the coinciding change",
+            }[label]
         numbers = (
             f"held-out {before:.4g} at step {before_step} -> {after:.4g}, {expected:.4g} expected on {basis}; "
-            f"training {verdict.level:.4g} against its forecast {verdict.forecast:.4g}"
+            f"{self.monitor if validation else 'training'} {verdict.level:.4g} against its forecast "
+            f"{verdict.forecast:.4g}"
         )
         if comparison.followed is not None:
             numbers += f", followed {comparison.followed:.0%}"

@@ -15,8 +15,10 @@ import torchmetrics
 from digits import DigitsDataModule
 from helpers import small_trainer
 from induction import InductionModel, repeated_tokens
+from sklearn.datasets import load_digits
 from test_loss_drop import Scripted, fit
 from typing_extensions import override
+from workloads import PlainDigits
 
 from lightning_phases import LossDropSentinel, PhaseUsageError, PhaseWarning
 from lightning_phases.detectors.triage import expected_held_out, judge_drop, moved_like
@@ -301,7 +303,66 @@ def test_a_validation_metric_drop_is_judged_on_held_out_data_itself(tmp_path):
         limit_train_batches=10, limit_val_batches=5)  # fmt: skip
     [event] = sentinel.events
     assert event.data["triage"] == "generalizes"
-    assert event.data["triage_detail"] == {"basis": "the monitored value is measured on held-out data"}
+    detail = event.data["triage_detail"]  # the leak reaches the cached validation batches too: they fell with it
+    assert detail["basis"].endswith("cached from the validation data when fitting started") and detail["followed"] > 0.5
+
+
+class OverlappingValidation(torch.utils.data.Dataset):
+    """The validation images, or, once ``overlap`` is set, as many training images: a validation set that came
+    to overlap the training data (a split done again mid-run, a path pointing at the wrong shard)."""
+
+    def __init__(self, validation, training):
+        self.validation, self.training, self.overlap = validation, training, False
+
+    def __len__(self):
+        return len(self.validation[0])
+
+    def __getitem__(self, index):
+        images, labels = self.training if self.overlap else self.validation
+        return images[index], labels[index]
+
+
+class OverlapFrom(pl.Callback):
+    def __init__(self, dataset, step):
+        self.dataset, self.step = dataset, step
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.dataset.overlap = trainer.global_step >= self.step
+
+
+@pytest.mark.parametrize("overlap_from", [600, None])
+def test_a_validation_set_that_comes_to_overlap_the_training_data_is_train_only(tmp_path, overlap_from):
+    """A new user's trial: the validation DataLoader served training samples from step 600, and the flagged
+    val_loss drop said ``generalizes`` (the monitored value is held-out data). The batches cached from the
+    validation data when fitting started did not fall with it: ``train_only``, the validation data changed.
+    The same run without the overlap is silent."""
+    images, labels = load_digits(return_X_y=True)
+    images, labels = torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    validation = OverlappingValidation((images[1500:], labels[1500:]), (images[:1500], labels[:1500]))
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images[:1500], labels[:1500]), batch_size=32, shuffle=True
+    )
+    sentinel = LossDropSentinel(monitor="val_loss")
+    callbacks = [sentinel] + ([OverlapFrom(validation, overlap_from)] if overlap_from else [])
+    pl.seed_everything(0)
+    trainer = small_trainer(
+        callbacks, default_root_dir=tmp_path, max_steps=1000, max_epochs=-1, limit_train_batches=1.0,
+        limit_val_batches=1.0, val_check_interval=0.25, num_sanity_val_steps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(PlainDigits(hidden=256, layers=2), train, torch.utils.data.DataLoader(validation, batch_size=64))
+    if overlap_from is None:
+        assert sentinel.events == []
+        return
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and overlap_from <= event.global_step <= overlap_from + 50
+    assert event.data["triage"] == "train_only" and "the validation data changed" in event.message
+    detail = event.data["triage_detail"]
+    assert detail["held_out_metric"] == "val_loss" and detail["followed"] < 0.5
 
 
 def test_without_validation_data_triage_is_unknown_and_says_why(tmp_path):
@@ -589,3 +650,40 @@ def test_a_jump_while_the_model_overfits_is_measured_against_where_the_held_out_
         assert detail["followed"] > 1.0
         old = judge_drop(detail["train_forecast"], detail["train_level"], on_training, detail["held_out_after"])
         assert old.followed < 0.75  # on the training trend, about half of it
+
+
+class ScoredDigits(PlainDigits):
+    """PlainDigits that also logs its validation accuracy."""
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_acc", (self.net(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+
+def test_a_sudden_fall_of_a_score_is_a_loss_of_performance_not_a_capability(tmp_path):
+    """A new user's trial: a sentinel on ``val_acc`` was accepted (a sudden fall of a score is worth knowing),
+    but its triage would have said ``generalizes``, a capability jump. A score that falls has lost performance:
+    the triage says ``unknown`` and why. Here the validation labels become random from step 400."""
+    images, labels = load_digits(return_X_y=True)
+    images, labels = torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    scrambled = labels[1500:][torch.randperm(297, generator=torch.Generator().manual_seed(1))]
+    validation = OverlappingValidation((images[1500:], labels[1500:]), (images[1500:], scrambled))
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images[:1500], labels[:1500]), batch_size=32, shuffle=True
+    )
+    sentinel = LossDropSentinel(monitor="val_acc")
+    pl.seed_everything(0)
+    trainer = small_trainer(
+        [sentinel, OverlapFrom(validation, 400)], default_root_dir=tmp_path, max_steps=700, max_epochs=-1,
+        limit_train_batches=1.0, limit_val_batches=1.0, val_check_interval=0.25, num_sanity_val_steps=0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhaseWarning)
+        trainer.fit(ScoredDigits(), train, torch.utils.data.DataLoader(validation, batch_size=64))
+    [event] = sentinel.events
+    assert event.kind == "loss_drop" and 400 <= event.global_step <= 450
+    assert event.data["triage"] == "unknown" and "val_acc is a score" in event.data["triage_detail"]["basis"]
+    assert "triage: unknown (val_acc is a score" in event.message

@@ -5,6 +5,8 @@ descent, a Gaussian NLL that crosses 0 (and one whose always-negative loss drops
 grokking on modular addition validated at a chosen interval.
 """
 
+import itertools
+
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
@@ -100,16 +102,21 @@ def unshuffled_mix_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
 
 
 class PlainDigits(pl.LightningModule):
-    """A 64-128-10 MLP under Adam (lr 1e-3); from ``leak_from`` on, each label is written into the inputs.
+    """An MLP (64 inputs, ``hidden`` units in each of ``layers`` ReLU layers, 10 outputs) under Adam (lr 1e-3);
+    from ``leak_from`` on, each label is written into the inputs.
 
     Args:
         leak_from: The first step of the leak (-1: none).
+        hidden: Units per hidden layer.
+        layers: Hidden layers.
     """
 
-    def __init__(self, leak_from: int = -1) -> None:
+    def __init__(self, leak_from: int = -1, hidden: int = 128, layers: int = 1) -> None:
         super().__init__()
         self.leak_from = leak_from
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        widths = [64] + [hidden] * layers
+        hidden_layers = [module for a, b in itertools.pairwise(widths) for module in (nn.Linear(a, b), nn.ReLU())]
+        self.net = nn.Sequential(*hidden_layers, nn.Linear(hidden, 10))
 
     @override
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
