@@ -30,3 +30,15 @@ def test_ddp_checkpoint_between_checks_keeps_the_waiting_values_averaged_over_ra
     [state] = [s for k, s in torch.load(ckpt, weights_only=False)["callbacks"].items() if "LossDropSentinel" in k]
     assert state["pending_steps"] == [11, 12, 13, 14, 15]
     assert state["pending"] == pytest.approx([(a + b) / 2 for a, b in zip(*local, strict=True)])
+
+
+def test_ddp_validation_metric_triage_evaluates_the_cached_batches_on_every_rank_alike(tmp_path):
+    """A sentinel on val_loss compares its drops with the validation batches cached at fitting start, evaluated at
+    validation ends: a collective in DDP. Both ranks take the same references and the same triage, and finish."""
+    run_script("ddp_val_loss.py", str(tmp_path), timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 500
+    assert ranks[0]["evaluations"] == ranks[1]["evaluations"] > 2
+    drops = [[(e["kind"], e["global_step"], e["data"]["triage"]) for e in r["events"]] for r in ranks]
+    assert drops[0] == drops[1] and drops[0] and drops[0][0][0] == "loss_drop" and drops[0][0][1] >= 300
+    assert drops[0][0][2] == "generalizes"  # the leak reaches the cached validation batches too
