@@ -552,7 +552,8 @@ class LossDropSentinel(PhaseCallback):
         quiet = quiet or first_descent
         if not quiet and self.on_violation != "warn":
             data["checkpoint"] = self._save_checkpoint(trainer, kind)
-        message = f"{self.monitor} {_describe_change(verdict)} (now {verdict.level:.4g}, score {verdict.score:.1f}, "
+        message = f"{self.monitor} {_describe_change(verdict)} (now {verdict.level:.4g}, "
+        message += f"last value {verdict.value:.4g}, score {verdict.score:.1f}, "
         message += f"threshold {verdict.threshold:g}, over blocks of {verdict.block_steps} step(s))"
         if explained:
             message += "; it coincides with " + " and ".join(data["explained_by"])

@@ -99,6 +99,8 @@ def test_label_leak_is_flagged_within_100_steps(tmp_path, accumulate):
     assert {"value", "forecast", "score", "threshold", "level", "change", "onset_step"} <= set(data)
     assert data["score"] < -data["threshold"] and data["level"] < data["forecast"] and data["change"] < -0.5
     assert data["lr_changed"] is False and data["trainable_changed"] is False
+    # the message gives the newest value beside the recent median (a trial found the drop's % alone understated it)
+    assert f"(now {data['level']:.4g}, last value {data['value']:.4g}, score" in event["message"]
     assert sentinel.checked == 560 // accumulate  # one value per optimizer step
     plot = Path(tmp_path) / "loss_drop_sentinel_loss_curve.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curve with its flag, beside the event log
