@@ -204,7 +204,8 @@ class LossDropSentinel(PhaseCallback):
         self.flags: list[tuple[int, str, float]] = []
         self.unacted = 0  # flags recorded as info events, not acted on (explained; first descents)
         self.recurring: dict[str, int] = {}  # per event kind, changes that recur with the data order every epoch
-        self._period: int | None = None  # training steps per epoch, where known
+        self._period: int | None = None  # training steps per epoch, where known (or measured, for a stream)
+        self._epoch_started_at: int | None = None  # the global step the current training epoch started at
         self._validated_this_epoch = False
 
     @override
@@ -340,6 +341,7 @@ class LossDropSentinel(PhaseCallback):
         if stage != "train":
             return
         self._optimizers = list(trainer.optimizers)
+        self._epoch_started_at = None
         self._references.clear()
         self._fit_start_step = self._next_reference = trainer.global_step
         self.probe.prepare(trainer)
@@ -407,7 +409,11 @@ class LossDropSentinel(PhaseCallback):
             # not shuffled): the detector compares each change with the same steps one epoch earlier
             batches = trainer.num_training_batches
             finite = isinstance(batches, int) or math.isfinite(batches)
-            self._period = math.ceil(batches / trainer.accumulate_grad_batches) if finite and batches > 0 else None
+            if finite and batches > 0:
+                self._period = math.ceil(batches / trainer.accumulate_grad_batches)
+            elif self._epoch_started_at is not None and trainer.global_step > self._epoch_started_at:
+                self._period = trainer.global_step - self._epoch_started_at  # a stream without a length: as measured
+            self._epoch_started_at = trainer.global_step
             if self.detector is not None and self.source == "step":
                 self.detector.set_period(self._period)
 

@@ -287,3 +287,18 @@ def test_a_loss_that_changes_with_the_data_order_every_epoch_is_not_flagged_but_
     drop = next(event for event in warnings_after if event.kind == "loss_drop")
     assert drop.global_step <= 1260 and drop.data["triage"] == "train_only"
     assert not [event for event in leaked.events if event.severity == "warning" and event.global_step < 1200]
+
+
+def test_a_stream_without_a_length_whose_order_repeats_is_judged_on_the_epoch_it_measured(tmp_path):
+    """The same data as an IterableDataset without a length: the Trainer cannot say how long an epoch is, so
+    the sentinel measures it (steps between two epoch starts). Before, with no period, it warned 24 times in
+    a trial's 1,500 steps of such a stream; now changes that recur are counted, and at most the first one, in
+    the second epoch, whose first-epoch match the early descent hides, can be a warning."""
+    train, val = unshuffled_mix_loaders(0, stream=True)
+    options = dict(max_steps=2000, limit_val_batches=1.0, check_val_every_n_epoch=1000, num_sanity_val_steps=0)
+    sentinel = LossDropSentinel(direction="both")
+    run(sentinel, PlainDigits(), tmp_path, train, val, **options)
+    warned = [event for event in sentinel.events if event.severity != "info"]
+    assert len(warned) <= 1 and all(event.global_step < 2 * 47 for event in warned)
+    assert sum(sentinel.recurring.values()) >= 20
+    assert all(event.data["period"] == 47 for event in sentinel.events if event.data.get("recurring"))

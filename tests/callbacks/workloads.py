@@ -6,12 +6,13 @@ grokking on modular addition validated at a chosen interval.
 """
 
 import itertools
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from typing_extensions import override
 
 
@@ -86,10 +87,11 @@ def gaussian_loader(steps: int, batch_size: int, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, e1, x @ w + e1 + e2), batch_size=batch_size)
 
 
-def unshuffled_mix_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def unshuffled_mix_loaders(seed: int = 0, stream: bool = False) -> tuple[DataLoader, DataLoader]:
     """Digits read in file order, not shuffled: 750 with their labels, then 750 whose labels are random (two
     sources concatenated), batch 32, so every epoch of 47 batches holds the easy batches first and the hard
-    ones after; and a validation loader of the other 297 images with their labels."""
+    ones after (``stream``: as an IterableDataset without a length); and a validation loader of the other 297
+    images with their labels."""
     images, labels = load_digits(return_X_y=True)
     x, y = torch.tensor(images, dtype=torch.float32) / 16, torch.tensor(labels)
     generator = torch.Generator().manual_seed(seed)
@@ -97,8 +99,23 @@ def unshuffled_mix_loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     x, y = x[order], y[order]
     train_y = y[:1500].clone()
     train_y[750:] = torch.randint(0, 10, (750,), generator=generator)
-    train = DataLoader(TensorDataset(x[:1500], train_y), batch_size=32, shuffle=False)
+    samples = TensorDataset(x[:1500], train_y)
+    train = DataLoader(InOrder(samples) if stream else samples, batch_size=32, shuffle=False)
     return train, DataLoader(TensorDataset(x[1500:], y[1500:]), batch_size=64)
+
+
+class InOrder(IterableDataset):
+    """The samples of ``dataset`` streamed in order, with no length (a stream of shards read in a fixed order).
+
+    Args:
+        dataset: A map-style dataset.
+    """
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return (self.dataset[index] for index in range(len(self.dataset)))
 
 
 class PlainDigits(pl.LightningModule):
