@@ -599,9 +599,9 @@ class LossDropSentinel(PhaseCallback):
         data.update(recurring=True, period=self.detector.period)
         message = (
             f"{self.monitor} {_describe_change(verdict)} at step {verdict.onset_step}{_checked_at(verdict, trainer)}, "
-            f"as it did at the same steps one epoch ({self.detector.period} steps) earlier: the training data comes "
-            "in the same order every epoch (a DataLoader that is not shuffled) and this change comes with it, not "
-            "a sudden one (recorded, not acted on; the later ones are counted in the report)"
+            f"as it did at the same steps one epoch ({self.detector.period} steps) earlier: the training data seems "
+            "to come in the same order every epoch (a DataLoader that is not shuffled, shards streamed in order) and "
+            "this change with it, not a sudden one (recorded, not acted on; the later ones are counted in the report)"
         )
         self.emit(trainer, kind, message, data, severity="info", stage=stage)
 
@@ -864,9 +864,10 @@ class LossDropSentinel(PhaseCallback):
         if self.unacted:
             detail += f" ({self.unacted} of them info events, not acted on)"
         if self.recurring:
+            count = sum(self.recurring.values())
             detail += (
-                f"; {sum(self.recurring.values())} changes that recur at the same steps of every epoch (the data "
-                "order) not flagged"
+                f"; {count} {'change that recurs' if count == 1 else 'changes that recur'} at the same steps of "
+                "every epoch (the data order) not flagged"
             )
         if self.triaged:
             detail += "; triage: " + ", ".join(f"{count} {label}" for label, count in sorted(self.triaged.items()))
