@@ -682,23 +682,22 @@ class LossDropSentinel(PhaseCallback):
             "scale": comparison.scale,
             "comparison": comparison.label,
         }
+        sentences = {
+            "generalizes": "the held-out loss fell with it: a capability jump",
+            "train_only": "the held-out loss did not follow"
+            + (", which the coinciding change does not explain" if explained else "")
+            + ": suspect a label leak, memorisation or a data bug",
+            "unknown": "the training loss did not fall since the reference",
+            "explained": "see the coinciding change",
+        }
         if validation:  # the monitored value is itself a held-out loss: the cached batches tell if the data changed
-            words = {
-                "generalizes": "the validation batches cached when fitting started fell with it: a capability jump",
-                "train_only": "the validation batches cached when fitting started did not follow: the validation "
+            sentences.update(
+                generalizes="the validation batches cached when fitting started fell with it: a capability jump",
+                train_only="the validation batches cached when fitting started did not follow: the validation "
                 "data changed (a validation set that came to overlap the training data, a leak into it)",
-                "unknown": f"{self.monitor} did not fall since the reference",
-                "explained": "see the coinciding change",
-            }[label]
-        else:
-            words = {
-                "generalizes": "the held-out loss fell with it: a capability jump",
-                "train_only": "the held-out loss did not follow"
-                + (", which the coinciding change does not explain" if explained else "")
-                + ": suspect a label leak, memorisation or a data bug",
-                "unknown": "the training loss did not fall since the reference",
-                "explained": "see the coinciding change",
-            }[label]
+                unknown=f"{self.monitor} did not fall since the reference",
+            )
+        words = sentences[label]
         numbers = (
             f"held-out {before:.4g} at step {before_step} -> {after:.4g}, {expected:.4g} expected on {basis}; "
             f"{self.monitor if validation else 'training'} {verdict.level:.4g} against its forecast "

@@ -68,12 +68,12 @@ Non-finite values are reported on their own and never enter the state.
 A change that recurs with the data order is not sudden. Where the caller declares a period (the steps of a
 training epoch, :meth:`DropDetector.set_period`), a drop or spike is compared with the same steps one period
 earlier: if the same blocks shifted by the period changed the same way against the blocks before them within
-that period (in the first epoch, against the rest of it), at least half as far and beyond three standard errors,
-from and to about where the series stands now (closer than the change is deep: it came back in between), the data order
-brings this change every period (a DataLoader that is not shuffled, whose easy or hard batches come at the
-same place every epoch). The verdict then says ``recurring`` (once per episode: a run of such candidates) and
-the history goes on as if nothing was flagged. A gradual fall that lasts longer than a period changes the
-same way one period earlier too, but from higher up: it is not recurring.
+that period (in the first epoch, against the rest of it), at least half as far and beyond three standard
+errors, from and to about where the series stands now (closer than the change is deep: it came back in
+between), the data order brings this change every period (a DataLoader that is not shuffled, whose easy or
+hard batches come at the same place every epoch). The verdict then says ``recurring`` (once per episode: a run
+of such candidates) and the history goes on as if nothing was flagged. A gradual fall that lasts longer than a
+period changes the same way one period earlier too, but from higher up: it is not recurring.
 """
 
 from __future__ import annotations
@@ -588,11 +588,11 @@ class DropDetector:
         """Whether the change of the ``recent`` blocks against the ``fitted`` ones before them within one period
         (a drop: ``sign`` -1; a spike: +1) is one the data order brings every period: one period earlier the
         same blocks changed the same way against the same blocks before them, at least half as far and beyond
-        ``_RECURRENCE_ERRORS`` standard errors, and both stood about where they stand now (closer than the change
-        is deep: the series came back in between; a fall that goes on for more than a period, a leak learned gradually,
-        changes the same way one period earlier too, but from higher up). Where the blocks before are not kept
-        one period earlier (the first epoch), the rest of that period stands in for them. A change whose
-        evidence spans a period or more is not the data order's."""
+        ``_RECURRENCE_ERRORS`` standard errors, and both stood about where they stand now (closer than the
+        change is deep: the series came back in between; a fall that goes on for more than a period, a leak
+        learned gradually, changes the same way one period earlier too, but from higher up). Where the blocks
+        before are not kept one period earlier (the first epoch), the rest of that period stands in for them. A
+        change whose evidence spans a period or more is not the data order's."""
         period = self.period
         onset, last = recent[0][0], recent[-1][1]
         if period is None or not self._season or last - onset >= period:
